@@ -1,0 +1,6 @@
+"""The loop-like backing layer: backing files and devices, and the engines doing I/O on them."""
+
+from .engine import DEFAULT_WORKERS, Engine, ThreadPoolEngine
+from .file import Backing, Extent, Segment
+
+__all__ = ["DEFAULT_WORKERS", "Backing", "Engine", "Extent", "Segment", "ThreadPoolEngine"]

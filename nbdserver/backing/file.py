@@ -1,0 +1,271 @@
+"""The backing store of an export: a regular file or a block device.
+
+Every method here is blocking and meant to run in an engine's worker thread.
+Nothing here knows about NBD; errors are plain ``OSError``s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+Segment = bytearray | memoryview
+# (length, is_hole); holes read as zeroes.
+Extent = tuple[int, bool]
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+MAX_EXTENTS = 1 << 16  # per query; callers ask again for the rest
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# <linux/fs.h>
+BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+BLKGETSIZE64 = 0x80081272
+
+_ZERO_CHUNK = bytes(1024 * 1024)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _unsupported(exc: OSError) -> bool:
+    return exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
+
+
+class Backing:
+    """An open backing file or block device and the blocking operations on it."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, create_size: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        if create_size is not None and not self.path.exists():
+            if read_only:
+                raise FileNotFoundError(errno.ENOENT, "cannot create a read-only export", str(self.path))
+            _create_sparse(self.path, create_size)
+        self.fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block_device = stat.S_ISBLK(st.st_mode)
+            if not self.is_block_device and not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file or block device", str(self.path))
+            if self.is_block_device:
+                self.size = _ioctl_u64(self.fd, BLKGETSIZE64)
+                self.logical_block_size = _ioctl_int(self.fd, BLKSSZGET)
+            else:
+                self.size = st.st_size
+                self.logical_block_size = 1
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # Learned at run time: the first "not supported" turns a feature off for good.
+        self._can_punch = not self.is_block_device
+        self._can_zero_range = not self.is_block_device
+        self._can_seek_holes = not self.is_block_device
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # Data ------------------------------------------------------------------------
+
+    def readv(self, offset: int, segments: Sequence[Segment]) -> None:
+        """Fill ``segments`` from ``offset``; bytes past the end of the file read as zeroes."""
+        for batch_offset, batch in _batches(offset, segments):
+            views = [memoryview(s).cast("B") for s in batch]
+            while views:
+                done = os.preadv(self.fd, views, batch_offset)
+                if done == 0:  # end of file: the file shrank under us
+                    for view in views:
+                        view[:] = bytes(len(view))
+                    break
+                batch_offset += done
+                views = _advance(views, done)
+
+    def read_sparse(self, offset: int, buffer: Segment) -> list[Extent]:
+        """Read ``buffer`` from ``offset`` but skip its holes; returns the extent map.
+
+        Bytes in holes are left as they are in ``buffer``: the caller sends
+        holes as such, or passes a zeroed buffer.
+        """
+        extents = self.extents(offset, len(buffer))
+        view = memoryview(buffer)
+        pos = 0
+        for length, hole in extents:
+            if not hole:
+                self.readv(offset + pos, [view[pos : pos + length]])
+            pos += length
+        if pos < len(buffer):  # extent map was cut short: read the rest as data
+            self.readv(offset + pos, [view[pos:]])
+            extents.append((len(buffer) - pos, False))
+        return extents
+
+    def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
+        """Write all of ``segments`` at ``offset``; with ``dsync`` durable before returning."""
+        flags = os.RWF_DSYNC if dsync else 0
+        for batch_offset, batch in _batches(offset, segments):
+            views = [memoryview(s).cast("B") for s in batch]
+            while views:
+                done = os.pwritev(self.fd, views, batch_offset, flags)
+                batch_offset += done
+                views = _advance(views, done)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    # Allocation ------------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range if the store can; a no-op where it cannot (TRIM is advisory)."""
+        if self.is_block_device:
+            start, end = _align_inward(offset, length, self.logical_block_size)
+            if end > start:
+                try:
+                    fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", start, end - start))
+                except OSError as exc:
+                    if not _unsupported(exc):
+                        raise
+            return
+        if self._can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if not _unsupported(exc):
+                    raise
+                self._can_punch = False
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
+        """Make a range read as zeroes.
+
+        ``may_trim`` allows deallocating it; ``fast_only`` refuses with ENOTSUP
+        instead of falling back to writing zeroes.
+        """
+        if self.is_block_device:
+            if fast_only:
+                raise OSError(errno.ENOTSUP, "no fast zeroing on block devices")
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+            return
+        if may_trim and self._can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if not _unsupported(exc):
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if not _unsupported(exc):
+                    raise
+                self._can_zero_range = False
+        if fast_only:
+            raise OSError(errno.ENOTSUP, "zeroing this range would not be faster than writing")
+        end = offset + length
+        while offset < end:
+            chunk = min(len(_ZERO_CHUNK), end - offset)
+            self.writev(offset, [memoryview(_ZERO_CHUNK)[:chunk]])
+            offset += chunk
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Data and hole extents covering [offset, offset+length), possibly fewer."""
+        end = offset + length
+        if not self._can_seek_holes or length == 0:
+            return [(length, False)]
+        out: list[Extent] = []
+        pos = offset
+        try:
+            while pos < end and len(out) < MAX_EXTENTS:
+                data = _seek(self.fd, pos, os.SEEK_DATA, end)
+                if data > pos:
+                    out.append((min(data, end) - pos, True))
+                    pos = min(data, end)
+                    continue
+                hole = _seek(self.fd, pos, os.SEEK_HOLE, end)
+                out.append((min(hole, end) - pos, False))
+                pos = min(hole, end)
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+            self._can_seek_holes = False
+            return [(length, False)]
+        return out
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def _create_sparse(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    log.info("created sparse image %s of %d bytes", path, size)
+
+
+def _seek(fd: int, pos: int, whence: int, end: int) -> int:
+    try:
+        return os.lseek(fd, pos, whence)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # past the last data (SEEK_DATA) or the end of file
+            return end
+        raise
+
+
+def _ioctl_u64(fd: int, request: int) -> int:
+    return struct.unpack("=Q", fcntl.ioctl(fd, request, bytes(8)))[0]
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return struct.unpack("=i", fcntl.ioctl(fd, request, bytes(4)))[0]
+
+
+def _align_inward(offset: int, length: int, block: int) -> tuple[int, int]:
+    start = -(-offset // block) * block
+    end = (offset + length) // block * block
+    return start, end
+
+
+def _batches(offset: int, segments: Sequence[Segment]):
+    """Split a segment list at IOV_MAX entries, with the file offset of each batch."""
+    if len(segments) <= IOV_MAX:
+        yield offset, segments
+        return
+    for i in range(0, len(segments), IOV_MAX):
+        batch = segments[i : i + IOV_MAX]
+        yield offset, batch
+        offset += sum(len(memoryview(s).cast("B")) for s in batch)
+
+
+def _advance(views: list[memoryview], done: int) -> list[memoryview]:
+    """Drop the first ``done`` bytes from a list of views (after a short transfer)."""
+    while views and done >= len(views[0]):
+        done -= len(views[0])
+        views = views[1:]
+    if views and done:
+        views = [views[0][done:], *views[1:]]
+    return views

@@ -1,0 +1,60 @@
+"""The request: one NBD command travelling from a connection through the block layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..backing import Extent
+
+
+class Request:
+    """One command, its buffer, and its outcome.
+
+    ``buffer`` holds a WRITE's payload, or receives a READ's data.  The block
+    layer sets ``errno`` (0 on success) and, for READ and BLOCK_STATUS,
+    ``extents``, then calls ``on_done(request)`` exactly once.
+    """
+
+    __slots__ = (
+        "buffer",
+        "command",
+        "cookie",
+        "errno",
+        "extents",
+        "flags",
+        "length",
+        "message",
+        "offset",
+        "on_done",
+        "sparse",
+    )
+
+    def __init__(
+        self,
+        command: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        on_done: Callable[[Request], None],
+        buffer: bytearray | None = None,
+        sparse: bool = False,
+    ) -> None:
+        self.command = command
+        self.flags = flags
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.on_done = on_done
+        self.buffer = buffer
+        self.sparse = sparse  # READ: the caller can send holes as such, so holes need not be read
+        self.errno = 0
+        self.message = ""
+        self.extents: list[Extent] | None = None
+
+    def fail(self, errno: int, message: str = "") -> None:
+        self.errno = errno
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<Request cmd={self.command} flags={self.flags:#x} {self.offset}+{self.length}>"

@@ -1,0 +1,136 @@
+"""Command line: ``nbdserver serve ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from . import __version__
+from .backing import DEFAULT_WORKERS
+from .config import ConfigError, ExportConfig, ServerConfig, parse_export, parse_listener, parse_size
+from .server import Server
+
+log = logging.getLogger("nbdserver")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbdserver", description="Network Block Device server.")
+    parser.add_argument("--version", action="version", version=f"nbdserver {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve backing files over NBD",
+        description="Serve one or more backing files or block devices over NBD.",
+        epilog=(
+            "examples:\n"
+            "  nbdserver serve disk.img\n"
+            "  nbdserver serve --size 1G new.img\n"
+            "  nbdserver serve --export name=a,path=a.img --export name=b,path=b.img,read-only\n"
+            "  nbdserver serve --listen '[::1]:10809' --listen unix:/run/nbd.sock disk.img"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("path", nargs="?", type=Path, help="backing file or block device of the export named by --name")
+    serve.add_argument("--name", default="", help="name of that export (default: the empty name)")
+    serve.add_argument("--description", default="", help="description of that export")
+    serve.add_argument("--read-only", "-r", action="store_true", help="export it read-only")
+    serve.add_argument(
+        "--size", type=_arg(parse_size), help="create a sparse image of SIZE (e.g. 1G) if PATH does not exist"
+    )
+    serve.add_argument(
+        "--export",
+        "-e",
+        action="append",
+        default=[],
+        type=_arg(parse_export),
+        metavar="SPEC",
+        help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,description=TEXT] (repeatable)",
+    )
+    serve.add_argument("--default-export", help="export chosen by the empty name (default: the first)")
+    serve.add_argument(
+        "--listen",
+        "-l",
+        action="append",
+        default=[],
+        type=_arg(parse_listener),
+        metavar="ADDR",
+        help="HOST:PORT, [IPV6]:PORT or unix:PATH (repeatable; default 127.0.0.1:10809). "
+        "Listening beyond loopback must be asked for, e.g. 0.0.0.0:10809",
+    )
+    serve.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help="I/O threads per export (default %(default)s)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default %(default)s"
+    )
+    return parser
+
+
+def _arg(parse):
+    """Adapt a config parser for argparse, keeping its error message."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return convert
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    exports = []
+    if args.path is not None:
+        exports.append(ExportConfig(args.name, args.path, args.read_only, args.description, create_size=args.size))
+    elif args.size is not None or args.read_only or args.name or args.description:
+        raise ConfigError("--name, --description, --read-only and --size describe PATH, which is missing")
+    exports.extend(args.export)
+    config = ServerConfig(exports=exports, default_export=args.default_export, workers=args.workers)
+    if args.listen:
+        config.listeners = args.listen
+    config.validate()
+    return config
+
+
+async def serve(config: ServerConfig) -> int:
+    server = Server(config)
+    try:
+        server.open_exports()
+    except OSError as exc:
+        log.error("cannot open export: %s", exc)
+        return 1
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await server.shutdown()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="nbdserver[%(levelname)s] %(message)s")
+    if args.command == "serve":
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        return uvloop.run(serve(config))
+    parser.error(f"unknown command {args.command}")
+    return 2

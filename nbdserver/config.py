@@ -1,0 +1,130 @@
+"""Configuration of a server: its exports, listeners and limits."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backing import DEFAULT_WORKERS
+from .protocol.constants import NBD_DEFAULT_PORT
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and why."""
+
+
+@dataclass
+class ExportConfig:
+    name: str
+    path: Path
+    read_only: bool = False
+    description: str = ""
+    create_size: int | None = None  # create a sparse image of this size if ``path`` is missing
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A TCP address (``host``, ``port``) or a Unix socket (``path``)."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.is_unix:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+DEFAULT_LISTENER = Listener("127.0.0.1", NBD_DEFAULT_PORT)
+
+
+@dataclass
+class ServerConfig:
+    exports: list[ExportConfig]
+    listeners: list[Listener] = field(default_factory=lambda: [DEFAULT_LISTENER])
+    default_export: str | None = None  # what the empty export name selects; the first export if unset
+    workers: int = DEFAULT_WORKERS
+    max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
+
+    def validate(self) -> None:
+        if not self.exports:
+            raise ConfigError("no exports: give a backing file or --export")
+        names = [e.name for e in self.exports]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"export name(s) defined twice: {', '.join(map(repr, dupes))}")
+        for export in self.exports:
+            if len(export.name.encode()) > 4096 or len(export.description.encode()) > 4096:
+                raise ConfigError(f"export {export.name!r}: name and description must be at most 4096 bytes")
+        if self.default_export is not None and self.default_export not in names:
+            raise ConfigError(f"default export {self.default_export!r} is not defined")
+        if not self.listeners:
+            raise ConfigError("no listeners")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512MiB', '4096' -> bytes (binary multiples)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"bad size {text!r}: expected a number with an optional K, M, G, T, P or E suffix")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number << (10 * " kmgtpe".index(unit)) if unit else number
+
+
+def parse_listener(text: str) -> Listener:
+    """'HOST:PORT', '[V6HOST]:PORT' or 'unix:PATH'."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError("unix: listener needs a path")
+        return Listener(path=path)
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ConfigError(f"bad listen address {text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"bad port {port} in {text!r}")
+    return Listener(host, port)
+
+
+def parse_export(text: str) -> ExportConfig:
+    """``name=NAME,path=PATH[,read-only][,size=SIZE][,description=TEXT]``.
+
+    ``description`` takes the rest of the text, commas included, so it comes last.
+    """
+    fields: dict[str, str] = {}
+    rest = text
+    while rest:
+        if rest.startswith("description="):
+            fields["description"] = rest[len("description=") :]
+            break
+        item, _, rest = rest.partition(",")
+        key, eq, value = item.partition("=")
+        if key in ("read-only", "ro") and not eq:
+            fields["read-only"] = "1"
+        elif key in ("name", "path", "size") and eq:
+            fields[key] = value
+        else:
+            raise ConfigError(f"bad export option {item!r} in {text!r}")
+    if "path" not in fields:
+        raise ConfigError(f"export {text!r} has no path=")
+    return ExportConfig(
+        name=fields.get("name", ""),
+        path=Path(fields["path"]),
+        read_only="read-only" in fields,
+        description=fields.get("description", ""),
+        create_size=parse_size(fields["size"]) if "size" in fields else None,
+    )

@@ -1,0 +1,323 @@
+"""One client connection: an asyncio ``BufferedProtocol`` around the sans-I/O protocol core.
+
+Bytes arrive in a staging buffer (or, for the rest of a large WRITE payload,
+straight into that request's own buffer), are cut into requests with the
+protocol core, and handed to the export's request queue.  Replies completed in
+one event-loop tick leave together in one ``writelines``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from .block import Request
+from .protocol import (
+    HEADER_SIZE,
+    Aborted,
+    Command,
+    CommandFlag,
+    Error,
+    Negotiated,
+    ProtocolViolation,
+    RequestHeader,
+    ServerHandshake,
+    Transmission,
+    error_from_errno,
+)
+from .protocol.constants import AllocationState
+from .protocol.replies import Buffer, block_status_reply, error_reply, ok_reply, read_reply
+
+if TYPE_CHECKING:
+    from .export import Export
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+STAGING_SIZE = 256 * 1024
+DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
+MAX_INFLIGHT_REQUESTS = 4096
+_HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.peer = "?"
+        self.export: Export | None = None
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._staging = bytearray(STAGING_SIZE)
+        self._staging_view = memoryview(self._staging)
+        self._filled = 0  # bytes at the start of the staging buffer not yet consumed
+        self._handshake: ServerHandshake | None = ServerHandshake(server.catalog)
+        self._tx: Transmission | None = None
+        # The WRITE whose payload is arriving, and where it goes.
+        self._payload_request: Request | None = None
+        self._payload: memoryview | None = None
+        self._payload_got = 0
+        self._direct = False  # the last get_buffer() handed out the payload buffer itself
+        # A refused WRITE: its payload is read and dropped, then the error is sent.
+        self._discard_left = 0
+        self._refused: tuple[RequestHeader, Error, str] | None = None
+        self._out: list[Buffer] = []
+        self._flush_scheduled = False
+        self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._max_in_flight_bytes = server.config.max_inflight_bytes
+        self._reading_paused = False
+        self._writing_paused = False
+        self._disconnecting = False
+        self.closed = asyncio.Event()
+
+    # asyncio callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.server.connection_made(self)
+        assert self._handshake is not None
+        transport.write(self._handshake.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._out.clear()
+        self.server.connection_lost(self)
+        self.closed.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        payload = self._payload
+        if payload is not None and self._filled == 0 and len(payload) - self._payload_got >= DIRECT_RECEIVE_MIN:
+            self._direct = True
+            return payload[self._payload_got :]
+        self._direct = False
+        return self._staging_view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._direct:
+                self._payload_got += nbytes
+                if self._payload is not None and self._payload_got == len(self._payload):
+                    self._payload_complete()
+                return
+            self._filled += nbytes
+            if self._handshake is not None:
+                self._consume_handshake()
+            else:
+                self._consume()
+        except ProtocolViolation as exc:
+            log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
+            self._hard_disconnect()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop taking requests from it.
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # Handshake ---------------------------------------------------------------------
+
+    def _consume_handshake(self) -> None:
+        assert self._handshake is not None and self._transport is not None
+        handshake = self._handshake
+        data = bytes(self._staging_view[: self._filled])
+        self._filled = 0
+        try:
+            events = handshake.receive_data(data)
+        finally:
+            out = handshake.data_to_send()
+            if out and self._transport is not None:
+                self._transport.write(out)
+        for event in events:
+            if isinstance(event, Aborted):
+                self._transport.close()
+            elif isinstance(event, Negotiated):
+                self._start_transmission(event, handshake.trailing_data)
+
+    def _start_transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
+        self._handshake = None
+        self._tx = Transmission(negotiated)
+        self.export = self.server.exports[negotiated.export.name]
+        log.info(
+            "%s: export %r, structured replies %s",
+            self.peer,
+            self.export.name,
+            "on" if self._tx.structured_replies else "off",
+        )
+        self._staging[: len(trailing)] = trailing
+        self._filled = len(trailing)
+        self._consume()
+
+    # Transmission: requests in --------------------------------------------------------
+
+    def _consume(self) -> None:
+        """Cut the staged bytes into requests and payloads; keep a partial header."""
+        view, end, pos = self._staging_view, self._filled, 0
+        while pos < end and not self._disconnecting:
+            if self._payload is not None:
+                n = min(end - pos, len(self._payload) - self._payload_got)
+                self._payload[self._payload_got : self._payload_got + n] = view[pos : pos + n]
+                self._payload_got += n
+                pos += n
+                if self._payload_got == len(self._payload):
+                    self._payload_complete()
+            elif self._discard_left:
+                n = min(end - pos, self._discard_left)
+                self._discard_left -= n
+                pos += n
+                if not self._discard_left:
+                    self._refuse_now()
+            elif end - pos >= HEADER_SIZE:
+                header = Transmission.parse_header(view[pos : pos + HEADER_SIZE])
+                pos += HEADER_SIZE
+                self._on_header(header)
+            else:
+                break
+        left = end - pos
+        if left and pos:
+            view[:left] = view[pos:end]
+        self._filled = 0 if self._disconnecting else left
+
+    def _on_header(self, header: RequestHeader) -> None:
+        tx = self._tx
+        assert tx is not None
+        payload = tx.payload_length(header)
+        if header.command == Command.DISC:
+            self._begin_disconnect()
+            return
+        error, message = tx.check(header)
+        if error:
+            self._refused = (header, error, message)
+            self._discard_left = payload
+            if not payload:
+                self._refuse_now()
+            return
+        sparse = header.command == Command.READ and tx.structured_replies and not header.flags & CommandFlag.DF
+        request = Request(
+            header.command, header.flags, header.cookie, header.offset, header.length, self._request_done, sparse=sparse
+        )
+        self._in_flight += 1
+        if header.command in (Command.READ, Command.WRITE):
+            self._in_flight_bytes += header.length
+        self._update_reading()
+        if payload:
+            request.buffer = bytearray(payload)
+            self._payload_request, self._payload, self._payload_got = request, memoryview(request.buffer), 0
+        else:
+            if header.command == Command.WRITE:
+                request.buffer = bytearray()
+            self._submit(request)
+
+    def _payload_complete(self) -> None:
+        request = self._payload_request
+        assert request is not None
+        self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
+        self._submit(request)
+
+    def _submit(self, request: Request) -> None:
+        assert self.export is not None
+        self.export.queue.submit(request)
+
+    def _refuse_now(self) -> None:
+        assert self._refused is not None and self._tx is not None
+        header, error, message = self._refused
+        self._refused = None
+        log.debug("%s: refused %s: %s", self.peer, header, message)
+        self._send(error_reply(header.cookie, error, self._tx.structured_replies, message))
+
+    # Transmission: replies out ---------------------------------------------------------
+
+    def _request_done(self, request: Request) -> None:
+        self._in_flight -= 1
+        if request.command in (Command.READ, Command.WRITE):
+            self._in_flight_bytes -= request.length
+        if self._transport is None:
+            return  # the client is gone; the I/O itself was still carried out
+        self._send(self._encode_reply(request))
+        self._update_reading()
+        if self._disconnecting and not self._in_flight:
+            self._close_after_flush()
+
+    def _encode_reply(self, request: Request) -> list[Buffer]:
+        tx = self._tx
+        assert tx is not None
+        if request.errno:
+            return error_reply(request.cookie, error_from_errno(request.errno), tx.structured_replies, request.message)
+        if request.command == Command.READ:
+            data = request.buffer if request.buffer is not None else b""
+            return read_reply(request.cookie, request.offset, data, tx.structured_replies, request.extents)
+        if request.command == Command.BLOCK_STATUS:
+            extents = request.extents or [(request.length, False)]
+            if request.flags & CommandFlag.REQ_ONE:
+                extents = extents[:1]
+            (context_id,) = tx.meta_contexts
+            return block_status_reply(request.cookie, context_id, extents, _HOLE_FLAGS)
+        return ok_reply(request.cookie)
+
+    def _send(self, buffers: list[Buffer]) -> None:
+        self._out.extend(buffers)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None:
+            self._transport.writelines(self._out)
+        self._out = []
+
+    # Flow control and shutdown ---------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        if self._transport is None or self._disconnecting:
+            return
+        pause = (
+            self._writing_paused
+            or self._in_flight_bytes > self._max_in_flight_bytes
+            or self._in_flight >= MAX_INFLIGHT_REQUESTS
+        )
+        if pause and not self._reading_paused:
+            self._transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._transport.resume_reading()
+        self._reading_paused = pause
+
+    def _begin_disconnect(self) -> None:
+        """Stop reading; close once every request in flight has been answered."""
+        if self._disconnecting or self._transport is None:
+            return
+        self._disconnecting = True
+        if not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+        if not self._in_flight:
+            self._close_after_flush()
+
+    def _close_after_flush(self) -> None:
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _hard_disconnect(self) -> None:
+        self._disconnecting = True
+        self._close_after_flush()
+
+    def shutdown(self) -> None:
+        """Server shutdown: answer what is in flight, then close."""
+        if self._handshake is not None:
+            self._hard_disconnect()
+        else:
+            self._begin_disconnect()

@@ -1,0 +1,48 @@
+"""An export at run time: its backing, engine, request queue, and what the protocol says of it."""
+
+from __future__ import annotations
+
+from .backing import Backing, ThreadPoolEngine
+from .block import RequestQueue
+from .config import ExportConfig
+from .protocol import ExportInfo
+from .protocol import TransmissionFlag as TF
+
+_WRITABLE = (
+    TF.HAS_FLAGS
+    | TF.SEND_FLUSH
+    | TF.SEND_FUA
+    | TF.SEND_TRIM
+    | TF.SEND_WRITE_ZEROES
+    | TF.SEND_FAST_ZERO
+    | TF.SEND_CACHE
+    | TF.CAN_MULTI_CONN  # one page cache and one queue serve all connections
+)
+_READ_ONLY = TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_CACHE | TF.CAN_MULTI_CONN
+
+
+class Export:
+    def __init__(self, config: ExportConfig, workers: int) -> None:
+        self.config = config
+        self.backing = Backing(config.path, read_only=config.read_only, create_size=config.create_size)
+        self.engine = ThreadPoolEngine(self.backing, workers)
+        self.queue = RequestQueue(self.engine)
+        self.info = ExportInfo(
+            name=config.name,
+            size=self.backing.size,
+            flags=_READ_ONLY if config.read_only else _WRITABLE,
+            description=config.description,
+            min_block=1,
+            preferred_block=4096,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def close(self) -> None:
+        """Finish in-flight requests, make written data durable, release the backing."""
+        await self.queue.drain()
+        if not self.config.read_only:
+            await self.engine.flush()
+        self.engine.close()

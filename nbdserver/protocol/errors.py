@@ -1,0 +1,33 @@
+"""Errors of the protocol core, and the mapping of OS errors onto NBD error values."""
+
+from __future__ import annotations
+
+import errno
+
+from .constants import Error
+
+
+class ProtocolViolation(Exception):
+    """The peer broke a MUST of the protocol; the only answer is a hard disconnect."""
+
+
+_FROM_ERRNO = {
+    errno.EPERM: Error.EPERM,
+    errno.EACCES: Error.EPERM,
+    errno.EROFS: Error.EPERM,
+    errno.EIO: Error.EIO,
+    errno.ENOMEM: Error.ENOMEM,
+    errno.EINVAL: Error.EINVAL,
+    errno.ENOSPC: Error.ENOSPC,
+    errno.EDQUOT: Error.ENOSPC,
+    errno.EFBIG: Error.ENOSPC,
+    errno.EOVERFLOW: Error.EOVERFLOW,
+    errno.ENOTSUP: Error.ENOTSUP,
+    errno.EOPNOTSUPP: Error.ENOTSUP,
+    errno.ESHUTDOWN: Error.ESHUTDOWN,
+}
+
+
+def error_from_errno(code: int) -> Error:
+    """The NBD error a client should see for an OS error; EIO for anything unlisted."""
+    return _FROM_ERRNO.get(code, Error.EIO)

@@ -1,0 +1,121 @@
+"""Sans-I/O rules of the transmission phase: request headers, payload lengths, validation.
+
+The I/O layer reads :data:`HEADER_SIZE` bytes, calls :meth:`Transmission.parse_header`,
+then reads :meth:`Transmission.payload_length` bytes of payload (a WRITE's data,
+which must be consumed even when the request is refused), and asks
+:meth:`Transmission.check` which error, if any, the request gets.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .constants import REQUEST_MAGIC, Command, CommandFlag, Error, TransmissionFlag
+from .errors import ProtocolViolation
+from .handshake import Negotiated
+
+_HEADER = struct.Struct(">IHHQQI")
+HEADER_SIZE = _HEADER.size
+
+# A WRITE payload longer than this is not read but ends the connection: the spec
+# allows a hard disconnect for payloads large enough to be a denial of service,
+# and anything up to 32 MiB must be accepted (though it may be refused with an error).
+MAX_DISCARDED_PAYLOAD = 64 * 1024 * 1024
+
+# Flags each command accepts, beyond FUA (which every command accepts when advertised).
+_COMMAND_FLAGS = {
+    Command.READ: CommandFlag.DF,
+    Command.WRITE: CommandFlag(0),
+    Command.DISC: CommandFlag(0),
+    Command.FLUSH: CommandFlag(0),
+    Command.TRIM: CommandFlag(0),
+    Command.CACHE: CommandFlag(0),
+    Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+}
+_WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+# The transmission flag that must have been advertised before a command may be sent.
+_COMMAND_ADVERTISED = {
+    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
+
+
+@dataclass(slots=True)
+class RequestHeader:
+    flags: int
+    command: int
+    cookie: int
+    offset: int
+    length: int
+
+
+class Transmission:
+    """The terms one connection negotiated, and the checks every request must pass."""
+
+    def __init__(self, negotiated: Negotiated) -> None:
+        export = negotiated.export
+        self.size = export.size
+        self.flags = negotiated.flags
+        self.structured_replies = negotiated.structured_replies
+        self.meta_contexts = negotiated.meta_contexts
+        self.min_block = export.min_block
+        self.max_payload = export.max_payload
+        self.read_only = bool(self.flags & TransmissionFlag.READ_ONLY)
+        self._fua = CommandFlag.FUA if self.flags & TransmissionFlag.SEND_FUA else CommandFlag(0)
+        self._df = CommandFlag.DF if self.flags & TransmissionFlag.SEND_DF else CommandFlag(0)
+        self._fast_zero = CommandFlag.FAST_ZERO if self.flags & TransmissionFlag.SEND_FAST_ZERO else CommandFlag(0)
+
+    @staticmethod
+    def parse_header(raw: bytes | bytearray | memoryview) -> RequestHeader:
+        magic, flags, command, cookie, offset, length = _HEADER.unpack(raw)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolViolation(f"bad request magic {magic:#x}")
+        return RequestHeader(flags, command, cookie, offset, length)
+
+    @staticmethod
+    def payload_length(header: RequestHeader) -> int:
+        """Bytes of payload that follow this header on the wire."""
+        if header.command != Command.WRITE:
+            return 0
+        if header.length > MAX_DISCARDED_PAYLOAD:
+            raise ProtocolViolation(f"write payload of {header.length} bytes")
+        return header.length
+
+    def check(self, header: RequestHeader) -> tuple[Error, str]:
+        """The error this request must get before any I/O, or (OK, "")."""
+        command, flags, offset, length = header.command, header.flags, header.offset, header.length
+        allowed = _COMMAND_FLAGS.get(command)
+        if allowed is None:
+            return Error.EINVAL, f"unknown command {command}"
+        allowed = (allowed & (self._df | CommandFlag.REQ_ONE | CommandFlag.NO_HOLE | self._fast_zero)) | self._fua
+        if flags & ~allowed:
+            return Error.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
+        advertised = _COMMAND_ADVERTISED.get(command)
+        if advertised is not None and not self.flags & advertised:
+            return Error.EINVAL, f"{Command(command).name} was not advertised"
+        if command == Command.FLUSH:
+            if offset or length:
+                return Error.EINVAL, "FLUSH must have zero offset and length"
+            return Error.OK, ""
+        if command == Command.DISC:
+            return Error.OK, ""
+        if command in _WRITING and self.read_only:
+            return Error.EPERM, "export is read-only"
+        if command == Command.BLOCK_STATUS:
+            if not self.meta_contexts:
+                return Error.EINVAL, "no metadata context was negotiated"
+            if not length:
+                return Error.EINVAL, "BLOCK_STATUS of zero length"
+        if offset + length > self.size:
+            error = Error.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Error.EINVAL
+            return error, f"range {offset}+{length} is beyond the end of the export ({self.size})"
+        if command in (Command.READ, Command.WRITE):
+            if length > self.max_payload:
+                error = Error.EOVERFLOW if command == Command.READ else Error.EINVAL
+                return error, f"length {length} exceeds the maximum payload {self.max_payload}"
+            if (offset | length) & (self.min_block - 1):
+                return Error.EINVAL, f"request not aligned to {self.min_block} bytes"
+        return Error.OK, ""

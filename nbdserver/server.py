@@ -1,0 +1,105 @@
+"""The server: opens the exports, listens, keeps track of connections, shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+
+from .config import Listener, ServerConfig
+from .connection import Connection
+from .export import Export
+from .protocol import ExportCatalog
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.exports: dict[str, Export] = {}
+        self.connections: set[Connection] = set()
+        self._listeners: list[asyncio.Server] = []
+        self.addresses: list[str] = []
+        self.catalog = ExportCatalog([], None)
+
+    def open_exports(self) -> None:
+        """Open every backing file; raises OSError naming the one that failed."""
+        try:
+            for export_config in self.config.exports:
+                export = Export(export_config, self.config.workers)
+                self.exports[export.name] = export
+                log.info(
+                    "export %r: %s, %d bytes%s",
+                    export.name,
+                    export_config.path,
+                    export.info.size,
+                    ", read-only" if export_config.read_only else "",
+                )
+        except BaseException:
+            for export in self.exports.values():
+                export.engine.close()
+            raise
+        self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
+
+    async def start(self) -> None:
+        """Listen on every configured address; raises OSError (e.g. address in use)."""
+        loop = asyncio.get_running_loop()
+        for listener in self.config.listeners:
+            if listener.is_unix:
+                _remove_stale_socket(listener.path)
+                srv = await loop.create_unix_server(lambda: Connection(self), listener.path)
+            else:
+                srv = await loop.create_server(
+                    lambda: Connection(self), listener.host, listener.port, reuse_address=True
+                )
+            self._listeners.append(srv)
+            for sock in srv.sockets:
+                self.addresses.append(_describe(sock, listener))
+        for address in self.addresses:
+            log.info("listening on %s", address)
+
+    def connection_made(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        log.info("%s: connected", connection.peer)
+
+    def connection_lost(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        log.info("%s: disconnected", connection.peer)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, answer what is in flight, flush every export, close."""
+        for srv in self._listeners:
+            srv.close()
+        for connection in list(self.connections):
+            connection.shutdown()
+        waits = [c.closed.wait() for c in list(self.connections)]
+        if waits:
+            _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
+        for export in self.exports.values():
+            await export.close()
+        for listener in self.config.listeners:
+            if listener.is_unix:
+                _remove_stale_socket(listener.path)
+
+
+def _describe(sock: socket.socket, listener: Listener) -> str:
+    if listener.is_unix:
+        return f"unix:{listener.path}"
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
