@@ -61,6 +61,7 @@ class Server:
                 self.addresses.append(_describe(sock, listener))
         for address in self.addresses:
             log.info("listening on %s", address)
+        log.info("ready: %d export(s) on %d address(es)", len(self.exports), len(self.addresses))
 
     def connection_made(self, connection: Connection) -> None:
         self.connections.add(connection)

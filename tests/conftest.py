@@ -1,0 +1,134 @@
+"""Shared fixtures: real server processes on loopback or Unix sockets, real image files."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IMAGE_SIZE = 64 * 1024 * 1024
+START_TIMEOUT = 20.0
+
+
+class ServerProcess:
+    """``nbdserver serve`` in a child process; its log is collected from stderr."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log: list[str] = []
+        self.addresses: list[str] = []
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nbdserver", "serve", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip("\n"))
+            match = re.search(r"listening on (\S+)", line)
+            if match:
+                self.addresses.append(match.group(1))
+            if "ready:" in line:
+                self._ready.set()
+        self._ready.set()  # exited: wake the waiter
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + self.log_text())
+        return self
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+    @property
+    def port(self) -> int:
+        tcp = [a for a in self.addresses if not a.startswith("unix:")]
+        return int(tcp[0].rsplit(":", 1)[1])
+
+    @property
+    def host(self) -> str:
+        tcp = [a for a in self.addresses if not a.startswith("unix:")]
+        return tcp[0].rsplit(":", 1)[0]
+
+    def uri(self, name: str = "") -> str:
+        unix = [a for a in self.addresses if a.startswith("unix:")]
+        if not [a for a in self.addresses if not a.startswith("unix:")] and unix:
+            return f"nbd+unix:///{name}?socket={unix[0][5:]}"
+        return f"nbd://{self.host}:{self.port}/{name}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for it; SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL)
+
+
+def make_image(path: Path, size: int = IMAGE_SIZE) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A sparse 64 MiB image file."""
+    return make_image(tmp_path / "disk.img")
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    """Factory: ``start_server(*args)`` starts a server (default listener 127.0.0.1:0) and waits until it listens."""
+    servers: list[ServerProcess] = []
+
+    def start(*args: str | os.PathLike[str], listen: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+        argv = [str(a) for a in args]
+        if listen and "-l" not in argv and "--listen" not in argv:
+            argv += ["--listen", "127.0.0.1:0"]
+        server = ServerProcess(argv, env)
+        servers.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server, image: Path) -> ServerProcess:
+    """A server exporting ``image`` as the default export on 127.0.0.1."""
+    return start_server(image)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
