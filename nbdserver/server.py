@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -86,9 +87,9 @@ class Server:
                 log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
         for export in self.exports.values():
             await export.close()
-        for listener in self.config.listeners:
+        for listener in self.config.listeners[: len(self._listeners)]:
             if listener.is_unix:
-                _remove_stale_socket(listener.path)
+                _remove_socket(listener.path)
 
 
 def _describe(sock: socket.socket, listener: Listener) -> str:
@@ -99,8 +100,25 @@ def _describe(sock: socket.socket, listener: Listener) -> str:
 
 
 def _remove_stale_socket(path: str) -> None:
+    """Remove a Unix socket left by a server that is gone; refuse to take a live one."""
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # binding will fail with a clear EADDRINUSE
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
     except FileNotFoundError:
         pass

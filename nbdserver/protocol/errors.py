@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from .constants import Error
+from .constants import MAX_STRING, Error
 
 
 class ProtocolViolation(Exception):
@@ -31,3 +31,11 @@ _FROM_ERRNO = {
 def error_from_errno(code: int) -> Error:
     """The NBD error a client should see for an OS error; EIO for anything unlisted."""
     return _FROM_ERRNO.get(code, Error.EIO)
+
+
+def encode_string(text: str) -> bytes:
+    """UTF-8 for the wire, cut to the spec's longest string without splitting a character."""
+    raw = text.encode()
+    if len(raw) <= MAX_STRING:
+        return raw
+    return raw[:MAX_STRING].decode("utf-8", "ignore").encode()

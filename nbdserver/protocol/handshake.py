@@ -26,7 +26,7 @@ from .constants import (
     OptionReply,
     TransmissionFlag,
 )
-from .errors import ProtocolViolation
+from .errors import ProtocolViolation, encode_string
 
 # Longest option payload we buffer. A valid option is far smaller (names are at
 # most 4 KiB); a longer one is skipped unread and answered with ERR_TOO_BIG.
@@ -35,7 +35,8 @@ MAX_OPTION_DATA = 64 * 1024
 _GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 _OPTION_HEADER = struct.Struct(">QII")
 _REPLY_HEADER = struct.Struct(">QIII")
-_KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+# Plain ints: ~ on an IntFlag flips only its defined bits.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 _ALLOCATION_CONTEXT_ID = 1
 
 
@@ -196,7 +197,7 @@ class ServerHandshake:
 
     def _reply(self, reply: OptionReply, payload: bytes = b"", message: str = "") -> None:
         if message:
-            payload = message.encode()[:MAX_STRING]
+            payload = encode_string(message)
         self._out.append(_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, self._option, reply, len(payload)) + payload)
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
@@ -220,7 +221,7 @@ class ServerHandshake:
         flags = self._transmission_flags(info)
         reply = struct.pack(">QH", info.size, flags)
         self._out.append(reply if self.no_zeroes else reply + bytes(124))
-        self._finish(info, flags, events)
+        self._finish(info, flags, events, meta_name=_decode(data))
         return OptionReply.ACK
 
     def _opt_abort(self, data: bytes, events: list[Event]) -> OptionReply:

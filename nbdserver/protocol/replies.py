@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from .constants import MAX_STRING, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ChunkType, ReplyFlag
+from .constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ChunkType, ReplyFlag
+from .errors import encode_string
 
 Buffer = bytes | bytearray | memoryview
 
@@ -43,7 +44,7 @@ def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    text = message.encode()[:MAX_STRING]
+    text = encode_string(message)
     return (
         _ERROR.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.ERROR, cookie, 6 + len(text), error, len(text))
         + text

@@ -91,7 +91,7 @@ class Transmission:
         if allowed is None:
             return Error.EINVAL, f"unknown command {command}"
         allowed = (allowed & (self._df | CommandFlag.REQ_ONE | CommandFlag.NO_HOLE | self._fast_zero)) | self._fua
-        if flags & ~allowed:
+        if flags & ~int(allowed):  # int: ~ on an IntFlag would keep undefined bits out
             return Error.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
         advertised = _COMMAND_ADVERTISED.get(command)
         if advertised is not None and not self.flags & advertised:
