@@ -205,6 +205,10 @@ class Backing:
                     pos = min(data, end)
                     continue
                 hole = _seek(self.fd, pos, os.SEEK_HOLE, end)
+                if hole <= pos:
+                    # Punched between the two seeks: calling the rest data is always safe.
+                    out.append((end - pos, False))
+                    break
                 out.append((min(hole, end) - pos, False))
                 pos = min(hole, end)
         except OSError as exc:

@@ -93,6 +93,8 @@ class Transmission:
         allowed = (allowed & (self._df | CommandFlag.REQ_ONE | CommandFlag.NO_HOLE | self._fast_zero)) | self._fua
         if flags & ~int(allowed):  # int: ~ on an IntFlag would keep undefined bits out
             return Error.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
+        if command in _WRITING and self.read_only:
+            return Error.EPERM, "export is read-only"
         advertised = _COMMAND_ADVERTISED.get(command)
         if advertised is not None and not self.flags & advertised:
             return Error.EINVAL, f"{Command(command).name} was not advertised"
@@ -102,8 +104,6 @@ class Transmission:
             return Error.OK, ""
         if command == Command.DISC:
             return Error.OK, ""
-        if command in _WRITING and self.read_only:
-            return Error.EPERM, "export is read-only"
         if command == Command.BLOCK_STATUS:
             if not self.meta_contexts:
                 return Error.EINVAL, "no metadata context was negotiated"
