@@ -319,5 +319,11 @@ class Connection(asyncio.BufferedProtocol):
         """Server shutdown: answer what is in flight, then close."""
         if self._handshake is not None:
             self._hard_disconnect()
-        else:
-            self._begin_disconnect()
+            return
+        request = self._payload_request
+        if request is not None:
+            # Its payload will never arrive now; it was never acknowledged, so drop it.
+            self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
+            self._in_flight -= 1
+            self._in_flight_bytes -= request.length
+        self._begin_disconnect()
