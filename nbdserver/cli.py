@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=DEFAULT_WORKERS, help="I/O threads per export (default %(default)s)"
     )
     serve.add_argument(
+        "--no-merge", dest="merge", action="store_false", help="issue every request on its own (for A/B measurements)"
+    )
+    serve.add_argument(
+        "--max-submission-bytes",
+        type=_arg(parse_size),
+        default=ServerConfig.max_submission_bytes,
+        metavar="SIZE",
+        help="largest merged read or write (default 1M)",
+    )
+    serve.add_argument(
+        "--max-segments",
+        type=int,
+        default=ServerConfig.max_segments,
+        metavar="N",
+        help="most requests in one merged submission (default %(default)s, at most 1024)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default %(default)s"
     )
     return parser
@@ -92,7 +109,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     elif args.size is not None or args.read_only or args.name or args.description:
         raise ConfigError("--name, --description, --read-only and --size describe PATH, which is missing")
     exports.extend(args.export)
-    config = ServerConfig(exports=exports, default_export=args.default_export, workers=args.workers)
+    config = ServerConfig(
+        exports=exports,
+        default_export=args.default_export,
+        workers=args.workers,
+        merge=args.merge,
+        max_submission_bytes=args.max_submission_bytes,
+        max_segments=args.max_segments,
+    )
     if args.listen:
         config.listeners = args.listen
     config.validate()

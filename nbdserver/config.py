@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backing import DEFAULT_WORKERS
+from .backing.file import IOV_MAX
+from .block.merge import MergeLimits
 from .protocol.constants import NBD_DEFAULT_PORT
 
 
@@ -52,6 +54,13 @@ class ServerConfig:
     default_export: str | None = None  # what the empty export name selects; the first export if unset
     workers: int = DEFAULT_WORKERS
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
+    merge: bool = True  # plug and merge adjacent requests into one submission
+    max_submission_bytes: int = MergeLimits.max_bytes
+    max_segments: int = MergeLimits.max_segments
+
+    @property
+    def merge_limits(self) -> MergeLimits:
+        return MergeLimits(max_bytes=self.max_submission_bytes, max_segments=self.max_segments)
 
     def validate(self) -> None:
         if not self.exports:
@@ -69,6 +78,10 @@ class ServerConfig:
             raise ConfigError("no listeners")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.max_submission_bytes < 4096:
+            raise ConfigError("max submission bytes must be at least 4096")
+        if not 1 <= self.max_segments <= IOV_MAX:
+            raise ConfigError(f"max segments must be between 1 and {IOV_MAX} (IOV_MAX)")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from .backing import Backing, ThreadPoolEngine
 from .block import RequestQueue
-from .config import ExportConfig
+from .config import ExportConfig, ServerConfig
 from .protocol import ExportInfo
 from .protocol import TransmissionFlag as TF
+
+log = logging.getLogger(__name__)
 
 _WRITABLE = (
     TF.HAS_FLAGS
@@ -22,11 +26,11 @@ _READ_ONLY = TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_CACHE | TF.CAN_MULTI_CONN
 
 
 class Export:
-    def __init__(self, config: ExportConfig, workers: int) -> None:
+    def __init__(self, config: ExportConfig, server: ServerConfig) -> None:
         self.config = config
         self.backing = Backing(config.path, read_only=config.read_only, create_size=config.create_size)
-        self.engine = ThreadPoolEngine(self.backing, workers)
-        self.queue = RequestQueue(self.engine)
+        self.engine = ThreadPoolEngine(self.backing, server.workers)
+        self.queue = RequestQueue(self.engine, merge=server.merge, limits=server.merge_limits)
         self.info = ExportInfo(
             name=config.name,
             size=self.backing.size,
@@ -46,3 +50,4 @@ class Export:
         if not self.config.read_only:
             await self.engine.flush()
         self.engine.close()
+        log.info("export %r: %s", self.name, self.queue.stats.summary())

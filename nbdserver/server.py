@@ -31,7 +31,7 @@ class Server:
         """Open every backing file; raises OSError naming the one that failed."""
         try:
             for export_config in self.config.exports:
-                export = Export(export_config, self.config.workers)
+                export = Export(export_config, self.config)
                 self.exports[export.name] = export
                 log.info(
                     "export %r: %s, %d bytes%s",

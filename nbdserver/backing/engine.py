@@ -24,7 +24,7 @@ class Engine(Protocol):
     backing: Backing
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None: ...
-    async def read_sparse(self, offset: int, buffer: Segment) -> list[Extent]: ...
+    async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]: ...
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None: ...
     async def flush(self) -> None: ...
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None: ...
@@ -49,8 +49,8 @@ class ThreadPoolEngine:
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
         await self._run(self.backing.readv, offset, segments)
 
-    async def read_sparse(self, offset: int, buffer: Segment) -> list[Extent]:
-        return await self._run(self.backing.read_sparse, offset, buffer)
+    async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
+        return await self._run(self.backing.read_sparse, offset, segments)
 
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
         await self._run(self.backing.writev, offset, segments, dsync)

@@ -103,22 +103,22 @@ class Backing:
                 batch_offset += done
                 views = _advance(views, done)
 
-    def read_sparse(self, offset: int, buffer: Segment) -> list[Extent]:
-        """Read ``buffer`` from ``offset`` but skip its holes; returns the extent map.
+    def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
+        """Read into ``segments`` from ``offset`` but skip holes; returns the extent map.
 
-        Bytes in holes are left as they are in ``buffer``: the caller sends
-        holes as such, or passes a zeroed buffer.
+        Bytes in holes are left as they are in the segments: the caller sends
+        holes as such, or passes zeroed buffers.
         """
-        extents = self.extents(offset, len(buffer))
-        view = memoryview(buffer)
+        total = sum(len(s) for s in segments)
+        extents = self.extents(offset, total)
         pos = 0
         for length, hole in extents:
             if not hole:
-                self.readv(offset + pos, [view[pos : pos + length]])
+                self.readv(offset + pos, _slice(segments, pos, length))
             pos += length
-        if pos < len(buffer):  # extent map was cut short: read the rest as data
-            self.readv(offset + pos, [view[pos:]])
-            extents.append((len(buffer) - pos, False))
+        if pos < total:  # the extent map was cut short: read the rest as data
+            self.readv(offset + pos, _slice(segments, pos, total - pos))
+            extents.append((total - pos, False))
         return extents
 
     def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
@@ -273,3 +273,20 @@ def _advance(views: list[memoryview], done: int) -> list[memoryview]:
     if views and done:
         views = [views[0][done:], *views[1:]]
     return views
+
+
+def _slice(segments: Sequence[Segment], start: int, length: int) -> list[memoryview]:
+    """Views of bytes [start, start+length) of the concatenated segments."""
+    out = []
+    for segment in segments:
+        size = len(segment)
+        if start >= size:
+            start -= size
+            continue
+        take = min(size - start, length)
+        out.append(memoryview(segment)[start : start + take])
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out

@@ -26,6 +26,7 @@ class Request:
         "message",
         "offset",
         "on_done",
+        "seq",
         "sparse",
     )
 
@@ -51,6 +52,7 @@ class Request:
         self.errno = 0
         self.message = ""
         self.extents: list[Extent] | None = None
+        self.seq = 0  # arrival order at the queue
 
     def fail(self, errno: int, message: str = "") -> None:
         self.errno = errno

@@ -1,0 +1,127 @@
+"""Merge decisions: small pure functions, after Linux's block/blk-merge.c.
+
+A :class:`Submission` is one I/O on the backing: a run of requests of the same
+kind whose ranges follow each other, carried as one vectored call whose
+segments are the requests' own buffers (a multipage bvec).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..backing import Extent
+from ..protocol import Command, CommandFlag
+from .request import Request
+
+# Commands whose adjacent requests may share a submission.
+MERGEABLE = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+# Commands whose requests carry a buffer, one segment each.
+WITH_SEGMENTS = frozenset({Command.READ, Command.WRITE})
+
+
+@dataclass(frozen=True)
+class MergeLimits:
+    max_bytes: int = 1024 * 1024  # of a READ or WRITE submission
+    max_segments: int = 256  # of one submission; never above IOV_MAX
+    max_range_bytes: int = 1 << 30  # of a TRIM or WRITE_ZEROES submission (no buffers)
+
+
+@dataclass
+class Submission:
+    """One I/O on the backing, completing every request in ``requests``."""
+
+    command: int
+    offset: int
+    length: int
+    requests: list[Request] = field(default_factory=list)
+    flags: int = 0  # of the first request; merged requests share the flags that matter
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def dsync(self) -> bool:
+        """Durable before completion: any FUA request makes the whole submission FUA."""
+        return any(r.flags & CommandFlag.FUA for r in self.requests)
+
+    @property
+    def segments(self) -> list[bytearray]:
+        return [r.buffer for r in self.requests]  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, request: Request) -> Submission:
+        return cls(request.command, request.offset, request.length, [request], request.flags)
+
+
+def same_kind(a: Request | Submission, b: Request) -> bool:
+    """Requests that may ride in one submission: same command and same flags that change the I/O."""
+    if a.command != b.command or a.command not in MERGEABLE:
+        return False
+    if a.command == Command.WRITE_ZEROES:
+        # FAST_ZERO may fail as a whole with ENOTSUP; NO_HOLE changes how zeroes are made.
+        mask = CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO
+        return not (a.flags & CommandFlag.FAST_ZERO) and (a.flags & mask) == (b.flags & mask)
+    if a.command == Command.READ:
+        first = a.requests[0] if isinstance(a, Submission) else a
+        return first.sparse == b.sparse
+    return True
+
+
+def fits(submission: Submission, request: Request, limits: MergeLimits) -> bool:
+    """Would ``submission`` stay within the limits with ``request`` added?"""
+    if submission.command in WITH_SEGMENTS:
+        return submission.length + request.length <= limits.max_bytes and len(submission.requests) < limits.max_segments
+    return submission.length + request.length <= limits.max_range_bytes
+
+
+def can_back_merge(submission: Submission, request: Request, limits: MergeLimits) -> bool:
+    """Can ``request`` be appended: it starts where the submission ends?"""
+    return request.offset == submission.end and same_kind(submission, request) and fits(submission, request, limits)
+
+
+def build_submissions(requests: Iterable[Request], limits: MergeLimits) -> list[Submission]:
+    """Sort requests by kind and offset, and merge the adjacent ones.
+
+    Sorting first turns every front merge (a request ending where a later-arrived
+    one starts) into a back merge, so one rule covers both.
+
+    The requests must not conflict with each other (the hazard check comes first).
+    Zero-length requests and commands that never merge get a submission of their own.
+    """
+    mergeable = []
+    submissions = []
+    for request in requests:
+        if request.command in MERGEABLE and request.length:
+            mergeable.append(request)
+        else:
+            submissions.append(Submission.of(request))
+    mergeable.sort(key=lambda r: (r.command, r.offset))
+    current: Submission | None = None
+    for request in mergeable:
+        if current is not None and can_back_merge(current, request, limits):
+            current.requests.append(request)
+            current.length += request.length
+        else:
+            current = Submission.of(request)
+            submissions.append(current)
+    return submissions
+
+
+def split_extents(extents: list[Extent], lengths: list[int]) -> list[list[Extent]]:
+    """Cut a submission's extent map (which covers it exactly) at its requests' boundaries."""
+    parts: list[list[Extent]] = []
+    remaining = iter(extents)
+    length, hole = next(remaining, (0, False))
+    for wanted in lengths:
+        part = []
+        while wanted:
+            take = min(wanted, length)
+            part.append((take, hole))
+            wanted -= take
+            length -= take
+            if not length:
+                length, hole = next(remaining, (0, False))
+        parts.append(part)
+    return parts
