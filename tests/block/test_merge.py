@@ -1,0 +1,128 @@
+"""The small decisions of the block layer: may these merge, how far may a submission grow, must this wait."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbdserver.block import Request
+from nbdserver.block.hazards import HazardTracker, conflict
+from nbdserver.block.merge import MergeLimits, Submission, build_submissions, can_back_merge, split_extents
+from nbdserver.protocol import Command, CommandFlag
+
+LIMITS = MergeLimits(max_bytes=64 * 1024, max_segments=4, max_range_bytes=1 << 20)
+
+
+def req(command: int, offset: int, length: int, flags: int = 0, seq: int = 0, sparse: bool = False) -> Request:
+    request = Request(command, flags, seq, offset, length, lambda r: None, sparse=sparse)
+    request.seq = seq
+    return request
+
+
+def sub(*requests: Request) -> Submission:
+    submission = Submission.of(requests[0])
+    for request in requests[1:]:
+        submission.requests.append(request)
+        submission.length += request.length
+    return submission
+
+
+@pytest.mark.parametrize("command", [Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES])
+def test_adjacent_requests_of_one_kind_merge(command):
+    assert can_back_merge(sub(req(command, 0, 4096)), req(command, 4096, 4096), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (req(Command.WRITE, 0, 4096), req(Command.WRITE, 8192, 4096)),  # gap
+        (req(Command.WRITE, 0, 4096), req(Command.WRITE, 2048, 4096)),  # overlap
+        (req(Command.WRITE, 0, 4096), req(Command.READ, 4096, 4096)),  # other command
+        (req(Command.FLUSH, 0, 0), req(Command.FLUSH, 0, 0)),  # never merges
+        (req(Command.CACHE, 0, 4096), req(Command.CACHE, 4096, 4096)),
+        (req(Command.BLOCK_STATUS, 0, 4096), req(Command.BLOCK_STATUS, 4096, 4096)),
+        (req(Command.READ, 0, 4096, sparse=True), req(Command.READ, 4096, 4096)),  # reply shapes differ
+        (req(Command.WRITE_ZEROES, 0, 4096), req(Command.WRITE_ZEROES, 4096, 4096, CommandFlag.NO_HOLE)),
+        (
+            req(Command.WRITE_ZEROES, 0, 4096, CommandFlag.FAST_ZERO),
+            req(Command.WRITE_ZEROES, 4096, 4096, CommandFlag.FAST_ZERO),
+        ),
+    ],
+)
+def test_requests_that_must_not_merge(first, second):
+    assert not can_back_merge(sub(first), second, LIMITS)
+
+
+def test_fua_does_not_prevent_merging_and_makes_the_submission_durable():
+    first, second = req(Command.WRITE, 0, 4096), req(Command.WRITE, 4096, 4096, CommandFlag.FUA)
+    assert can_back_merge(sub(first), second, LIMITS)
+    assert not sub(first).dsync
+    assert sub(first, second).dsync
+
+
+def test_submission_bytes_and_segments_are_bounded():
+    full = sub(*(req(Command.WRITE, i * 16384, 16384) for i in range(4)))  # 64 KiB, 4 segments
+    assert not can_back_merge(full, req(Command.WRITE, 65536, 512), LIMITS)
+    three = sub(*(req(Command.WRITE, i * 4096, 4096) for i in range(3)))
+    assert can_back_merge(three, req(Command.WRITE, 12288, 4096), LIMITS)
+    big = sub(req(Command.WRITE, 0, 60 * 1024))
+    assert not can_back_merge(big, req(Command.WRITE, 60 * 1024, 8192), LIMITS)
+    # Ranges without buffers grow further, up to their own limit.
+    trim = sub(req(Command.TRIM, 0, 512 * 1024))
+    assert can_back_merge(trim, req(Command.TRIM, 512 * 1024, 512 * 1024), LIMITS)
+    assert not can_back_merge(trim, req(Command.TRIM, 512 * 1024, 512 * 1024 + 1), LIMITS)
+
+
+def test_build_sorts_and_merges_within_limits():
+    arrivals = [req(Command.WRITE, off, 4096) for off in (12288, 0, 4096, 8192, 16384, 40960)]
+    arrivals += [req(Command.READ, 0, 4096), req(Command.FLUSH, 0, 0), req(Command.READ, 4096, 4096)]
+    submissions = build_submissions(arrivals, LIMITS)
+    shapes = sorted((s.command, s.offset, s.length, len(s.requests)) for s in submissions)
+    assert shapes == [
+        (Command.READ, 0, 8192, 2),
+        (Command.WRITE, 0, 16384, 4),  # max_segments=4 stops the run here
+        (Command.WRITE, 16384, 4096, 1),
+        (Command.WRITE, 40960, 4096, 1),
+        (Command.FLUSH, 0, 0, 1),
+    ]
+    for s in submissions:  # segments are in offset order, one per request
+        assert [r.offset for r in s.requests] == sorted(r.offset for r in s.requests)
+
+
+def test_split_extents_at_request_boundaries():
+    extents = [(3000, False), (5000, True), (192, False)]
+    assert split_extents(extents, [4096, 4096]) == [[(3000, False), (1096, True)], [(3904, True), (192, False)]]
+    assert split_extents([(8192, True)], [4096, 4096]) == [[(4096, True)], [(4096, True)]]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "waits"),
+    [
+        (req(Command.WRITE, 0, 4096, seq=1), req(Command.READ, 4095, 10, seq=2), True),
+        (req(Command.READ, 0, 4096, seq=1), req(Command.WRITE, 100, 10, seq=2), True),
+        (req(Command.TRIM, 0, 4096, seq=1), req(Command.WRITE_ZEROES, 0, 4096, seq=2), True),
+        (req(Command.WRITE, 0, 4096, seq=1), req(Command.BLOCK_STATUS, 0, 4096, seq=2), True),
+        (req(Command.READ, 0, 4096, seq=1), req(Command.READ, 0, 4096, seq=2), False),  # reads commute
+        (req(Command.WRITE, 0, 4096, seq=1), req(Command.WRITE, 4096, 4096, seq=2), False),  # adjacent
+        (req(Command.WRITE, 0, 4096, seq=3), req(Command.WRITE, 0, 4096, seq=2), False),  # arrived later
+    ],
+)
+def test_conflict(earlier, later, waits):
+    assert conflict(earlier, later) is waits
+
+
+def test_tracker_finds_conflicts_across_buckets_and_large_ranges():
+    tracker = HazardTracker()
+    write = req(Command.WRITE, (1 << 20) - 512, 1024, seq=1)  # straddles two 1 MiB buckets
+    trim = req(Command.TRIM, 100 << 20, 200 << 20, seq=2)  # a large range
+    tracker.add(write)
+    tracker.add(trim)
+    assert tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=5))
+    assert tracker.conflicts(req(Command.READ, 150 << 20, 4096, seq=5))
+    assert tracker.conflicts(req(Command.WRITE, 0, 1 << 40, seq=5))  # a huge range sees everything
+    assert not tracker.conflicts(req(Command.READ, 2 << 20, 4096, seq=5))
+    assert not tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=0))  # earlier than both
+    tracker.remove(write)
+    tracker.remove(trim)
+    assert not tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=5))
+    assert not tracker.conflicts(req(Command.READ, 150 << 20, 4096, seq=5))
+    assert tracker.count == 0

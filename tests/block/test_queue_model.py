@@ -1,0 +1,291 @@
+"""The request queue against a reference model.
+
+Random interleavings of READ/WRITE/TRIM/WRITE_ZEROES/FLUSH arrive at one
+export's queue (as from several connections), and the engine completes
+operations in an order hypothesis chooses.  The I/O itself runs on a real
+backing file.  Because only overlapping requests are ordered (in arrival
+order) and the others commute, every read reply and the final file must equal
+executing the requests one by one in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdserver.backing import Backing
+from nbdserver.block import Request, RequestQueue
+from nbdserver.block.merge import MergeLimits
+from nbdserver.protocol import Command, CommandFlag
+
+SIZE = 64 * 1024
+SECTOR = 512
+
+
+class ReorderingEngine:
+    """Does each operation on a real backing, but only when the test releases it."""
+
+    def __init__(self, backing: Backing) -> None:
+        self.backing = backing
+        self.pending: list[tuple[asyncio.Future, Callable[[], object]]] = []
+        self.calls: list[tuple[str, int, int]] = []
+
+    async def _hold(self, name: str, offset: int, length: int, op: Callable[[], object]):
+        self.calls.append((name, offset, length))
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((future, op))
+        return await future
+
+    def release(self, index: int) -> None:
+        future, op = self.pending.pop(index % len(self.pending))
+        try:
+            future.set_result(op())
+        except OSError as exc:
+            future.set_exception(exc)
+
+    async def readv(self, offset, segments):
+        return await self._hold("readv", offset, _total(segments), lambda: self.backing.readv(offset, segments))
+
+    async def read_sparse(self, offset, segments):
+        return await self._hold("readv", offset, _total(segments), lambda: self.backing.read_sparse(offset, segments))
+
+    async def writev(self, offset, segments, dsync=False):
+        return await self._hold("writev", offset, _total(segments), lambda: self.backing.writev(offset, segments))
+
+    async def flush(self):
+        return await self._hold("flush", 0, 0, self.backing.flush)
+
+    async def discard(self, offset, length, dsync=False):
+        return await self._hold("discard", offset, length, lambda: self.backing.discard(offset, length))
+
+    async def write_zeroes(self, offset, length, *, may_trim, fast_only, dsync=False):
+        def zero():
+            self.backing.write_zeroes(offset, length, may_trim=may_trim, fast_only=fast_only)
+
+        return await self._hold("write_zeroes", offset, length, zero)
+
+    async def extents(self, offset, length):
+        return await self._hold("extents", offset, length, lambda: self.backing.extents(offset, length))
+
+    async def cache(self, offset, length):
+        return None
+
+    def close(self) -> None:
+        self.backing.close()
+
+
+def _total(segments) -> int:
+    return sum(len(s) for s in segments)
+
+
+class Model:
+    """The export's contents after executing requests one by one; None marks bytes TRIM left undefined."""
+
+    def __init__(self) -> None:
+        self.data: list[int | None] = [0] * SIZE
+
+    def apply(self, command: int, offset: int, length: int, payload: bytes | None) -> list[int | None] | None:
+        span = slice(offset, offset + length)
+        if command == Command.READ:
+            return self.data[span]
+        if command == Command.WRITE:
+            self.data[span] = list(payload or b"")
+        elif command == Command.WRITE_ZEROES:
+            self.data[span] = [0] * length
+        elif command == Command.TRIM:
+            self.data[span] = [None] * length
+        return None
+
+
+def assert_matches(actual: bytes, expected: list[int | None], what: str) -> None:
+    for i, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert want is None or got == want, f"{what}: byte {i} is {got}, the serial order says {want}"
+
+
+def read_result(request: Request) -> bytes:
+    """What the client would see: holes in the extent map read as zeroes."""
+    data = bytearray(request.buffer or b"")
+    if request.extents:
+        pos = 0
+        for length, hole in request.extents:
+            if hole:
+                data[pos : pos + length] = bytes(length)
+            pos += length
+        assert pos == request.length, "extent map does not cover the request"
+    return bytes(data)
+
+
+ranges = st.tuples(st.integers(0, SIZE // SECTOR - 1), st.integers(1, 16)).map(
+    lambda t: (t[0] * SECTOR, min(t[1] * SECTOR, SIZE - t[0] * SECTOR))
+)
+requests = st.one_of(
+    st.tuples(st.just(Command.READ), ranges, st.booleans()),
+    st.tuples(st.just(Command.WRITE), ranges, st.booleans()),
+    st.tuples(st.just(Command.WRITE), ranges, st.booleans()),
+    st.tuples(st.just(Command.TRIM), ranges, st.just(False)),
+    st.tuples(st.just(Command.WRITE_ZEROES), ranges, st.booleans()),
+    st.tuples(st.just(Command.FLUSH), st.just((0, 0)), st.just(False)),
+)
+# A step: a request arrives, the engine completes one operation, or the loop ticks (unplugging).
+steps = st.lists(
+    st.one_of(
+        requests.map(lambda r: ("arrive", r)),
+        st.integers(0, 1000).map(lambda i: ("complete", i)),
+        st.just(("tick", None)),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+async def run_scenario(path: Path, script, merge: bool, seed: int) -> None:
+    backing = Backing(path)
+    engine = ReorderingEngine(backing)
+    queue = RequestQueue(engine, merge=merge, limits=MergeLimits(max_bytes=8192, max_segments=4))
+    model = Model()
+    rng = random.Random(seed)
+    expected: dict[int, list[int | None]] = {}
+    done: list[Request] = []
+    reads: list[Request] = []
+
+    for step, arg in script:
+        if step == "arrive":
+            command, (offset, length), flag = arg
+            payload = rng.randbytes(length) if command == Command.WRITE else None
+            flags = CommandFlag.FUA if flag and command == Command.WRITE else 0
+            if command == Command.WRITE_ZEROES and flag:
+                flags = CommandFlag.NO_HOLE
+            request = Request(command, flags, len(done) + len(expected), offset, length, done.append)
+            request.sparse = command == Command.READ and flag
+            if payload is not None:
+                request.buffer = bytearray(payload)
+            result = model.apply(command, offset, length, payload)
+            if result is not None:
+                expected[id(request)] = result
+                reads.append(request)
+            queue.submit(request)
+        elif step == "complete" and engine.pending:
+            engine.release(arg)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    submitted = sum(queue.stats.requests)
+    while len(done) < submitted:
+        queue.unplug()
+        if engine.pending:
+            engine.release(rng.randrange(len(engine.pending)))
+        await asyncio.sleep(0)
+    await queue.drain()
+
+    assert all(r.errno == 0 for r in done), [(r, r.errno, r.message) for r in done if r.errno]
+    assert len({id(r) for r in done}) == len(done), "a request completed twice"
+    for request in reads:
+        assert_matches(read_result(request), expected[id(request)], f"read {request.offset}+{request.length}")
+    assert_matches(path.read_bytes(), model.data, "final file")
+    if not merge:
+        assert sum(queue.stats.merged) == 0
+    engine.close()
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merge", "no-merge"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=steps, seed=st.integers(0, 2**32))
+def test_queue_equals_serial_execution(tmp_path: Path, merge: bool, script, seed: int) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(SIZE))
+    asyncio.run(run_scenario(path, script, merge, seed))
+
+
+def test_adjacent_writes_from_one_tick_become_one_submission(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(SIZE))
+
+    async def scenario() -> RequestQueue:
+        engine = ReorderingEngine(Backing(path))
+        queue = RequestQueue(engine, limits=MergeLimits(max_bytes=SIZE, max_segments=64))
+        done: list[Request] = []
+        order = list(range(16))
+        random.Random(1).shuffle(order)  # arrival order is not offset order: front and back merges
+        for i in order:
+            request = Request(Command.WRITE, 0, i, i * 4096, 4096, done.append, bytearray([i]) * 4096)
+            queue.submit(request)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert engine.calls == [("writev", 0, 16 * 4096)]
+        while engine.pending:
+            engine.release(0)
+        await queue.drain()
+        assert len(done) == 16
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert queue.stats.submissions[Command.WRITE] == 1
+    assert queue.stats.merged[Command.WRITE] == 15
+    assert path.read_bytes()[: 16 * 4096] == b"".join(bytes([i]) * 4096 for i in range(16))
+
+
+def test_overlapping_write_waits_for_the_earlier_one(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(SIZE))
+
+    async def scenario() -> None:
+        engine = ReorderingEngine(Backing(path))
+        queue = RequestQueue(engine)
+        done: list[Request] = []
+        first = Request(Command.WRITE, 0, 1, 0, 8192, done.append, bytearray(b"a" * 8192))
+        queue.submit(first)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        second = Request(Command.WRITE, 0, 2, 4096, 8192, done.append, bytearray(b"b" * 8192))
+        apart = Request(Command.WRITE, 0, 3, 32768, 4096, done.append, bytearray(b"c" * 4096))
+        queue.submit(second)
+        queue.submit(apart)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # The overlapping write is held back; the one elsewhere is not.
+        assert [c[1] for c in engine.calls] == [0, 32768]
+        engine.release(1)  # "apart" completes first: no global lock
+        await asyncio.sleep(0)
+        assert [r.cookie for r in done] == [3]
+        engine.release(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [c[1] for c in engine.calls] == [0, 32768, 4096]
+        engine.release(0)
+        await queue.drain()
+        assert [r.cookie for r in done] == [3, 1, 2]
+        assert queue.stats.waits == 1
+
+    asyncio.run(scenario())
+    content = path.read_bytes()
+    assert content[:4096] == b"a" * 4096 and content[4096:12288] == b"b" * 8192
+
+
+def test_failed_submission_fails_each_of_its_requests_only(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(SIZE))
+
+    async def scenario() -> list[Request]:
+        engine = ReorderingEngine(Backing(path))
+        queue = RequestQueue(engine)
+        done: list[Request] = []
+        for i in range(4):  # one merged submission of four writes at 0..16K
+            queue.submit(Request(Command.WRITE, 0, i, i * 4096, 4096, done.append, bytearray(4096)))
+        queue.submit(Request(Command.WRITE, 0, 9, 40960, 4096, done.append, bytearray(4096)))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(engine.pending) == 2
+        future, _ = engine.pending.pop(0)
+        future.set_exception(OSError(28, "No space left on device"))
+        engine.release(0)
+        await queue.drain()
+        return done
+
+    done = asyncio.run(scenario())
+    assert {r.cookie: r.errno for r in done} == {0: 28, 1: 28, 2: 28, 3: 28, 9: 0}
