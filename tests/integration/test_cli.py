@@ -271,12 +271,13 @@ def test_sigterm_during_fio(server, image, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=tmp_path,
+        start_new_session=True,  # fio forks its jobs: kill the whole group
     )
     try:
         assert wait_for(lambda: read_at(image, 16 * MiB, 32 * MiB).count(0) < 32 * MiB - 64 * 1024, timeout=20)
         code = stop_quickly(server)
     finally:  # fio may retry or wait forever on a closed connection: not the server's business
-        fio.kill()
+        os.killpg(fio.pid, signal.SIGKILL)
         fio.wait()
     assert code == 0, server.log_text()
     assert read_at(image, 0, 4 * MiB) == before

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Merging on vs off, side by side in one run, through fio's nbd engine.
+
+For each workload the two server settings alternate, each cell is repeated,
+and the table reports the median (min-max) MiB/s, p99 latency, and the requests
+per submission taken from the server's own counters (logged at shutdown).
+
+    fs/bench/merge_ab.py [--repeat 3] [--runtime 5] [--dir /dev/shm] [--out results/merge.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SIZE = 1 << 30
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    fio: tuple[str, ...]
+
+
+WORKLOADS = [
+    Workload("4k seq write QD32", ("--rw=write", "--bs=4k", "--iodepth=32")),
+    Workload(
+        "4k seq write 4 conns x QD8",
+        ("--rw=write", "--bs=4k", "--iodepth=8", "--numjobs=4", "--offset_increment=256m", "--size=256m"),
+    ),
+    Workload("4k rand write QD32", ("--rw=randwrite", "--bs=4k", "--iodepth=32")),
+    Workload("4k seq read QD32", ("--rw=read", "--bs=4k", "--iodepth=32")),
+    Workload("4k rand read QD32", ("--rw=randread", "--bs=4k", "--iodepth=32")),
+    Workload("4k rand write QD1", ("--rw=randwrite", "--bs=4k", "--iodepth=1")),
+    Workload("1M seq write QD4", ("--rw=write", "--bs=1m", "--iodepth=4")),
+    Workload("1M seq read QD4", ("--rw=read", "--bs=1m", "--iodepth=4")),
+]
+MODES = {"merge on": [], "merge off": ["--no-merge"]}
+
+
+@dataclass
+class Cell:
+    mibs: list[float] = field(default_factory=list)
+    p99_us: list[float] = field(default_factory=list)
+    per_submission: list[float] = field(default_factory=list)
+
+
+def start_server(image: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        match = re.search(r"listening on [\d.]+:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+        if "ready:" in line:
+            return proc, port
+    raise RuntimeError("server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> float:
+    """SIGTERM; returns the requests per submission of the busiest command, from the shutdown log."""
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[1]
+    best = (0, 0.0)
+    for requests, ratio in re.findall(r"(\d+) requests in \d+ submissions \(([\d.]+) per submission\)", out):
+        best = max(best, (int(requests), float(ratio)))
+    return best[1]
+
+
+def run_fio(port: int, workload: Workload, runtime: int) -> tuple[float, float]:
+    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/", "--size=1g"]
+    args += ["--time_based", f"--runtime={runtime}", "--group_reporting", "--output-format=json", *workload.fio]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=runtime + 120).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] else job["read"]
+    return side["bw"] / 1024, side["clat_ns"]["percentile"]["99.000000"] / 1000
+
+
+def fill(image: Path) -> None:
+    """Reads must read data, not holes."""
+    with open(image, "wb") as f:
+        chunk = bytes(range(256)) * 4096
+        for _ in range(IMAGE_SIZE // len(chunk)):
+            f.write(chunk)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--dir", default="/dev/shm", help="where the backing file lives (default tmpfs)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--only", help="run the workloads whose name contains this")
+    args = parser.parse_args()
+
+    workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
+    cells = {(w.name, m): Cell() for w in workloads for m in MODES}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        image = Path(tmp) / "bench.img"
+        fill(image)
+        total, n = len(workloads) * len(MODES) * args.repeat, 0
+        for workload in workloads:
+            for _ in range(args.repeat):
+                for mode, extra in MODES.items():
+                    n += 1
+                    print(f"[{n}/{total}] {workload.name}, {mode}", file=sys.stderr, flush=True)
+                    proc, port = start_server(image, extra)
+                    try:
+                        mibs, p99 = run_fio(port, workload, args.runtime)
+                    finally:
+                        ratio = stop_server(proc)
+                    cell = cells[(workload.name, mode)]
+                    cell.mibs.append(mibs)
+                    cell.p99_us.append(p99)
+                    cell.per_submission.append(ratio)
+    table = render(workloads, cells, args)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    return 0
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def render(workloads: list[Workload], cells: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"Merging on vs off: fio nbd engine, backing file in {args.dir}, {args.runtime} s runs, "
+        f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| workload | MiB/s on | MiB/s off | on/off | p99 µs on | p99 µs off | requests/submission on |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w in workloads:
+        on, off = cells[(w.name, "merge on")], cells[(w.name, "merge off")]
+        ratio = statistics.median(on.mibs) / statistics.median(off.mibs)
+        lines.append(
+            f"| {w.name} | {spread(on.mibs, '.0f')} | {spread(off.mibs, '.0f')} | {ratio:.2f}x "
+            f"| {spread(on.p99_us, '.0f')} | {spread(off.p99_us, '.0f')} | {statistics.median(on.per_submission):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
