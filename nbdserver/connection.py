@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGING_SIZE = 256 * 1024
+STAGING_SIZE = 256 * 1024  # receive buffer of the transmission phase
+HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
 DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
 MAX_INFLIGHT_REQUESTS = 4096
 _HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
@@ -49,7 +50,7 @@ class Connection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._staging = bytearray(STAGING_SIZE)
+        self._staging = bytearray(HANDSHAKE_STAGING_SIZE)
         self._staging_view = memoryview(self._staging)
         self._filled = 0  # bytes at the start of the staging buffer not yet consumed
         self._handshake: ServerHandshake | None = ServerHandshake(server.catalog)
@@ -67,7 +68,9 @@ class Connection(asyncio.BufferedProtocol):
         self._in_flight = 0
         self._in_flight_bytes = 0
         self._max_in_flight_bytes = server.config.max_inflight_bytes
+        self._reply_bytes = 0  # READ data queued in _out, not yet handed to the transport
         self._reading_paused = False
+        self._consuming = False
         self._writing_paused = False
         self._disconnecting = False
         self.closed = asyncio.Event()
@@ -89,6 +92,8 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._out.clear()
+        # Drop the half-received WRITE: it refers back to us through its callback.
+        self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
         self.server.connection_lost(self)
         self.closed.set()
 
@@ -149,6 +154,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _start_transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
         self._handshake = None
+        self._staging = bytearray(STAGING_SIZE)
+        self._staging_view = memoryview(self._staging)
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
         log.info(
@@ -164,7 +171,18 @@ class Connection(asyncio.BufferedProtocol):
     # Transmission: requests in --------------------------------------------------------
 
     def _consume(self) -> None:
-        """Cut the staged bytes into requests and payloads; keep a partial header."""
+        """Cut the staged bytes into requests and payloads; keep what is not taken yet.
+
+        While reading is paused, no new request is taken: bytes already received
+        wait in the staging buffer until the pause ends.
+        """
+        self._consuming = True
+        try:
+            self._consume_staged()
+        finally:
+            self._consuming = False
+
+    def _consume_staged(self) -> None:
         view, end, pos = self._staging_view, self._filled, 0
         while pos < end and not self._disconnecting:
             if self._payload is not None:
@@ -180,6 +198,8 @@ class Connection(asyncio.BufferedProtocol):
                 pos += n
                 if not self._discard_left:
                     self._refuse_now()
+            elif self._reading_paused:
+                break
             elif end - pos >= HEADER_SIZE:
                 header = Transmission.parse_header(view[pos : pos + HEADER_SIZE])
                 pos += HEADER_SIZE
@@ -246,7 +266,8 @@ class Connection(asyncio.BufferedProtocol):
             self._in_flight_bytes -= request.length
         if self._transport is None:
             return  # the client is gone; the I/O itself was still carried out
-        self._send(self._encode_reply(request))
+        data_bytes = request.length if request.command == Command.READ and not request.errno else 0
+        self._send(self._encode_reply(request), data_bytes)
         self._update_reading()
         if self._disconnecting and not self._in_flight:
             self._close_after_flush()
@@ -267,8 +288,9 @@ class Connection(asyncio.BufferedProtocol):
             return block_status_reply(request.cookie, context_id, extents, _HOLE_FLAGS)
         return ok_reply(request.cookie)
 
-    def _send(self, buffers: list[Buffer]) -> None:
+    def _send(self, buffers: list[Buffer], data_bytes: int = 0) -> None:
         self._out.extend(buffers)
+        self._reply_bytes += data_bytes
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -278,22 +300,36 @@ class Connection(asyncio.BufferedProtocol):
         if self._out and self._transport is not None:
             self._transport.writelines(self._out)
         self._out = []
+        self._reply_bytes = 0  # now counted in the transport's write buffer
+        self._update_reading()
 
     # Flow control and shutdown ---------------------------------------------------------
 
     def _update_reading(self) -> None:
-        if self._transport is None or self._disconnecting:
+        """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""
+        transport = self._transport
+        if transport is None or self._disconnecting:
             return
-        pause = (
-            self._writing_paused
-            or self._in_flight_bytes > self._max_in_flight_bytes
-            or self._in_flight >= MAX_INFLIGHT_REQUESTS
-        )
-        if pause and not self._reading_paused:
-            self._transport.pause_reading()
-        elif not pause and self._reading_paused:
-            self._transport.resume_reading()
-        self._reading_paused = pause
+        held = self._in_flight_bytes + self._reply_bytes + transport.get_write_buffer_size()
+        pause = self._writing_paused or held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS
+        if pause:
+            if not self._reading_paused:
+                transport.pause_reading()
+                self._reading_paused = True
+            return
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._filled and self._tx is not None and not self._consuming:
+            try:
+                self._consume()
+            except ProtocolViolation as exc:
+                log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
+                self._hard_disconnect()
+                return
+            if self._reading_paused or self._transport is None:
+                return  # paused again by what was staged
+        transport.resume_reading()
 
     def _begin_disconnect(self) -> None:
         """Stop reading; close once every request in flight has been answered."""

@@ -2,8 +2,15 @@
 
 A request conflicts with an earlier one when their ranges overlap and at
 least one of them changes data.  The tracker holds every request that is in
-flight or still waiting, indexed by 1 MiB buckets so that a lookup costs a few
-comparisons however deep the queue is; non-overlapping requests never wait.
+flight or still waiting, indexed by 1 MiB buckets (writers and readers apart),
+so a lookup costs a few comparisons however deep the queue is, and
+non-overlapping requests never wait.
+
+A request waits for the earlier requests it conflicts with, its *blockers*.
+The search stops early at an earlier writer that covers the whole request:
+that writer itself waits for everything older that overlaps it, so the
+older requests need not be listed.  A flood of writes to one block thus
+costs one blocker each, not one per request in flight.
 """
 
 from __future__ import annotations
@@ -23,51 +30,93 @@ def tracked(request: Request) -> bool:
     return request.command in TRACKED and request.length > 0
 
 
-def _buckets(request: Request) -> range:
-    return range(request.offset >> _BUCKET_SHIFT, ((request.offset + request.length - 1) >> _BUCKET_SHIFT) + 1)
-
-
 def conflict(earlier: Request, later: Request) -> bool:
     """Must ``later`` wait for ``earlier``?"""
     return (
-        earlier.seq < later.seq
-        and (earlier.command in WRITING or later.command in WRITING)
-        and earlier.offset < later.offset + later.length
-        and later.offset < earlier.offset + earlier.length
+        earlier.seq < later.seq and (earlier.command in WRITING or later.command in WRITING) and overlap(earlier, later)
     )
+
+
+def overlap(a: Request, b: Request) -> bool:
+    return a.offset < b.offset + b.length and b.offset < a.offset + a.length
+
+
+def covers(a: Request, b: Request) -> bool:
+    return a.offset <= b.offset and b.offset + b.length <= a.offset + a.length
+
+
+def _bucket_keys(request: Request) -> range:
+    return range(request.offset >> _BUCKET_SHIFT, ((request.offset + request.length - 1) >> _BUCKET_SHIFT) + 1)
+
+
+class _Bucket:
+    __slots__ = ("readers", "writers")
+
+    def __init__(self) -> None:
+        self.writers: list[Request] = []  # in arrival order
+        self.readers: list[Request] = []
 
 
 class HazardTracker:
     def __init__(self) -> None:
-        self._buckets: dict[int, list[Request]] = {}
-        self._large: list[Request] = []
+        self._buckets: dict[int, _Bucket] = {}
+        self._large = _Bucket()
         self.count = 0
 
-    def add(self, request: Request) -> None:
-        self.count += 1
+    def _places(self, request: Request) -> list[_Bucket]:
+        """The buckets whose requests may overlap ``request``."""
         if request.length > _LARGE:
-            self._large.append(request)
+            keys = _bucket_keys(request)
+            if len(self._buckets) < len(keys):
+                return [*self._buckets.values(), self._large]
+            return [*(self._buckets[k] for k in keys if k in self._buckets), self._large]
+        return [*(self._buckets[k] for k in _bucket_keys(request) if k in self._buckets), self._large]
+
+    def add(self, request: Request) -> None:
+        """Track ``request`` (which arrived after everything tracked so far)."""
+        self.count += 1
+        kind = "writers" if request.command in WRITING else "readers"
+        if request.length > _LARGE:
+            getattr(self._large, kind).append(request)
             return
-        for key in _buckets(request):
-            self._buckets.setdefault(key, []).append(request)
+        for key in _bucket_keys(request):
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket()
+            getattr(bucket, kind).append(request)
 
     def remove(self, request: Request) -> None:
         self.count -= 1
+        kind = "writers" if request.command in WRITING else "readers"
         if request.length > _LARGE:
-            self._large.remove(request)
+            getattr(self._large, kind).remove(request)
             return
-        for key in _buckets(request):
+        for key in _bucket_keys(request):
             bucket = self._buckets[key]
-            bucket.remove(request)
-            if not bucket:
+            getattr(bucket, kind).remove(request)
+            if not bucket.writers and not bucket.readers:
                 del self._buckets[key]
 
-    def conflicts(self, request: Request) -> bool:
-        """Does any tracked request that arrived before ``request`` conflict with it?"""
-        if any(conflict(other, request) for other in self._large):
-            return True
-        if request.length > _LARGE and len(self._buckets) < len(_buckets(request)):
-            candidates = (r for bucket in self._buckets.values() for r in bucket)
-        else:
-            candidates = (r for key in _buckets(request) for r in self._buckets.get(key, ()))
-        return any(conflict(other, request) for other in candidates)
+    def blockers(self, request: Request) -> list[Request]:
+        """The tracked requests ``request`` must wait for (call before adding it)."""
+        found: dict[int, Request] = {}
+        horizon = -1  # requests at or before this arrival are ordered behind a covering writer
+        places = self._places(request)
+        for bucket in places:
+            for other in reversed(bucket.writers):
+                if other.seq <= horizon:
+                    break
+                if overlap(other, request):
+                    found[id(other)] = other
+                    if covers(other, request):
+                        horizon = other.seq
+                        break
+        if request.command in WRITING:
+            for bucket in places:
+                for other in reversed(bucket.readers):
+                    if other.seq <= horizon:
+                        break
+                    if overlap(other, request):
+                        found[id(other)] = other
+        # A covering writer found late (say in the large list) makes older finds redundant.
+        return [r for r in found.values() if r.seq >= horizon]

@@ -62,7 +62,6 @@ class RequestQueue:
         self._plug: list[Request] = []
         self._plug_bytes = 0
         self._unplug_scheduled = False
-        self._waiting: list[Request] = []  # in arrival order
         self._hazards = HazardTracker()
         self._seq = 0
         self._in_flight = 0
@@ -106,13 +105,18 @@ class RequestQueue:
 
     def _admit(self, batch: list[Request]) -> None:
         ready = []
+        hazards = self._hazards
         for request in batch:
             if tracked(request):
-                waits = self._hazards.conflicts(request)
-                self._hazards.add(request)
-                if waits:
+                blockers = hazards.blockers(request)
+                hazards.add(request)
+                if blockers:
                     self.stats.waits += 1
-                    self._waiting.append(request)
+                    request.blocked_by = len(blockers)
+                    for blocker in blockers:
+                        if blocker.waiters is None:
+                            blocker.waiters = []
+                        blocker.waiters.append(request)
                     continue
             ready.append(request)
         self._issue(ready)
@@ -127,14 +131,6 @@ class RequestQueue:
             task = loop.create_task(self._execute(submission))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _retry_waiting(self) -> None:
-        ready, still = [], []
-        for request in self._waiting:
-            (still if self._hazards.conflicts(request) else ready).append(request)
-        self._waiting = still
-        if ready:
-            self._issue(ready)
 
     # Execution -------------------------------------------------------------------------
 
@@ -158,12 +154,19 @@ class RequestQueue:
         stats.bytes[command] += submission.length
         stats.segments[command] += len(submission.requests)
         self._in_flight -= len(submission.requests)
+        unblocked = []
         for request in submission.requests:
             if tracked(request):
                 self._hazards.remove(request)
+            if request.waiters:
+                for waiter in request.waiters:
+                    waiter.blocked_by -= 1
+                    if not waiter.blocked_by:
+                        unblocked.append(waiter)
+                request.waiters = None
             request.on_done(request)
-        if self._waiting:
-            self._retry_waiting()
+        if unblocked:
+            self._issue(unblocked)
 
     async def _dispatch(self, submission: Submission) -> None:
         engine, command = self.engine, submission.command

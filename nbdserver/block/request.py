@@ -16,6 +16,7 @@ class Request:
     """
 
     __slots__ = (
+        "blocked_by",
         "buffer",
         "command",
         "cookie",
@@ -28,6 +29,7 @@ class Request:
         "on_done",
         "seq",
         "sparse",
+        "waiters",
     )
 
     def __init__(
@@ -53,6 +55,8 @@ class Request:
         self.message = ""
         self.extents: list[Extent] | None = None
         self.seq = 0  # arrival order at the queue
+        self.blocked_by = 0  # earlier overlapping requests still to complete
+        self.waiters: list[Request] | None = None  # later requests blocked by this one
 
     def fail(self, errno: int, message: str = "") -> None:
         self.errno = errno

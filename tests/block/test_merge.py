@@ -110,19 +110,50 @@ def test_conflict(earlier, later, waits):
     assert conflict(earlier, later) is waits
 
 
-def test_tracker_finds_conflicts_across_buckets_and_large_ranges():
+def test_tracker_finds_blockers_across_buckets_and_large_ranges():
     tracker = HazardTracker()
     write = req(Command.WRITE, (1 << 20) - 512, 1024, seq=1)  # straddles two 1 MiB buckets
     trim = req(Command.TRIM, 100 << 20, 200 << 20, seq=2)  # a large range
     tracker.add(write)
     tracker.add(trim)
-    assert tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=5))
-    assert tracker.conflicts(req(Command.READ, 150 << 20, 4096, seq=5))
-    assert tracker.conflicts(req(Command.WRITE, 0, 1 << 40, seq=5))  # a huge range sees everything
-    assert not tracker.conflicts(req(Command.READ, 2 << 20, 4096, seq=5))
-    assert not tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=0))  # earlier than both
+    assert tracker.blockers(req(Command.READ, 1 << 20, 4096, seq=5)) == [write]
+    assert tracker.blockers(req(Command.READ, 150 << 20, 4096, seq=5)) == [trim]
+    assert set(map(id, tracker.blockers(req(Command.WRITE, 0, 1 << 40, seq=5)))) == {id(write), id(trim)}
+    assert tracker.blockers(req(Command.READ, 2 << 20, 4096, seq=5)) == []
     tracker.remove(write)
     tracker.remove(trim)
-    assert not tracker.conflicts(req(Command.READ, 1 << 20, 4096, seq=5))
-    assert not tracker.conflicts(req(Command.READ, 150 << 20, 4096, seq=5))
+    assert tracker.blockers(req(Command.READ, 1 << 20, 4096, seq=5)) == []
+    assert tracker.blockers(req(Command.READ, 150 << 20, 4096, seq=5)) == []
     assert tracker.count == 0
+
+
+def test_reads_never_block_reads_and_writes_wait_for_overlapping_reads():
+    tracker = HazardTracker()
+    reads = [req(Command.READ, 0, 4096, seq=i) for i in range(100)]
+    for r in reads:
+        assert tracker.blockers(r) == []
+        tracker.add(r)
+    write = req(Command.WRITE, 2048, 4096, seq=100)
+    assert len(tracker.blockers(write)) == 100
+
+
+def test_a_covering_writer_stands_for_everything_older():
+    tracker = HazardTracker()
+    older = [req(Command.WRITE, 0, 512, seq=0), req(Command.READ, 512, 512, seq=1)]
+    cover = req(Command.WRITE, 0, 8192, seq=2)
+    partial = req(Command.WRITE, 4096, 512, seq=3)
+    for r in [*older, cover, partial]:
+        tracker.add(r)
+    # A read of [0, 4096) needs only the covering write: it waits for the older ones itself.
+    assert tracker.blockers(req(Command.READ, 0, 4096, seq=9)) == [cover]
+    # A read reaching the partial write waits for both the newest overlapping writers.
+    found = tracker.blockers(req(Command.READ, 0, 8192, seq=9))
+    assert sorted(r.seq for r in found) == [2, 3]
+    # Flood: each write to one block finds just the previous one.
+    flood = HazardTracker()
+    previous = None
+    for seq in range(1000):
+        w = req(Command.WRITE, 0, 4096, seq=seq)
+        assert flood.blockers(w) == ([previous] if previous else [])
+        flood.add(w)
+        previous = w

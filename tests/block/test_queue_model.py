@@ -24,7 +24,7 @@ from nbdserver.block import Request, RequestQueue
 from nbdserver.block.merge import MergeLimits
 from nbdserver.protocol import Command, CommandFlag
 
-SIZE = 64 * 1024
+SIZE = 16 * 1024
 SECTOR = 512
 
 
@@ -140,7 +140,7 @@ steps = st.lists(
         st.just(("tick", None)),
     ),
     min_size=1,
-    max_size=60,
+    max_size=80,
 )
 
 
@@ -194,7 +194,7 @@ async def run_scenario(path: Path, script, merge: bool, seed: int) -> None:
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merge", "no-merge"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(script=steps, seed=st.integers(0, 2**32))
 def test_queue_equals_serial_execution(tmp_path: Path, merge: bool, script, seed: int) -> None:
     path = tmp_path / "disk.img"
@@ -204,11 +204,11 @@ def test_queue_equals_serial_execution(tmp_path: Path, merge: bool, script, seed
 
 def test_adjacent_writes_from_one_tick_become_one_submission(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    path.write_bytes(bytes(SIZE))
+    path.write_bytes(bytes(16 * 4096))
 
     async def scenario() -> RequestQueue:
         engine = ReorderingEngine(Backing(path))
-        queue = RequestQueue(engine, limits=MergeLimits(max_bytes=SIZE, max_segments=64))
+        queue = RequestQueue(engine, limits=MergeLimits(max_bytes=16 * 4096, max_segments=64))
         done: list[Request] = []
         order = list(range(16))
         random.Random(1).shuffle(order)  # arrival order is not offset order: front and back merges
@@ -232,7 +232,7 @@ def test_adjacent_writes_from_one_tick_become_one_submission(tmp_path: Path) -> 
 
 def test_overlapping_write_waits_for_the_earlier_one(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    path.write_bytes(bytes(SIZE))
+    path.write_bytes(bytes(64 * 1024))
 
     async def scenario() -> None:
         engine = ReorderingEngine(Backing(path))
@@ -269,7 +269,7 @@ def test_overlapping_write_waits_for_the_earlier_one(tmp_path: Path) -> None:
 
 def test_failed_submission_fails_each_of_its_requests_only(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    path.write_bytes(bytes(SIZE))
+    path.write_bytes(bytes(64 * 1024))
 
     async def scenario() -> list[Request]:
         engine = ReorderingEngine(Backing(path))
