@@ -120,9 +120,16 @@ class Connection(asyncio.BufferedProtocol):
         except ProtocolViolation as exc:
             log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
             self._hard_disconnect()
+        except Exception:  # a bug must cost this connection only
+            log.exception("%s: internal error, disconnecting", self.peer)
+            self._hard_disconnect()
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        """The client shut down its side: answer what is in flight (it may still read), then close."""
+        if self._tx is None:
+            return False
+        self._begin_disconnect()
+        return True
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking requests from it.

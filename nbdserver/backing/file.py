@@ -36,6 +36,9 @@ BLKZEROOUT = 0x127F
 BLKGETSIZE64 = 0x80081272
 
 _ZERO_CHUNK = bytes(1024 * 1024)
+ZERO_BLOCK = 4096  # granularity of zero detection in reads
+_ZERO_SCAN_MIN = 64 * 1024  # shorter buffers are reported whole: all zero or data
+_ZERO_BLOCK_BYTES = bytes(ZERO_BLOCK)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
@@ -104,21 +107,22 @@ class Backing:
                 views = _advance(views, done)
 
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        """Read into ``segments`` from ``offset`` but skip holes; returns the extent map.
+        """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.
 
-        Bytes in holes are left as they are in the segments: the caller sends
-        holes as such, or passes zeroed buffers.
+        Zeroes are found in the data just read, not with SEEK_HOLE: SEEK_HOLE in
+        a well-filled file may walk every page up to the end of the file (tmpfs
+        does), which made each read cost O(file size).  A hole reads as zeroes,
+        so every hole is found this way, and a caller may send such extents
+        without their bytes.
         """
-        total = sum(len(s) for s in segments)
-        extents = self.extents(offset, total)
-        pos = 0
-        for length, hole in extents:
-            if not hole:
-                self.readv(offset + pos, _slice(segments, pos, length))
-            pos += length
-        if pos < total:  # the extent map was cut short: read the rest as data
-            self.readv(offset + pos, _slice(segments, pos, total - pos))
-            extents.append((total - pos, False))
+        self.readv(offset, segments)
+        extents: list[Extent] = []
+        for segment in segments:
+            for length, zero in zero_extents(segment):
+                if extents and extents[-1][1] == zero:
+                    extents[-1] = (extents[-1][0] + length, zero)
+                else:
+                    extents.append((length, zero))
         return extents
 
     def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
@@ -222,6 +226,26 @@ class Backing:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+def zero_extents(data: bytes | bytearray | memoryview) -> list[Extent]:
+    """Split a buffer into runs of data and of all-zero ``ZERO_BLOCK``-sized blocks."""
+    if isinstance(data, memoryview):
+        data = bytes(data)  # comparing memoryviews goes element by element; bytes use memcmp
+    length = len(data)
+    if data == bytes(length):
+        return [(length, True)]
+    if length < _ZERO_SCAN_MIN:
+        return [(length, False)]
+    extents: list[Extent] = []
+    for start in range(0, length, ZERO_BLOCK):
+        block = data[start : start + ZERO_BLOCK]
+        zero = block == _ZERO_BLOCK_BYTES
+        if extents and extents[-1][1] == zero:
+            extents[-1] = (extents[-1][0] + len(block), zero)
+        else:
+            extents.append((len(block), zero))
+    return extents
+
+
 def _create_sparse(path: Path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -273,20 +297,3 @@ def _advance(views: list[memoryview], done: int) -> list[memoryview]:
     if views and done:
         views = [views[0][done:], *views[1:]]
     return views
-
-
-def _slice(segments: Sequence[Segment], start: int, length: int) -> list[memoryview]:
-    """Views of bytes [start, start+length) of the concatenated segments."""
-    out = []
-    for segment in segments:
-        size = len(segment)
-        if start >= size:
-            start -= size
-            continue
-        take = min(size - start, length)
-        out.append(memoryview(segment)[start : start + take])
-        length -= take
-        start = 0
-        if not length:
-            break
-    return out

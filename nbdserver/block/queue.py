@@ -77,7 +77,8 @@ class RequestQueue:
         self._seq += 1
         self._in_flight += 1
         self.stats.requests[request.command] += 1
-        if not self.merge:
+        if not self.merge or (self._in_flight == 1 and not self._plug):
+            # An idle queue has nothing to merge with yet: a lone request goes at once.
             self._admit([request])
             return
         self._plug.append(request)

@@ -204,12 +204,14 @@ def test_queue_equals_serial_execution(tmp_path: Path, merge: bool, script, seed
 
 def test_adjacent_writes_from_one_tick_become_one_submission(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    path.write_bytes(bytes(16 * 4096))
+    path.write_bytes(bytes(32 * 4096))
 
     async def scenario() -> RequestQueue:
         engine = ReorderingEngine(Backing(path))
         queue = RequestQueue(engine, limits=MergeLimits(max_bytes=16 * 4096, max_segments=64))
         done: list[Request] = []
+        busy = Request(Command.READ, 0, 99, 20 * 4096, 4096, done.append)
+        queue.submit(busy)  # an idle queue sends a lone request at once; now it is busy
         order = list(range(16))
         random.Random(1).shuffle(order)  # arrival order is not offset order: front and back merges
         for i in order:
@@ -217,17 +219,34 @@ def test_adjacent_writes_from_one_tick_become_one_submission(tmp_path: Path) -> 
             queue.submit(request)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        assert engine.calls == [("writev", 0, 16 * 4096)]
+        assert engine.calls == [("readv", 20 * 4096, 4096), ("writev", 0, 16 * 4096)]
         while engine.pending:
             engine.release(0)
         await queue.drain()
-        assert len(done) == 16
+        assert len(done) == 17
         return queue
 
     queue = asyncio.run(scenario())
     assert queue.stats.submissions[Command.WRITE] == 1
     assert queue.stats.merged[Command.WRITE] == 15
     assert path.read_bytes()[: 16 * 4096] == b"".join(bytes([i]) * 4096 for i in range(16))
+
+
+def test_a_lone_request_is_issued_without_waiting_for_the_tick(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4096))
+
+    async def scenario() -> None:
+        engine = ReorderingEngine(Backing(path))
+        queue = RequestQueue(engine)
+        queue.submit(Request(Command.WRITE, 0, 1, 0, 4096, lambda r: None, bytearray(4096)))
+        assert queue.stats.requests[Command.WRITE] == 1
+        await asyncio.sleep(0)  # the task starts; no unplug had to run first
+        assert engine.calls == [("writev", 0, 4096)]
+        engine.release(0)
+        await queue.drain()
+
+    asyncio.run(scenario())
 
 
 def test_overlapping_write_waits_for_the_earlier_one(tmp_path: Path) -> None:
@@ -275,17 +294,19 @@ def test_failed_submission_fails_each_of_its_requests_only(tmp_path: Path) -> No
         engine = ReorderingEngine(Backing(path))
         queue = RequestQueue(engine)
         done: list[Request] = []
+        queue.submit(Request(Command.READ, 0, 8, 61440, 4096, done.append))  # makes the queue busy
         for i in range(4):  # one merged submission of four writes at 0..16K
             queue.submit(Request(Command.WRITE, 0, i, i * 4096, 4096, done.append, bytearray(4096)))
         queue.submit(Request(Command.WRITE, 0, 9, 40960, 4096, done.append, bytearray(4096)))
         for _ in range(3):
             await asyncio.sleep(0)
-        assert len(engine.pending) == 2
-        future, _ = engine.pending.pop(0)
+        assert [call[1:] for call in engine.calls] == [(61440, 4096), (0, 16384), (40960, 4096)]
+        future, _ = engine.pending.pop(1)
         future.set_exception(OSError(28, "No space left on device"))
-        engine.release(0)
+        while engine.pending:
+            engine.release(0)
         await queue.drain()
         return done
 
     done = asyncio.run(scenario())
-    assert {r.cookie: r.errno for r in done} == {0: 28, 1: 28, 2: 28, 3: 28, 9: 0}
+    assert {r.cookie: r.errno for r in done} == {8: 0, 0: 28, 1: 28, 2: 28, 3: 28, 9: 0}
