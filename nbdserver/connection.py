@@ -92,8 +92,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._out.clear()
-        # Drop the half-received WRITE: it refers back to us through its callback.
-        self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
+        self._abandon_payload()  # it refers back to us through its callback: free it now
         self.server.connection_lost(self)
         self.closed.set()
 
@@ -128,6 +127,7 @@ class Connection(asyncio.BufferedProtocol):
         """The client shut down its side: answer what is in flight (it may still read), then close."""
         if self._tx is None:
             return False
+        self._abandon_payload()
         self._begin_disconnect()
         return True
 
@@ -363,10 +363,13 @@ class Connection(asyncio.BufferedProtocol):
         if self._handshake is not None:
             self._hard_disconnect()
             return
+        self._abandon_payload()
+        self._begin_disconnect()
+
+    def _abandon_payload(self) -> None:
+        """Drop a WRITE whose payload will not arrive now; it was never acknowledged."""
         request = self._payload_request
         if request is not None:
-            # Its payload will never arrive now; it was never acknowledged, so drop it.
             self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
             self._in_flight -= 1
             self._in_flight_bytes -= request.length
-        self._begin_disconnect()
