@@ -82,8 +82,7 @@ class Backing:
             os.close(self.fd)
             raise
         # Learned at run time: the first "not supported" turns a feature off for good.
-        self._can_punch = not self.is_block_device
-        self._can_zero_range = not self.is_block_device
+        self._unsupported_modes: set[int] = set()
         self._can_seek_holes = not self.is_block_device
 
     def close(self) -> None:
@@ -151,13 +150,7 @@ class Backing:
                     if not _unsupported(exc):
                         raise
             return
-        if self._can_punch:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as exc:
-                if not _unsupported(exc):
-                    raise
-                self._can_punch = False
+        self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast_only: bool) -> None:
         """Make a range read as zeroes.
@@ -170,22 +163,10 @@ class Backing:
                 raise OSError(errno.ENOTSUP, "no fast zeroing on block devices")
             fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
             return
-        if may_trim and self._can_punch:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if not _unsupported(exc):
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if not _unsupported(exc):
-                    raise
-                self._can_zero_range = False
+        if may_trim and self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        if self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
         if fast_only:
             raise OSError(errno.ENOTSUP, "zeroing this range would not be faster than writing")
         end = offset + length
@@ -193,6 +174,19 @@ class Backing:
             chunk = min(len(_ZERO_CHUNK), end - offset)
             self.writev(offset, [memoryview(_ZERO_CHUNK)[:chunk]])
             offset += chunk
+
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate(2) with ``mode``; False where the filesystem does not support it."""
+        if mode in self._unsupported_modes:
+            return False
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+            self._unsupported_modes.add(mode)
+            return False
+        return True
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Data and hole extents covering [offset, offset+length), possibly fewer."""

@@ -55,6 +55,14 @@ class Submission:
         return cls(request.command, request.offset, request.length, [request], request.flags)
 
 
+def could_merge(request: Request, limits: MergeLimits) -> bool:
+    """Is there any room to merge this request with another? If not, plugging it only delays it."""
+    if request.command not in MERGEABLE or not request.length:
+        return False
+    limit = limits.max_bytes if request.command in WITH_SEGMENTS else limits.max_range_bytes
+    return request.length < limit
+
+
 def same_kind(a: Request | Submission, b: Request) -> bool:
     """Requests that may ride in one submission: same command and same flags that change the I/O."""
     if a.command != b.command or a.command not in MERGEABLE:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..backing import Engine
 from ..protocol import Command, CommandFlag
 from .hazards import HazardTracker, tracked
-from .merge import MergeLimits, Submission, build_submissions, split_extents
+from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,10 @@ class RequestQueue:
         self.stats.requests[request.command] += 1
         if not self.merge or (self._in_flight == 1 and not self._plug):
             # An idle queue has nothing to merge with yet: a lone request goes at once.
+            self._admit([request])
+            return
+        if not could_merge(request, self.limits):
+            self.unplug()  # what arrived earlier is admitted first: hazards follow arrival order
             self._admit([request])
             return
         self._plug.append(request)

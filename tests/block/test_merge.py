@@ -6,7 +6,14 @@ import pytest
 
 from nbdserver.block import Request
 from nbdserver.block.hazards import HazardTracker, conflict
-from nbdserver.block.merge import MergeLimits, Submission, build_submissions, can_back_merge, split_extents
+from nbdserver.block.merge import (
+    MergeLimits,
+    Submission,
+    build_submissions,
+    can_back_merge,
+    could_merge,
+    split_extents,
+)
 from nbdserver.protocol import Command, CommandFlag
 
 LIMITS = MergeLimits(max_bytes=64 * 1024, max_segments=4, max_range_bytes=1 << 20)
@@ -157,3 +164,18 @@ def test_a_covering_writer_stands_for_everything_older():
         assert flood.blockers(w) == ([previous] if previous else [])
         flood.add(w)
         previous = w
+
+
+@pytest.mark.parametrize(
+    ("request_", "room"),
+    [
+        (req(Command.WRITE, 0, 4096), True),
+        (req(Command.WRITE, 0, 64 * 1024), False),  # already at max_bytes
+        (req(Command.READ, 0, 0), False),
+        (req(Command.TRIM, 0, 64 * 1024), True),  # ranges grow further
+        (req(Command.FLUSH, 0, 0), False),
+        (req(Command.BLOCK_STATUS, 0, 4096), False),
+    ],
+)
+def test_could_merge(request_, room):
+    assert could_merge(request_, LIMITS) is room
