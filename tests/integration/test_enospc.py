@@ -1,0 +1,66 @@
+"""A backing file on a full filesystem: the write that finds no space fails with ENOSPC, nothing else does."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB ext4 filesystem, loop-mounted for the test and unmounted after it."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("mounting a filesystem image needs root and e2fsprogs")
+    image, mountpoint = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, timeout=60)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], timeout=60, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], timeout=60, check=False)
+
+
+def test_enospc_fails_that_write_only(small_filesystem, start_server):  # the server stops before the unmount
+    export = small_filesystem / "disk.img"
+    server = start_server(export, "--size", "64M")  # sparse: larger than the filesystem
+    h = nbd.NBD()
+    h.connect_uri(server.uri())
+    chunk = b"\x5a" * MiB
+    written = []
+    failure = None
+    for block in range(64):
+        try:
+            h.pwrite(chunk, block * MiB)
+            written.append(block)
+        except nbd.Error as exc:
+            failure = exc
+            break
+    assert failure is not None and failure.errnum == errno.ENOSPC, failure
+    assert 4 <= len(written) < 16, written  # some space was there, and then it ran out
+    # The connection and the data written before are fine; overwriting allocated space still works.
+    for block in written:
+        assert h.pread(MiB, block * MiB) == chunk
+    h.pwrite(b"\xa5" * MiB, written[0] * MiB, nbd.CMD_FLAG_FUA)
+    assert h.pread(16, written[0] * MiB) == b"\xa5" * 16
+    # A second connection is served too.
+    other = nbd.NBD()
+    other.connect_uri(server.uri())
+    assert other.pread(16, written[-1] * MiB) == b"\x5a" * 16
+    other.shutdown()
+    h.shutdown()
+    assert server.stop() == 0
