@@ -18,7 +18,6 @@ from .protocol import (
     HEADER_SIZE,
     Aborted,
     Command,
-    CommandFlag,
     Error,
     Negotiated,
     ProtocolViolation,
@@ -27,7 +26,7 @@ from .protocol import (
     Transmission,
     error_from_errno,
 )
-from .protocol.constants import AllocationState
+from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
 from .protocol.replies import Buffer, block_status_reply, error_reply, ok_reply, read_reply
 
 if TYPE_CHECKING:
@@ -232,7 +231,7 @@ class Connection(asyncio.BufferedProtocol):
             if not payload:
                 self._refuse_now()
             return
-        sparse = header.command == Command.READ and tx.structured_replies and not header.flags & CommandFlag.DF
+        sparse = header.command == Command.READ and tx.structured_replies and not header.flags & FLAG_DF
         request = Request(
             header.command, header.flags, header.cookie, header.offset, header.length, self._request_done, sparse=sparse
         )
@@ -289,7 +288,7 @@ class Connection(asyncio.BufferedProtocol):
             return read_reply(request.cookie, request.offset, data, tx.structured_replies, request.extents)
         if request.command == Command.BLOCK_STATUS:
             extents = request.extents or [(request.length, False)]
-            if request.flags & CommandFlag.REQ_ONE:
+            if request.flags & FLAG_REQ_ONE:
                 extents = extents[:1]
             (context_id,) = tx.meta_contexts
             return block_status_reply(request.cookie, context_id, extents, _HOLE_FLAGS)

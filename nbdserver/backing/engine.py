@@ -11,8 +11,9 @@ and the segments must stay alive until it ends.  Callers shield it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .file import Backing, Extent, Segment
@@ -37,14 +38,55 @@ class Engine(Protocol):
 
 
 class ThreadPoolEngine:
-    """Blocking calls on a private thread pool."""
+    """Blocking calls on a private pool of worker threads.
+
+    Lighter than ``loop.run_in_executor``: jobs go through one C ``SimpleQueue``,
+    and completions come back in batches, so a busy engine wakes the event loop
+    once for many finished operations rather than once for each.
+    """
 
     def __init__(self, backing: Backing, workers: int = DEFAULT_WORKERS) -> None:
         self.backing = backing
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nbd-io")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: list[tuple[asyncio.Future, object, BaseException | None]] = []
+        self._done_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads = [threading.Thread(target=self._work, name=f"nbd-io-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self, fn, *args):
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _run(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
+        loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            try:
+                outcome = (future, fn(*args), None)
+            except BaseException as exc:
+                outcome = (future, None, exc)
+            with self._done_lock:
+                self._done.append(outcome)
+                first = len(self._done) == 1
+            if first:  # the loop has no delivery pending: schedule one
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._deliver)
+            # An idle worker must not keep its last job's buffers alive.
+            del job, future, fn, args, outcome
+
+    def _deliver(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        for future, result, exc in done:
+            if future.cancelled():
+                continue
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
         await self._run(self.backing.readv, offset, segments)
@@ -83,5 +125,8 @@ class ThreadPoolEngine:
         await self._run(self.backing.cache, offset, length)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
         self.backing.close()

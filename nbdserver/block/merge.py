@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..backing import Extent
-from ..protocol import Command, CommandFlag
+from ..protocol import Command
+from ..protocol.constants import FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE
 from .request import Request
 
 # Commands whose adjacent requests may share a submission.
@@ -44,7 +45,7 @@ class Submission:
     @property
     def dsync(self) -> bool:
         """Durable before completion: any FUA request makes the whole submission FUA."""
-        return any(r.flags & CommandFlag.FUA for r in self.requests)
+        return any(r.flags & FLAG_FUA for r in self.requests)
 
     @property
     def segments(self) -> list[bytearray]:
@@ -69,8 +70,8 @@ def same_kind(a: Request | Submission, b: Request) -> bool:
         return False
     if a.command == Command.WRITE_ZEROES:
         # FAST_ZERO may fail as a whole with ENOTSUP; NO_HOLE changes how zeroes are made.
-        mask = CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO
-        return not (a.flags & CommandFlag.FAST_ZERO) and (a.flags & mask) == (b.flags & mask)
+        mask = FLAG_NO_HOLE | FLAG_FAST_ZERO
+        return not (a.flags & FLAG_FAST_ZERO) and (a.flags & mask) == (b.flags & mask)
     if a.command == Command.READ:
         first = a.requests[0] if isinstance(a, Submission) else a
         return first.sparse == b.sparse

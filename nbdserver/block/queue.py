@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass, field
 
 from ..backing import Engine
-from ..protocol import Command, CommandFlag
+from ..protocol import Command
+from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .hazards import HazardTracker, tracked
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
@@ -196,8 +197,8 @@ class RequestQueue:
             await engine.write_zeroes(
                 offset,
                 length,
-                may_trim=not flags & CommandFlag.NO_HOLE,
-                fast_only=bool(flags & CommandFlag.FAST_ZERO),
+                may_trim=not flags & FLAG_NO_HOLE,
+                fast_only=bool(flags & FLAG_FAST_ZERO),
                 dsync=submission.dsync,
             )
         elif command == Command.CACHE:

@@ -135,3 +135,11 @@ class AllocationState(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+
+
+# The command flags as plain ints, for per-request code (IntFlag operators are slow).
+FLAG_FUA = int(CommandFlag.FUA)
+FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
+FLAG_DF = int(CommandFlag.DF)
+FLAG_REQ_ONE = int(CommandFlag.REQ_ONE)
+FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)

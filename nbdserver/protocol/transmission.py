@@ -64,9 +64,15 @@ class Transmission:
         self.min_block = export.min_block
         self.max_payload = export.max_payload
         self.read_only = bool(self.flags & TransmissionFlag.READ_ONLY)
-        self._fua = CommandFlag.FUA if self.flags & TransmissionFlag.SEND_FUA else CommandFlag(0)
-        self._df = CommandFlag.DF if self.flags & TransmissionFlag.SEND_DF else CommandFlag(0)
-        self._fast_zero = CommandFlag.FAST_ZERO if self.flags & TransmissionFlag.SEND_FAST_ZERO else CommandFlag(0)
+        # Plain ints, worked out once: IntFlag arithmetic is slow on the per-request path.
+        negotiated_flags = int(CommandFlag.REQ_ONE | CommandFlag.NO_HOLE)
+        if self.flags & TransmissionFlag.SEND_DF:
+            negotiated_flags |= int(CommandFlag.DF)
+        if self.flags & TransmissionFlag.SEND_FAST_ZERO:
+            negotiated_flags |= int(CommandFlag.FAST_ZERO)
+        fua = int(CommandFlag.FUA) if self.flags & TransmissionFlag.SEND_FUA else 0
+        self._allowed_flags = {int(c): int(f) & negotiated_flags | fua for c, f in _COMMAND_FLAGS.items()}
+        self._not_advertised = frozenset(int(c) for c, f in _COMMAND_ADVERTISED.items() if not self.flags & f)
 
     @staticmethod
     def parse_header(raw: bytes | bytearray | memoryview) -> RequestHeader:
@@ -87,16 +93,14 @@ class Transmission:
     def check(self, header: RequestHeader) -> tuple[Error, str]:
         """The error this request must get before any I/O, or (OK, "")."""
         command, flags, offset, length = header.command, header.flags, header.offset, header.length
-        allowed = _COMMAND_FLAGS.get(command)
+        allowed = self._allowed_flags.get(command)
         if allowed is None:
             return Error.EINVAL, f"unknown command {command}"
-        allowed = (allowed & (self._df | CommandFlag.REQ_ONE | CommandFlag.NO_HOLE | self._fast_zero)) | self._fua
-        if flags & ~int(allowed):  # int: ~ on an IntFlag would keep undefined bits out
+        if flags & ~allowed:
             return Error.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
         if command in _WRITING and self.read_only:
             return Error.EPERM, "export is read-only"
-        advertised = _COMMAND_ADVERTISED.get(command)
-        if advertised is not None and not self.flags & advertised:
+        if command in self._not_advertised:
             return Error.EINVAL, f"{Command(command).name} was not advertised"
         if command == Command.FLUSH:
             if offset or length:
