@@ -257,6 +257,7 @@ def test_sigterm_during_fio(server, image, tmp_path):
         [
             "fio",
             "--name=busy",
+            "--thread",  # jobs as threads of one process, so killing it stops them all
             "--ioengine=nbd",
             f"--uri={server.uri()}",
             "--rw=randwrite",
