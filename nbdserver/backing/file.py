@@ -118,10 +118,7 @@ class Backing:
         extents: list[Extent] = []
         for segment in segments:
             for length, zero in zero_extents(segment):
-                if extents and extents[-1][1] == zero:
-                    extents[-1] = (extents[-1][0] + length, zero)
-                else:
-                    extents.append((length, zero))
+                _append_extent(extents, length, zero)
         return extents
 
     def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
@@ -232,12 +229,16 @@ def zero_extents(data: bytes | bytearray | memoryview) -> list[Extent]:
     extents: list[Extent] = []
     for start in range(0, length, ZERO_BLOCK):
         block = data[start : start + ZERO_BLOCK]
-        zero = block == _ZERO_BLOCK_BYTES
-        if extents and extents[-1][1] == zero:
-            extents[-1] = (extents[-1][0] + len(block), zero)
-        else:
-            extents.append((len(block), zero))
+        _append_extent(extents, len(block), block == _ZERO_BLOCK_BYTES)
     return extents
+
+
+def _append_extent(extents: list[Extent], length: int, hole: bool) -> None:
+    """Add an extent, growing the last one when it is of the same kind."""
+    if extents and extents[-1][1] == hole:
+        extents[-1] = (extents[-1][0] + length, hole)
+    else:
+        extents.append((length, hole))
 
 
 def _create_sparse(path: Path, size: int) -> None:

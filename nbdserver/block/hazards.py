@@ -30,13 +30,6 @@ def tracked(request: Request) -> bool:
     return request.command in TRACKED and request.length > 0
 
 
-def conflict(earlier: Request, later: Request) -> bool:
-    """Must ``later`` wait for ``earlier``?"""
-    return (
-        earlier.seq < later.seq and (earlier.command in WRITING or later.command in WRITING) and overlap(earlier, later)
-    )
-
-
 def overlap(a: Request, b: Request) -> bool:
     return a.offset < b.offset + b.length and b.offset < a.offset + a.length
 
@@ -72,29 +65,30 @@ class HazardTracker:
             return [*(self._buckets[k] for k in keys if k in self._buckets), self._large]
         return [*(self._buckets[k] for k in _bucket_keys(request) if k in self._buckets), self._large]
 
+    def _homes(self, request: Request, create: bool) -> list[tuple[int | None, list[Request]]]:
+        """(bucket key, list) pairs that hold ``request``: one per bucket it spans, or the large list."""
+        kind = "writers" if request.command in WRITING else "readers"
+        if request.length > _LARGE:
+            return [(None, getattr(self._large, kind))]
+        homes = []
+        for key in _bucket_keys(request):
+            bucket = self._buckets.get(key)
+            if bucket is None and create:
+                bucket = self._buckets[key] = _Bucket()
+            homes.append((key, getattr(bucket, kind)))
+        return homes
+
     def add(self, request: Request) -> None:
         """Track ``request`` (which arrived after everything tracked so far)."""
         self.count += 1
-        kind = "writers" if request.command in WRITING else "readers"
-        if request.length > _LARGE:
-            getattr(self._large, kind).append(request)
-            return
-        for key in _bucket_keys(request):
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = _Bucket()
-            getattr(bucket, kind).append(request)
+        for _, requests in self._homes(request, create=True):
+            requests.append(request)
 
     def remove(self, request: Request) -> None:
         self.count -= 1
-        kind = "writers" if request.command in WRITING else "readers"
-        if request.length > _LARGE:
-            getattr(self._large, kind).remove(request)
-            return
-        for key in _bucket_keys(request):
-            bucket = self._buckets[key]
-            getattr(bucket, kind).remove(request)
-            if not bucket.writers and not bucket.readers:
+        for key, requests in self._homes(request, create=False):
+            requests.remove(request)
+            if key is not None and not self._buckets[key].writers and not self._buckets[key].readers:
                 del self._buckets[key]
 
     def blockers(self, request: Request) -> list[Request]:

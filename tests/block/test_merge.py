@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbdserver.block import Request
-from nbdserver.block.hazards import HazardTracker, conflict
+from nbdserver.block.hazards import HazardTracker
 from nbdserver.block.merge import (
     MergeLimits,
     Submission,
@@ -110,11 +110,12 @@ def test_split_extents_at_request_boundaries():
         (req(Command.WRITE, 0, 4096, seq=1), req(Command.BLOCK_STATUS, 0, 4096, seq=2), True),
         (req(Command.READ, 0, 4096, seq=1), req(Command.READ, 0, 4096, seq=2), False),  # reads commute
         (req(Command.WRITE, 0, 4096, seq=1), req(Command.WRITE, 4096, 4096, seq=2), False),  # adjacent
-        (req(Command.WRITE, 0, 4096, seq=3), req(Command.WRITE, 0, 4096, seq=2), False),  # arrived later
     ],
 )
-def test_conflict(earlier, later, waits):
-    assert conflict(earlier, later) is waits
+def test_a_later_request_waits_for_a_conflicting_earlier_one(earlier, later, waits):
+    tracker = HazardTracker()
+    tracker.add(earlier)
+    assert tracker.blockers(later) == ([earlier] if waits else [])
 
 
 def test_tracker_finds_blockers_across_buckets_and_large_ranges():
