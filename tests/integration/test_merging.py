@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -36,10 +37,12 @@ def pipeline_writes(handles: list[nbd.NBD], blocks: list[list[int]], fua: frozen
             errors.append(error.value)
         return 1  # retire the command
 
-    for h, mine in zip(handles, blocks, strict=True):
-        for block in mine:
-            flags = nbd.CMD_FLAG_FUA if block in fua else 0
-            h.aio_pwrite(bytes([block % 251 + 1]) * BLOCK, block * BLOCK, completion=completed, flags=flags)
+    # Round-robin over the handles, so that their streams reach the server together.
+    for step in itertools.zip_longest(*blocks):
+        for h, block in zip(handles, step, strict=True):
+            if block is not None:
+                flags = nbd.CMD_FLAG_FUA if block in fua else 0
+                h.aio_pwrite(bytes([block % 251 + 1]) * BLOCK, block * BLOCK, completion=completed, flags=flags)
     for h in handles:
         while h.aio_in_flight():
             h.poll(-1)
