@@ -12,8 +12,8 @@ from pathlib import Path
 import uvloop
 
 from . import __version__
-from .backing import DEFAULT_WORKERS
-from .config import ConfigError, ExportConfig, ServerConfig, parse_export, parse_listener, parse_size
+from .backing import DEFAULT_WORKERS, ENGINES
+from .config import CACHE_MODES, ConfigError, ExportConfig, ServerConfig, parse_export, parse_listener, parse_size
 from .server import Server
 
 log = logging.getLogger("nbdserver")
@@ -51,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=_arg(parse_export),
         metavar="SPEC",
-        help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,description=TEXT] (repeatable)",
+        help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,description=TEXT] (repeatable)",
+    )
+    serve.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="buffered",
+        help="of PATH: buffered (through the page cache, the default) or direct (O_DIRECT)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ServerConfig.engine,
+        help="how I/O is issued: threads (a thread pool, the default) or uring (io_uring)",
     )
     serve.add_argument("--default-export", help="export chosen by the empty name (default: the first)")
     serve.add_argument(
@@ -105,13 +117,18 @@ def _arg(parse):
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     exports = []
     if args.path is not None:
-        exports.append(ExportConfig(args.name, args.path, args.read_only, args.description, create_size=args.size))
-    elif args.size is not None or args.read_only or args.name or args.description:
-        raise ConfigError("--name, --description, --read-only and --size describe PATH, which is missing")
+        exports.append(
+            ExportConfig(
+                args.name, args.path, args.read_only, args.description, create_size=args.size, cache=args.cache
+            )
+        )
+    elif args.size is not None or args.read_only or args.name or args.description or args.cache != "buffered":
+        raise ConfigError("--name, --description, --read-only, --size and --cache describe PATH, which is missing")
     exports.extend(args.export)
     config = ServerConfig(
         exports=exports,
         default_export=args.default_export,
+        engine=args.engine,
         workers=args.workers,
         merge=args.merge,
         max_submission_bytes=args.max_submission_bytes,

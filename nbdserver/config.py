@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backing import DEFAULT_WORKERS
+from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.file import IOV_MAX
 from .block.merge import MergeLimits
 from .protocol.constants import NBD_DEFAULT_PORT
@@ -16,6 +16,9 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
 
 
+CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
+
+
 @dataclass
 class ExportConfig:
     name: str
@@ -23,6 +26,7 @@ class ExportConfig:
     read_only: bool = False
     description: str = ""
     create_size: int | None = None  # create a sparse image of this size if ``path`` is missing
+    cache: str = "buffered"  # one of CACHE_MODES
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,11 @@ class ServerConfig:
     exports: list[ExportConfig]
     listeners: list[Listener] = field(default_factory=lambda: [DEFAULT_LISTENER])
     default_export: str | None = None  # what the empty export name selects; the first export if unset
+    engine: str = "threads"  # one of ENGINES
     workers: int = DEFAULT_WORKERS
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
+    max_export_inflight_bytes: int = 512 * 1024 * 1024  # across an export's connections
+    buffer_pool_bytes: int = 64 * 1024 * 1024  # idle request buffers kept for reuse
     merge: bool = True  # plug and merge adjacent requests into one submission
     max_submission_bytes: int = MergeLimits.max_bytes
     max_segments: int = MergeLimits.max_segments
@@ -72,6 +79,12 @@ class ServerConfig:
         for export in self.exports:
             if len(export.name.encode()) > 4096 or len(export.description.encode()) > 4096:
                 raise ConfigError(f"export {export.name!r}: name and description must be at most 4096 bytes")
+            if export.cache not in CACHE_MODES:
+                raise ConfigError(
+                    f"export {export.name!r}: cache mode {export.cache!r} is not one of {', '.join(CACHE_MODES)}"
+                )
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.default_export is not None and self.default_export not in names:
             raise ConfigError(f"default export {self.default_export!r} is not defined")
         if not self.listeners:
@@ -114,7 +127,7 @@ def parse_listener(text: str) -> Listener:
 
 
 def parse_export(text: str) -> ExportConfig:
-    """``name=NAME,path=PATH[,read-only][,size=SIZE][,description=TEXT]``.
+    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,description=TEXT]``.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
@@ -128,7 +141,7 @@ def parse_export(text: str) -> ExportConfig:
         key, eq, value = item.partition("=")
         if key in ("read-only", "ro") and not eq:
             fields["read-only"] = "1"
-        elif key in ("name", "path", "size") and eq:
+        elif key in ("name", "path", "size", "cache") and eq:
             fields[key] = value
         else:
             raise ConfigError(f"bad export option {item!r} in {text!r}")
@@ -140,4 +153,5 @@ def parse_export(text: str) -> ExportConfig:
         read_only="read-only" in fields,
         description=fields.get("description", ""),
         create_size=parse_size(fields["size"]) if "size" in fields else None,
+        cache=fields.get("cache", "buffered"),
     )

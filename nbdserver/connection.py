@@ -68,6 +68,7 @@ class Connection(asyncio.BufferedProtocol):
         self._in_flight_bytes = 0
         self._max_in_flight_bytes = server.config.max_inflight_bytes
         self._reply_bytes = 0  # READ data queued in _out, not yet handed to the transport
+        self._sent_blocks: list[memoryview] = []  # READ blocks handed to the transport, maybe not yet sent
         self._reading_paused = False
         self._consuming = False
         self._writing_paused = False
@@ -137,6 +138,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._transport is not None and not self._transport.get_write_buffer_size():
+            self._give_back_sent()
         self._update_reading()
 
     # Handshake ---------------------------------------------------------------------
@@ -237,11 +240,13 @@ class Connection(asyncio.BufferedProtocol):
         )
         self._in_flight += 1
         if header.command in (Command.READ, Command.WRITE):
-            self._in_flight_bytes += header.length
+            self._charge(header.length)
         self._update_reading()
         if payload:
-            request.buffer = bytearray(payload)
-            self._payload_request, self._payload, self._payload_got = request, memoryview(request.buffer), 0
+            assert self.export is not None
+            request.block = self.export.pool.take(payload)
+            request.buffer = request.block[:payload]
+            self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
         else:
             if header.command == Command.WRITE:
                 request.buffer = bytearray()
@@ -269,11 +274,17 @@ class Connection(asyncio.BufferedProtocol):
     def _request_done(self, request: Request) -> None:
         self._in_flight -= 1
         if request.command in (Command.READ, Command.WRITE):
-            self._in_flight_bytes -= request.length
+            self._uncharge(request.length)
+        block, request.block = request.block, None
+        sending = self._transport is not None and request.command == Command.READ and not request.errno
+        if block is not None:
+            if sending:
+                self._sent_blocks.append(block)  # given back once the transport has sent it
+            else:
+                self.export.pool.give(block)  # type: ignore[union-attr]
         if self._transport is None:
             return  # the client is gone; the I/O itself was still carried out
-        data_bytes = request.length if request.command == Command.READ and not request.errno else 0
-        self._send(self._encode_reply(request), data_bytes)
+        self._send(self._encode_reply(request), request.length if sending else 0)
         self._update_reading()
         if self._disconnecting and not self._in_flight:
             self._close_after_flush()
@@ -303,11 +314,21 @@ class Connection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and self._transport is not None:
-            self._transport.writelines(self._out)
+        transport = self._transport
+        if self._out and transport is not None:
+            transport.writelines(self._out)
+            if self._sent_blocks and not transport.get_write_buffer_size():
+                self._give_back_sent()  # everything handed over so far has left
         self._out = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
         self._update_reading()
+
+    def _give_back_sent(self) -> None:
+        assert self.export is not None
+        give = self.export.pool.give
+        for block in self._sent_blocks:
+            give(block)
+        self._sent_blocks = []
 
     # Flow control and shutdown ---------------------------------------------------------
 
@@ -318,6 +339,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         held = self._in_flight_bytes + self._reply_bytes + transport.get_write_buffer_size()
         pause = self._writing_paused or held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS
+        budget = self.export.budget if self.export is not None else None
+        if budget is not None and budget.exhausted:
+            pause = True
+            budget.wait(self._update_reading)  # the export's other connections hold it
         if pause:
             if not self._reading_paused:
                 transport.pause_reading()
@@ -371,4 +396,13 @@ class Connection(asyncio.BufferedProtocol):
         if request is not None:
             self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
             self._in_flight -= 1
-            self._in_flight_bytes -= request.length
+            self._uncharge(request.length)
+
+    def _charge(self, nbytes: int) -> None:
+        """Count READ/WRITE bytes in flight, against this connection's limit and the export's."""
+        self._in_flight_bytes += nbytes
+        self.export.budget.charge(nbytes)  # type: ignore[union-attr]
+
+    def _uncharge(self, nbytes: int) -> None:
+        self._in_flight_bytes -= nbytes
+        self.export.budget.release(nbytes)  # type: ignore[union-attr]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from .backing import Backing, ThreadPoolEngine
+from .backing import Backing, open_engine
 from .block import RequestQueue
+from .block.buffers import PAGE_SIZE, BufferPool, ByteBudget
 from .config import ExportConfig, ServerConfig
 from .protocol import ExportInfo
 from .protocol import TransmissionFlag as TF
@@ -25,19 +26,36 @@ _WRITABLE = (
 _READ_ONLY = TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_CACHE | TF.CAN_MULTI_CONN
 
 
+MAX_HAZARD_GRANULE = 1 << 20
+
+
 class Export:
-    def __init__(self, config: ExportConfig, server: ServerConfig) -> None:
+    def __init__(self, config: ExportConfig, server: ServerConfig, pool: BufferPool) -> None:
         self.config = config
-        self.backing = Backing(config.path, read_only=config.read_only, create_size=config.create_size)
-        self.engine = ThreadPoolEngine(self.backing, server.workers)
-        self.queue = RequestQueue(self.engine, merge=server.merge, limits=server.merge_limits)
+        self.pool = pool
+        self.budget = ByteBudget(server.max_export_inflight_bytes)
+        self.backing = backing = Backing(
+            config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
+        )
+        try:
+            self.engine = open_engine(server.engine, backing, server.workers)
+        except BaseException:
+            backing.close()
+            raise
+        # Direct and page-cache I/O meet on whole pages: order requests that share one.
+        granule = min(max(PAGE_SIZE, backing.offset_align), MAX_HAZARD_GRANULE) if backing.direct else 1
+        self.queue = RequestQueue(
+            self.engine, merge=server.merge, limits=server.merge_limits, pool=pool, hazard_granule=granule
+        )
         self.info = ExportInfo(
             name=config.name,
-            size=self.backing.size,
+            size=backing.size,
             flags=_READ_ONLY if config.read_only else _WRITABLE,
             description=config.description,
+            # Any alignment works (in direct mode, unaligned transfers take the page cache),
+            # so the minimum is 1 and the preferred size says what is fast.
             min_block=1,
-            preferred_block=4096,
+            preferred_block=max(4096, backing.offset_align),
         )
 
     @property

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 
+from .block.buffers import BufferPool
 from .config import Listener, ServerConfig
 from .connection import Connection
 from .export import Export
@@ -26,18 +27,20 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self.catalog = ExportCatalog([], None)
+        self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
         try:
             for export_config in self.config.exports:
-                export = Export(export_config, self.config)
+                export = Export(export_config, self.config, self.pool)
                 self.exports[export.name] = export
                 log.info(
-                    "export %r: %s, %d bytes%s",
+                    "export %r: %s, %d bytes, cache %s%s",
                     export.name,
                     export_config.path,
                     export.info.size,
+                    export_config.cache,
                     ", read-only" if export_config.read_only else "",
                 )
         except BaseException:

@@ -130,3 +130,17 @@ class ThreadPoolEngine:
         for thread in self._threads:
             thread.join()
         self.backing.close()
+
+
+ENGINES = ("threads", "uring")
+
+
+def open_engine(name: str, backing: Backing, workers: int = DEFAULT_WORKERS) -> Engine:
+    """The engine called ``name`` (one of ENGINES) on ``backing``."""
+    if name == "threads":
+        return ThreadPoolEngine(backing, workers)
+    if name == "uring":
+        from .uring import UringEngine  # its ctypes set-up is only wanted when chosen
+
+        return UringEngine(backing)
+    raise ValueError(f"unknown engine {name!r}")

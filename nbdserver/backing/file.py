@@ -2,6 +2,16 @@
 
 Every method here is blocking and meant to run in an engine's worker thread.
 Nothing here knows about NBD; errors are plain ``OSError``s.
+
+With ``direct=True`` (cache mode "direct") data goes through a second
+descriptor opened with ``O_DIRECT``, bypassing the page cache, whenever the
+transfer meets the alignment rules of the file (``statx`` tells them).  A
+transfer that does not (a client's 512-byte write on a 4096-byte device, the
+unaligned tail of a file) goes through the page cache instead, which does the
+read-modify-write with the kernel's own locking; the kernel keeps the two
+paths coherent per page, and the block layer orders requests that share a
+page (see :mod:`nbdserver.block.hazards`).  Segments given to a direct backing
+must start on a page boundary (they come from :mod:`nbdserver.block.buffers`).
 """
 
 from __future__ import annotations
@@ -34,8 +44,14 @@ BLKSSZGET = 0x1268
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 BLKGETSIZE64 = 0x80081272
+# <linux/stat.h>
+AT_EMPTY_PATH = 0x1000
+STATX_DIOALIGN = 0x2000
+_STATX_SIZE = 256
+_STATX_DIO_OFFSETS = 152  # stx_dio_mem_align, stx_dio_offset_align: two u32
+DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
 
-_ZERO_CHUNK = bytes(1024 * 1024)
+_ZERO_CHUNK = bytes(1024 * 1024)  # the zero-writing fallback is buffered: no alignment needed
 ZERO_BLOCK = 4096  # granularity of zero detection in reads
 _ZERO_SCAN_MIN = 64 * 1024  # shorter buffers are reported whole: all zero or data
 _ZERO_BLOCK_BYTES = bytes(ZERO_BLOCK)
@@ -58,7 +74,12 @@ class Backing:
     """An open backing file or block device and the blocking operations on it."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, read_only: bool = False, create_size: int | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        create_size: int | None = None,
+        direct: bool = False,
     ) -> None:
         self.path = Path(path)
         self.read_only = read_only
@@ -66,7 +87,11 @@ class Backing:
             if read_only:
                 raise FileNotFoundError(errno.ENOENT, "cannot create a read-only export", str(self.path))
             _create_sparse(self.path, create_size)
-        self.fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        open_flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(self.path, open_flags)
+        self.direct_fd = -1
+        # O_DIRECT alignment of memory and of file offsets/lengths; 1 when not direct.
+        self.mem_align = self.offset_align = 1
         try:
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -78,32 +103,72 @@ class Backing:
             else:
                 self.size = st.st_size
                 self.logical_block_size = 1
+            if direct:
+                self._open_direct(open_flags)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         # Learned at run time: the first "not supported" turns a feature off for good.
         self._unsupported_modes: set[int] = set()
         self._can_seek_holes = not self.is_block_device
 
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd >= 0
+
+    def _open_direct(self, open_flags: int) -> None:
+        unsupported = OSError(
+            errno.EINVAL, "the filesystem does not support O_DIRECT (cache mode direct)", str(self.path)
+        )
+        try:
+            self.direct_fd = os.open(self.path, open_flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise unsupported from None
+            raise
+        alignment = _dio_alignment(self.direct_fd)
+        if alignment is None:
+            size = max(DEFAULT_DIRECT_ALIGN, self.logical_block_size)
+            alignment = (size, size)
+        elif alignment[1] == 0:
+            raise unsupported
+        self.mem_align, self.offset_align = alignment
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "direct_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def descriptor(self, offset: int, segments: Sequence[Segment]) -> int:
+        """The direct descriptor if this transfer meets its alignment rules, else the buffered one."""
+        if self.direct_fd < 0 or offset % self.offset_align:
+            return self.fd
+        mem_align, total = self.mem_align, 0
+        for segment in segments:
+            length = len(segment)
+            if length % mem_align:
+                return self.fd
+            total += length
+        return self.fd if total % self.offset_align else self.direct_fd
 
     # Data ------------------------------------------------------------------------
 
     def readv(self, offset: int, segments: Sequence[Segment]) -> None:
         """Fill ``segments`` from ``offset``; bytes past the end of the file read as zeroes."""
         for batch_offset, batch in _batches(offset, segments):
+            fd = self.descriptor(batch_offset, batch)
             views = [memoryview(s).cast("B") for s in batch]
             while views:
-                done = os.preadv(self.fd, views, batch_offset)
+                done = self._transfer(os.preadv, fd, views, batch_offset)
                 if done == 0:  # end of file: the file shrank under us
                     for view in views:
                         view[:] = bytes(len(view))
                     break
                 batch_offset += done
                 views = _advance(views, done)
+                fd = self.fd  # the rest of a short transfer is no longer aligned
 
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
         """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.
@@ -115,21 +180,29 @@ class Backing:
         without their bytes.
         """
         self.readv(offset, segments)
-        extents: list[Extent] = []
-        for segment in segments:
-            for length, zero in zero_extents(segment):
-                _append_extent(extents, length, zero)
-        return extents
+        return segments_extents(segments)
 
     def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
         """Write all of ``segments`` at ``offset``; with ``dsync`` durable before returning."""
         flags = os.RWF_DSYNC if dsync else 0
         for batch_offset, batch in _batches(offset, segments):
+            fd = self.descriptor(batch_offset, batch)
             views = [memoryview(s).cast("B") for s in batch]
             while views:
-                done = os.pwritev(self.fd, views, batch_offset, flags)
+                done = self._transfer(os.pwritev, fd, views, batch_offset, flags)
                 batch_offset += done
                 views = _advance(views, done)
+                fd = self.fd  # the rest of a short transfer is no longer aligned
+
+    def _transfer(self, call, fd: int, views: list[memoryview], offset: int, *flags: int) -> int:
+        """One preadv/pwritev; an alignment the direct descriptor refuses is retried through the page cache."""
+        try:
+            return call(fd, views, offset, *flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or fd != self.direct_fd:
+                raise
+            log.debug("%s: O_DIRECT refused a transfer at %d; using the page cache", self.path, offset)
+            return call(self.fd, views, offset, *flags)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -214,7 +287,17 @@ class Backing:
         return out
 
     def cache(self, offset: int, length: int) -> None:
-        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        if not self.direct:  # direct reads would not use the page cache
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def segments_extents(segments: Sequence[Segment]) -> list[Extent]:
+    """The data and all-zero extents of a list of buffers read one after the other."""
+    extents: list[Extent] = []
+    for segment in segments:
+        for length, zero in zero_extents(segment):
+            _append_extent(extents, length, zero)
+    return extents
 
 
 def zero_extents(data: bytes | bytearray | memoryview) -> list[Extent]:
@@ -257,6 +340,20 @@ def _seek(fd: int, pos: int, whence: int, end: int) -> int:
         if exc.errno == errno.ENXIO:  # past the last data (SEEK_DATA) or the end of file
             return end
         raise
+
+
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+
+def _dio_alignment(fd: int) -> tuple[int, int] | None:
+    """(memory, offset) alignment of O_DIRECT on ``fd`` from statx; None where the kernel cannot tell."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buf) != 0:
+        return None
+    mask = struct.unpack_from("=I", buf, 0)[0]
+    if not mask & STATX_DIOALIGN:
+        return None
+    return struct.unpack_from("=II", buf, _STATX_DIO_OFFSETS)
 
 
 def _ioctl_u64(fd: int, request: int) -> int:

@@ -6,6 +6,11 @@ flight or still waiting, indexed by 1 MiB buckets (writers and readers apart),
 so a lookup costs a few comparisons however deep the queue is, and
 non-overlapping requests never wait.
 
+Ranges are compared after rounding out to a *granule*: 1 byte normally, a
+page where the backing mixes O_DIRECT and page-cache I/O on one file, since
+the kernel keeps those coherent per page, not per byte (a buffered write of
+part of a page must not race a direct write to the rest of it).
+
 A request waits for the earlier requests it conflicts with, its *blockers*.
 The search stops early at an earlier writer that covers the whole request:
 that writer itself waits for everything older that overlaps it, so the
@@ -30,14 +35,6 @@ def tracked(request: Request) -> bool:
     return request.command in TRACKED and request.length > 0
 
 
-def overlap(a: Request, b: Request) -> bool:
-    return a.offset < b.offset + b.length and b.offset < a.offset + a.length
-
-
-def covers(a: Request, b: Request) -> bool:
-    return a.offset <= b.offset and b.offset + b.length <= a.offset + a.length
-
-
 def _bucket_keys(request: Request) -> range:
     return range(request.offset >> _BUCKET_SHIFT, ((request.offset + request.length - 1) >> _BUCKET_SHIFT) + 1)
 
@@ -51,10 +48,18 @@ class _Bucket:
 
 
 class HazardTracker:
-    def __init__(self) -> None:
+    def __init__(self, granule: int = 1) -> None:
+        if granule & (granule - 1) or not 0 < granule <= 1 << _BUCKET_SHIFT:
+            raise ValueError(f"hazard granule {granule} is not a power of two up to the bucket size")
+        self._mask = -granule  # rounding to a power of two never moves a range to another bucket
         self._buckets: dict[int, _Bucket] = {}
         self._large = _Bucket()
         self.count = 0
+
+    def _span(self, request: Request) -> tuple[int, int]:
+        """The range of ``request``, rounded out to the granule."""
+        mask = self._mask
+        return request.offset & mask, (request.offset + request.length - mask - 1) & mask
 
     def _places(self, request: Request) -> list[_Bucket]:
         """The buckets whose requests may overlap ``request``."""
@@ -96,13 +101,16 @@ class HazardTracker:
         found: dict[int, Request] = {}
         horizon = -1  # requests at or before this arrival are ordered behind a covering writer
         places = self._places(request)
+        start, end = self._span(request)
+        span = self._span
         for bucket in places:
             for other in reversed(bucket.writers):
                 if other.seq <= horizon:
                     break
-                if overlap(other, request):
+                other_start, other_end = span(other)
+                if other_start < end and start < other_end:
                     found[id(other)] = other
-                    if covers(other, request):
+                    if other_start <= start and end <= other_end:  # covers the request
                         horizon = other.seq
                         break
         if request.command in WRITING:
@@ -110,7 +118,8 @@ class HazardTracker:
                 for other in reversed(bucket.readers):
                     if other.seq <= horizon:
                         break
-                    if overlap(other, request):
+                    other_start, other_end = span(other)
+                    if other_start < end and start < other_end:
                         found[id(other)] = other
         # A covering writer found late (say in the large list) makes older finds redundant.
         return [r for r in found.values() if r.seq >= horizon]

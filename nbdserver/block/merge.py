@@ -48,7 +48,7 @@ class Submission:
         return any(r.flags & FLAG_FUA for r in self.requests)
 
     @property
-    def segments(self) -> list[bytearray]:
+    def segments(self) -> list[bytearray | memoryview]:
         return [r.buffer for r in self.requests]  # type: ignore[misc]
 
     @classmethod

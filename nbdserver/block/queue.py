@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..backing import Engine
 from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
+from .buffers import BufferPool
 from .hazards import HazardTracker, tracked
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
@@ -55,15 +56,24 @@ class QueueStats:
 
 
 class RequestQueue:
-    def __init__(self, engine: Engine, *, merge: bool = True, limits: MergeLimits | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        merge: bool = True,
+        limits: MergeLimits | None = None,
+        pool: BufferPool | None = None,
+        hazard_granule: int = 1,
+    ) -> None:
         self.engine = engine
         self.merge = merge
         self.limits = limits or MergeLimits()
+        self.pool = pool or BufferPool()  # where READ buffers come from
         self.stats = QueueStats()
         self._plug: list[Request] = []
         self._plug_bytes = 0
         self._unplug_scheduled = False
-        self._hazards = HazardTracker()
+        self._hazards = HazardTracker(hazard_granule)
         self._seq = 0
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,9 +188,10 @@ class RequestQueue:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
         if command == Command.READ:
-            requests = submission.requests
+            requests, take = submission.requests, self.pool.take
             for request in requests:
-                request.buffer = bytearray(request.length)
+                request.block = take(request.length)
+                request.buffer = request.block[: request.length]
             if requests[0].sparse:
                 extents = await engine.read_sparse(offset, submission.segments)
                 for request, part in zip(requests, split_extents(extents, [r.length for r in requests]), strict=True):

@@ -10,12 +10,15 @@ from ..backing import Extent
 class Request:
     """One command, its buffer, and its outcome.
 
-    ``buffer`` holds a WRITE's payload, or receives a READ's data.  The block
+    ``buffer`` holds a WRITE's payload, or receives a READ's data; it is a
+    slice of ``block``, pooled memory the connection gives back once the
+    buffer is no longer needed (see :mod:`.buffers`).  The block
     layer sets ``errno`` (0 on success) and, for READ and BLOCK_STATUS,
     ``extents``, then calls ``on_done(request)`` exactly once.
     """
 
     __slots__ = (
+        "block",
         "blocked_by",
         "buffer",
         "command",
@@ -40,7 +43,7 @@ class Request:
         offset: int,
         length: int,
         on_done: Callable[[Request], None],
-        buffer: bytearray | None = None,
+        buffer: bytearray | memoryview | None = None,
         sparse: bool = False,
     ) -> None:
         self.command = command
@@ -50,6 +53,7 @@ class Request:
         self.length = length
         self.on_done = on_done
         self.buffer = buffer
+        self.block: memoryview | None = None
         self.sparse = sparse  # READ: the caller can send holes as such, so holes need not be read
         self.errno = 0
         self.message = ""
