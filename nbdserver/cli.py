@@ -97,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="most requests in one merged submission (default %(default)s, at most 1024)",
     )
     serve.add_argument(
+        "--max-inflight",
+        type=_arg(parse_size),
+        default=ServerConfig.max_inflight_bytes,
+        metavar="SIZE",
+        help="READ/WRITE bytes in flight per connection before it stops reading (default 256M)",
+    )
+    serve.add_argument(
+        "--max-export-inflight",
+        type=_arg(parse_size),
+        default=ServerConfig.max_export_inflight_bytes,
+        metavar="SIZE",
+        help="the same across all connections of one export (default 512M)",
+    )
+    serve.add_argument(
+        "--buffer-pool",
+        type=_arg(parse_size),
+        default=ServerConfig.buffer_pool_bytes,
+        metavar="SIZE",
+        help="idle request buffers kept for reuse (default 64M)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default %(default)s"
     )
     return parser
@@ -133,6 +154,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         merge=args.merge,
         max_submission_bytes=args.max_submission_bytes,
         max_segments=args.max_segments,
+        max_inflight_bytes=args.max_inflight,
+        max_export_inflight_bytes=args.max_export_inflight,
+        buffer_pool_bytes=args.buffer_pool,
     )
     if args.listen:
         config.listeners = args.listen

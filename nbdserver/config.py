@@ -93,6 +93,8 @@ class ServerConfig:
             raise ConfigError("workers must be at least 1")
         if self.max_submission_bytes < 4096:
             raise ConfigError("max submission bytes must be at least 4096")
+        if self.max_inflight_bytes < 1 or self.max_export_inflight_bytes < 1:
+            raise ConfigError("in-flight limits must be at least 1 byte")  # a request above them still runs, alone
         if not 1 <= self.max_segments <= IOV_MAX:
             raise ConfigError(f"max segments must be between 1 and {IOV_MAX} (IOV_MAX)")
 

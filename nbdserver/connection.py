@@ -69,7 +69,8 @@ class Connection(asyncio.BufferedProtocol):
         self._max_in_flight_bytes = server.config.max_inflight_bytes
         self._reply_bytes = 0  # READ data queued in _out, not yet handed to the transport
         self._sent_blocks: list[memoryview] = []  # READ blocks handed to the transport, maybe not yet sent
-        self._reading_paused = False
+        self._reading_paused = False  # no new request is taken
+        self._transport_paused = False  # no bytes are received
         self._consuming = False
         self._writing_paused = False
         self._disconnecting = False
@@ -207,7 +208,8 @@ class Connection(asyncio.BufferedProtocol):
                 pos += n
                 if not self._discard_left:
                     self._refuse_now()
-            elif self._reading_paused:
+            elif self._reading_paused or self.export.budget.exhausted:  # type: ignore[union-attr]
+                self._update_reading()  # pause (if not yet) until the export's budget frees
                 break
             elif end - pos >= HEADER_SIZE:
                 header = Transmission.parse_header(view[pos : pos + HEADER_SIZE])
@@ -257,6 +259,8 @@ class Connection(asyncio.BufferedProtocol):
         assert request is not None
         self._payload_request, self._payload, self._payload_got, self._direct = None, None, 0, False
         self._submit(request)
+        if self._reading_paused:
+            self._pause_transport()  # held off while the payload arrived
 
     def _submit(self, request: Request) -> None:
         assert self.export is not None
@@ -344,9 +348,8 @@ class Connection(asyncio.BufferedProtocol):
             pause = True
             budget.wait(self._update_reading)  # the export's other connections hold it
         if pause:
-            if not self._reading_paused:
-                transport.pause_reading()
-                self._reading_paused = True
+            self._reading_paused = True
+            self._pause_transport()
             return
         if not self._reading_paused:
             return
@@ -360,16 +363,24 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if self._reading_paused or self._transport is None:
                 return  # paused again by what was staged
-        transport.resume_reading()
+        if self._transport_paused:
+            self._transport_paused = False
+            transport.resume_reading()
+
+    def _pause_transport(self) -> None:
+        """Stop receiving, except the rest of a WRITE payload: its buffer exists already, and
+        holding it back could leave connections each waiting for another's payload to finish."""
+        if not self._transport_paused and self._payload is None and self._transport is not None:
+            self._transport.pause_reading()
+            self._transport_paused = True
 
     def _begin_disconnect(self) -> None:
         """Stop reading; close once every request in flight has been answered."""
         if self._disconnecting or self._transport is None:
             return
         self._disconnecting = True
-        if not self._reading_paused:
-            self._transport.pause_reading()
-            self._reading_paused = True
+        self._reading_paused = True
+        self._pause_transport()
         if not self._in_flight:
             self._close_after_flush()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,14 @@ import pytest
 
 IMAGE_SIZE = 64 * 1024 * 1024
 START_TIMEOUT = 20.0
+MiB = 1024 * 1024
+
+# Every engine in every cache mode: the suites that take ``io_mode`` run in each.
+IO_MODES = {
+    f"{engine}-{cache}": ["--engine", engine, "--cache", cache]
+    for engine in ("threads", "uring")
+    for cache in ("buffered", "direct")
+}
 
 
 class ServerProcess:
@@ -132,3 +142,37 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+@pytest.fixture(params=IO_MODES)
+def io_mode(request: pytest.FixtureRequest) -> list[str]:
+    """Server arguments choosing one engine and one cache mode."""
+    return IO_MODES[request.param]
+
+
+@contextlib.contextmanager
+def mounted_ext4(image: Path, mountpoint: Path, size: int) -> Iterator[Path]:
+    """A fresh ext4 filesystem of ``size`` bytes in ``image``, loop-mounted on ``mountpoint`` until the end."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("mounting a filesystem image needs root and e2fsprogs")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, timeout=60)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], timeout=60, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], timeout=60, check=False)
+
+
+@pytest.fixture(scope="session")
+def ext4_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a loop-mounted ext4 shared by the session: O_DIRECT there has real alignment rules
+    (tmpfs accepts anything), whatever filesystem the temporary directory is on."""
+    base = tmp_path_factory.mktemp("ext4")
+    with mounted_ext4(base / "fs.img", base / "mnt", 1024 * MiB) as mountpoint:
+        yield mountpoint

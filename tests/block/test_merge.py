@@ -180,3 +180,29 @@ def test_a_covering_writer_stands_for_everything_older():
 )
 def test_could_merge(request_, room):
     assert could_merge(request_, LIMITS) is room
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "waits"),
+    [
+        ((Command.WRITE, 0, 512), (Command.WRITE, 512, 512), True),  # other sectors of one page
+        ((Command.WRITE, 4095, 1), (Command.READ, 0, 1), True),
+        ((Command.READ, 100, 10), (Command.WRITE, 4000, 10), True),
+        ((Command.WRITE, 0, 4096), (Command.WRITE, 4096, 4096), False),  # next page
+        ((Command.WRITE, 8191, 1), (Command.TRIM, 4096 * 3, 4096), False),
+    ],
+)
+def test_page_granule_orders_requests_that_share_a_page(earlier, later, waits):
+    tracker = HazardTracker(granule=4096)
+    first = req(*earlier, seq=1)
+    tracker.add(first)
+    assert tracker.blockers(req(*later, seq=2)) == ([first] if waits else [])
+    exact = HazardTracker()
+    exact.add(first)
+    assert exact.blockers(req(*later, seq=2)) == []  # byte-exact: none of these overlap
+
+
+@pytest.mark.parametrize("granule", [0, 3, 4097, 2 << 20])
+def test_hazard_granule_is_a_power_of_two_within_a_bucket(granule):
+    with pytest.raises(ValueError):
+        HazardTracker(granule=granule)

@@ -30,9 +30,9 @@ def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         subprocess.run(["losetup", "--detach", device], timeout=30, check=False)
 
 
-def test_block_device_export(start_server, loop_device):
+def test_block_device_export(start_server, loop_device, io_mode):
     device, backing = loop_device
-    server = start_server(device)
+    server = start_server(device, *io_mode)
     h = nbd.NBD()
     h.connect_uri(server.uri())
     try:

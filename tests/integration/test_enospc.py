@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import errno
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
 import pytest
 
-MiB = 1024 * 1024
+from tests.conftest import MiB, mounted_ext4
 
 
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB ext4 filesystem, loop-mounted for the test and unmounted after it."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
-        pytest.skip("mounting a filesystem image needs root and e2fsprogs")
-    image, mountpoint = tmp_path / "fs.img", tmp_path / "mnt"
-    with open(image, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
-    mountpoint.mkdir()
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, timeout=60)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_ext4(tmp_path / "fs.img", tmp_path / "mnt", 16 * MiB) as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], timeout=60, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], timeout=60, check=False)
 
 
-def test_enospc_fails_that_write_only(small_filesystem, start_server):  # the server stops before the unmount
+def test_enospc_fails_that_write_only(small_filesystem, start_server, io_mode):  # stops before the unmount
     export = small_filesystem / "disk.img"
-    server = start_server(export, "--size", "64M")  # sparse: larger than the filesystem
+    server = start_server(export, "--size", "64M", *io_mode)  # sparse: larger than the filesystem
     h = nbd.NBD()
     h.connect_uri(server.uri())
     chunk = b"\x5a" * MiB

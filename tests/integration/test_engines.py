@@ -1,0 +1,214 @@
+"""One suite for every engine in every cache mode, on a file in ext4 (where O_DIRECT has real alignment rules)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.conftest import MiB
+
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def export_file(ext4_dir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    path = ext4_dir / f"{request.node.name.replace('/', '_')}.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def engine_server(start_server, export_file: Path, io_mode: list[str]):
+    return start_server(export_file, *io_mode)
+
+
+def connect(server, strict: bool = True) -> nbd.NBD:
+    h = nbd.NBD()
+    if not strict:
+        h.set_strict_mode(0)  # let requests through that the client would refuse itself
+    h.connect_uri(server.uri())
+    return h
+
+
+def pattern(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+# Offsets and lengths of every alignment: sector, byte, page-straddling, and the largest request.
+RANGES = [
+    (0, 4096),
+    (512, 512),
+    (1, 1),
+    (4095, 2),
+    (1000, 70000),
+    (MiB - 3, 8192),
+    (2 * MiB, MiB),
+    (3 * MiB + 512, 3 * MiB - 1024),
+    (8 * MiB, 32 * MiB),
+    (SIZE - 7, 7),
+]
+
+
+def test_writes_of_every_alignment_read_back(engine_server, export_file):
+    model = bytearray(SIZE)
+    h = connect(engine_server, strict=False)
+    try:
+        for i, (offset, length) in enumerate(RANGES):
+            data = pattern(i, length)
+            h.pwrite(data, offset, nbd.CMD_FLAG_FUA if i % 3 == 0 else 0)
+            model[offset : offset + length] = data
+        for offset, length in [*RANGES, (4093, 9), (MiB - 4096, 3 * 4096 + 5), (0, 32 * MiB), (32 * MiB, 32 * MiB)]:
+            assert h.pread(length, offset) == model[offset : offset + length], (offset, length)
+        h.flush()
+    finally:
+        h.shutdown()
+    assert engine_server.stop() == 0
+    assert export_file.read_bytes() == model
+
+
+def resident_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[0])
+
+
+def test_direct_mode_bypasses_the_page_cache(engine_server, export_file, io_mode):
+    h = connect(engine_server)
+    try:
+        for i in range(16):
+            h.pwrite(pattern(i, MiB), i * MiB)
+        h.flush()
+        for i in range(16):
+            assert h.pread(MiB, i * MiB) == pattern(i, MiB)
+    finally:
+        h.shutdown()
+    resident = resident_bytes(export_file)
+    if "direct" in io_mode:
+        assert resident < MiB, f"{resident} bytes in the page cache"
+    else:
+        assert resident >= 15 * MiB, f"only {resident} bytes in the page cache"
+
+
+def test_unaligned_writes_sharing_pages_from_many_connections(engine_server, export_file):
+    """Each 512-byte sector of 64 pages gets its own writer; half of the writes are unaligned (page cache),
+    half sector-aligned (O_DIRECT in direct mode), all in flight at once from four connections."""
+    handles = [connect(engine_server, strict=False) for _ in range(4)]
+    model = bytearray(64 * 4096)
+    try:
+        for round_ in range(4):
+            for page in range(64):
+                for sector in range(8):
+                    h = handles[(sector + page + round_) % 4]
+                    offset = page * 4096 + sector * 512
+                    start, length = (offset, 512) if (sector + round_) % 2 else (offset + 1, 510)
+                    data = pattern(round_ * 4096 + page * 8 + sector, length)
+                    model[start : start + length] = data
+                    h.aio_pwrite(data, start)
+            for h in handles:
+                while h.aio_in_flight():
+                    h.poll(1)
+                h.flush()
+        assert handles[0].pread(len(model), 0) == model
+    finally:
+        for h in handles:
+            h.shutdown()
+    assert engine_server.stop() == 0
+    with open(export_file, "rb") as f:
+        assert f.read(len(model)) == model
+
+
+def test_trim_zero_and_block_status(engine_server, export_file):
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(engine_server.uri())
+    try:
+        h.pwrite(b"\xee" * (4 * MiB), 0)
+        h.trim(MiB, MiB)  # libnbd takes (length, offset)
+        h.zero(MiB, 2 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        assert h.pread(4 * MiB, 0) == b"\xee" * MiB + bytes(2 * MiB) + b"\xee" * MiB
+        h.zero(3 * MiB, MiB, nbd.CMD_FLAG_FAST_ZERO)  # ext4 punches the range: fast
+        h.flush()
+        assert h.pread(MiB, 0) == b"\xee" * MiB
+        assert h.pread(3 * MiB, MiB) == bytes(3 * MiB)
+
+        extents: list[tuple[int, int]] = []
+
+        def record(context: str, offset: int, entries: list[int], error: int) -> int:
+            extents.extend(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        h.block_status(4 * MiB, 0, record)
+        assert extents == [(MiB, 0), (3 * MiB, nbd.STATE_HOLE | nbd.STATE_ZERO)], extents
+    finally:
+        h.shutdown()
+
+
+def test_reads_of_holes_come_as_hole_chunks(engine_server, export_file):
+    h = connect(engine_server)
+    try:
+        h.pwrite(b"\x11" * MiB, 0)
+        chunks: list[tuple[int, int, int]] = []
+
+        def chunk(data: bytes, offset: int, status: int, error: int) -> int:
+            chunks.append((status, offset, len(data)))
+            return 0
+
+        assert h.pread_structured(2 * MiB, 0, chunk) == b"\x11" * MiB + bytes(MiB)
+        assert (nbd.READ_DATA, 0, MiB) in chunks
+        assert (nbd.READ_HOLE, MiB, MiB) in chunks
+        assert sum(length for status, _, length in chunks if status == nbd.READ_DATA) == MiB
+    finally:
+        h.shutdown()
+
+
+def test_pipelined_reads_keep_their_data(engine_server, export_file):
+    """Many 1 MiB reads in flight while the client reads its socket slowly: pooled buffers are reused
+    only after their reply has left, so every reply carries the data of its own offset."""
+    with open(export_file, "r+b") as f:
+        for i in range(48):
+            f.write(bytes([i + 1]) * MiB)
+    h = connect(engine_server)
+    try:
+        for _ in range(3):
+            buffers = [nbd.Buffer(MiB) for _ in range(48)]
+            cookies = [h.aio_pread(buffer, i * MiB) for i, buffer in enumerate(buffers)]
+            while h.aio_in_flight():
+                h.poll(1)
+            for cookie in cookies:
+                assert h.aio_command_completed(cookie)
+            for i, buffer in enumerate(buffers):
+                assert buffer.to_bytearray() == bytes([i + 1]) * MiB, f"read of MiB {i}"
+    finally:
+        h.shutdown()
+
+
+def test_acknowledged_writes_survive_a_kill(engine_server, export_file):
+    h = connect(engine_server)
+    expected = {}
+    try:
+        cookies = []
+        for i in range(64):
+            data = pattern(1000 + i, 256 * 1024)
+            expected[i * 256 * 1024] = data
+            cookies.append(h.aio_pwrite(data, i * 256 * 1024, flags=nbd.CMD_FLAG_FUA if i % 2 else 0))
+        while h.aio_in_flight():
+            h.poll(1)
+        for cookie in cookies:
+            assert h.aio_command_completed(cookie)
+    finally:
+        h.shutdown()
+    engine_server.kill()
+    fd = os.open(export_file, os.O_RDONLY)
+    try:
+        for offset, data in expected.items():
+            assert os.pread(fd, len(data), offset) == data, offset
+    finally:
+        os.close(fd)

@@ -1,0 +1,37 @@
+"""Bytes in flight are bounded per export: over the budget, every connection of the export stops taking requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import MiB
+from tests.integration.rawclient import Cmd, RawClient
+
+
+def client(server) -> RawClient:
+    return RawClient(server.host, server.port, timeout=10).handshake().go()
+
+
+def test_export_budget_pauses_every_connection_until_it_frees(start_server, image):
+    server = start_server(image, "--max-export-inflight", "8M")
+    a, b, c = client(server), client(server), client(server)
+    try:
+        # Two WRITEs of 6 MiB, each with only part of its payload sent: 12 MiB held, over the 8 MiB budget.
+        a.send(a.request_bytes(Cmd.WRITE, 0, 6 * MiB) + b"a" * MiB)
+        b.send(b.request_bytes(Cmd.WRITE, 8 * MiB, 6 * MiB) + b"b" * MiB)
+        c.request(Cmd.READ, 0, 4096)
+        c.sock.settimeout(1)
+        with pytest.raises(TimeoutError):
+            c.read_reply()  # a third connection is not served while the export is over its budget
+        a.send(b"a" * (5 * MiB))  # A's WRITE completes: 6 MiB held, within the budget again
+        c.sock.settimeout(10)
+        assert a.read_reply().error == 0
+        reply = c.read_reply()
+        assert reply.error == 0 and reply.data == b"a" * 4096
+        b.send(b"b" * (5 * MiB))
+        assert b.read_reply().error == 0
+        c.request(Cmd.READ, 8 * MiB, 4096)
+        assert c.read_reply().data == b"b" * 4096
+    finally:
+        for raw in (a, b, c):
+            raw.close()
