@@ -90,6 +90,7 @@ class Server:
                 log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
         for export in self.exports.values():
             await export.close()
+        log.info("buffer pool: %d blocks allocated, %d bytes idle", self.pool.created, self.pool.idle_bytes)
         for listener in self.config.listeners[: len(self._listeners)]:
             if listener.is_unix:
                 _remove_socket(listener.path)

@@ -11,16 +11,15 @@ per submission taken from the server's own counters (logged at shutdown).
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import Server, fill, nbdserver_command, run_fio, spread, start_server
 
 IMAGE_SIZE = 1 << 30
 
@@ -54,47 +53,19 @@ class Cell:
     per_submission: list[float] = field(default_factory=list)
 
 
-def start_server(image: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        match = re.search(r"listening on [\d.]+:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-        if "ready:" in line:
-            return proc, port
-    raise RuntimeError("server did not start")
-
-
-def stop_server(proc: subprocess.Popen) -> float:
+def stop_server(server: Server) -> float:
     """SIGTERM; returns the requests per submission of the busiest command, from the shutdown log."""
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[1]
     best = (0, 0.0)
-    for requests, ratio in re.findall(r"(\d+) requests in \d+ submissions \(([\d.]+) per submission\)", out):
+    for requests, ratio in re.findall(r"(\d+) requests in \d+ submissions \(([\d.]+) per submission\)", server.stop()):
         best = max(best, (int(requests), float(ratio)))
     return best[1]
 
 
-def run_fio(port: int, workload: Workload, runtime: int) -> tuple[float, float]:
-    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/", "--size=1g"]
-    args += ["--time_based", f"--runtime={runtime}", "--group_reporting", "--output-format=json", *workload.fio]
-    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=runtime + 120).stdout
-    job = json.loads(out[out.index("{") :])["jobs"][0]
-    side = job["write"] if job["write"]["io_bytes"] else job["read"]
-    return side["bw"] / 1024, side["clat_ns"]["percentile"]["99.000000"] / 1000
-
-
-def fill(image: Path) -> None:
-    """Reads must read data, not holes."""
-    with open(image, "wb") as f:
-        chunk = bytes(range(256)) * 4096
-        for _ in range(IMAGE_SIZE // len(chunk)):
-            f.write(chunk)
+def run_workload(port: int, workload: Workload, runtime: int) -> tuple[float, float]:
+    args = ["--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/", "--size=1g"]
+    args += ["--time_based", f"--runtime={runtime}", "--group_reporting", *workload.fio]
+    result = run_fio(args, timeout=runtime + 120)
+    return result.mibs, result.p99_us
 
 
 def main() -> int:
@@ -110,18 +81,18 @@ def main() -> int:
     cells = {(w.name, m): Cell() for w in workloads for m in MODES}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         image = Path(tmp) / "bench.img"
-        fill(image)
+        fill(image, IMAGE_SIZE)  # reads must read data, not holes
         total, n = len(workloads) * len(MODES) * args.repeat, 0
         for workload in workloads:
             for _ in range(args.repeat):
                 for mode, extra in MODES.items():
                     n += 1
                     print(f"[{n}/{total}] {workload.name}, {mode}", file=sys.stderr, flush=True)
-                    proc, port = start_server(image, extra)
+                    server = start_server(nbdserver_command(image, extra))
                     try:
-                        mibs, p99 = run_fio(port, workload, args.runtime)
+                        mibs, p99 = run_workload(server.port, workload, args.runtime)
                     finally:
-                        ratio = stop_server(proc)
+                        ratio = stop_server(server)
                     cell = cells[(workload.name, mode)]
                     cell.mibs.append(mibs)
                     cell.p99_us.append(p99)
@@ -132,10 +103,6 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table)
     return 0
-
-
-def spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def render(workloads: list[Workload], cells: dict, args: argparse.Namespace) -> str:

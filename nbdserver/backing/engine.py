@@ -55,7 +55,8 @@ class ThreadPoolEngine:
         for thread in self._threads:
             thread.start()
 
-    def _run(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
+    def call(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
+        """Run ``fn(*args)`` on a worker; the future has its result."""
         loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._jobs.put((future, fn, args))
@@ -89,16 +90,16 @@ class ThreadPoolEngine:
                 future.set_exception(exc)
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        await self._run(self.backing.readv, offset, segments)
+        await self.call(self.backing.readv, offset, segments)
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        return await self._run(self.backing.read_sparse, offset, segments)
+        return await self.call(self.backing.read_sparse, offset, segments)
 
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
-        await self._run(self.backing.writev, offset, segments, dsync)
+        await self.call(self.backing.writev, offset, segments, dsync)
 
     async def flush(self) -> None:
-        await self._run(self.backing.flush)
+        await self.call(self.backing.flush)
 
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None:
         def trim() -> None:
@@ -106,7 +107,7 @@ class ThreadPoolEngine:
             if dsync:
                 self.backing.flush()
 
-        await self._run(trim)
+        await self.call(trim)
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fast_only: bool, dsync: bool = False
@@ -116,13 +117,13 @@ class ThreadPoolEngine:
             if dsync:
                 self.backing.flush()
 
-        await self._run(zero)
+        await self.call(zero)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self._run(self.backing.extents, offset, length)
+        return await self.call(self.backing.extents, offset, length)
 
     async def cache(self, offset: int, length: int) -> None:
-        await self._run(self.backing.cache, offset, length)
+        await self.call(self.backing.cache, offset, length)
 
     def close(self) -> None:
         for _ in self._threads:

@@ -54,10 +54,17 @@ DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
 _ZERO_CHUNK = bytes(1024 * 1024)  # the zero-writing fallback is buffered: no alignment needed
 ZERO_BLOCK = 4096  # granularity of zero detection in reads
 _ZERO_SCAN_MIN = 64 * 1024  # shorter buffers are reported whole: all zero or data
-_ZERO_BLOCK_BYTES = bytes(ZERO_BLOCK)
+SPARSE_CHECK_MIN = 64 * 1024  # sparse reads this long first ask whether they fall in a hole
+_ZERO_WORD = bytes(8)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+
+
+def address(buffer: Segment) -> int:
+    """Where a writable buffer's bytes are; it must stay referenced while the address is used."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -173,14 +180,31 @@ class Backing:
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
         """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.
 
-        Zeroes are found in the data just read, not with SEEK_HOLE: SEEK_HOLE in
-        a well-filled file may walk every page up to the end of the file (tmpfs
-        does), which made each read cost O(file size).  A hole reads as zeroes,
-        so every hole is found this way, and a caller may send such extents
-        without their bytes.
+        A caller may send such extents without their bytes.  A range that is one
+        hole (asked of SEEK_DATA, for reads of ``SPARSE_CHECK_MIN`` and more) is
+        not read at all: ``segments`` are left as they were, and the caller must
+        not send them.  Otherwise zeroes are found in the data just read, not
+        with SEEK_HOLE: SEEK_HOLE in a well-filled file may walk every page up
+        to its end (tmpfs does), which made each read cost O(file size).
         """
+        length = sum(len(s) for s in segments)
+        if length >= SPARSE_CHECK_MIN and self.is_hole(offset, length):
+            return [(length, True)]
         self.readv(offset, segments)
         return segments_extents(segments)
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Is [offset, offset+length) unallocated?  False where the filesystem cannot tell."""
+        if not self._can_seek_holes:
+            return False
+        end = offset + length
+        try:
+            return _seek(self.fd, offset, os.SEEK_DATA, end) >= end
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+            self._can_seek_holes = False
+            return False
 
     def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
         """Write all of ``segments`` at ``offset``; with ``dsync`` durable before returning."""
@@ -300,20 +324,32 @@ def segments_extents(segments: Sequence[Segment]) -> list[Extent]:
     return extents
 
 
-def zero_extents(data: bytes | bytearray | memoryview) -> list[Extent]:
+def zero_extents(data: Segment) -> list[Extent]:
     """Split a buffer into runs of data and of all-zero ``ZERO_BLOCK``-sized blocks."""
-    if isinstance(data, memoryview):
-        data = bytes(data)  # comparing memoryviews goes element by element; bytes use memcmp
-    length = len(data)
-    if data == bytes(length):
+    view = memoryview(data).cast("B")
+    length = len(view)
+    if _all_zero(view):
         return [(length, True)]
-    if length < _ZERO_SCAN_MIN:
-        return [(length, False)]
+    if length < _ZERO_SCAN_MIN or _ZERO_WORD not in view[: length & ~7].cast("Q")[:: ZERO_BLOCK // 8].tobytes():
+        return [(length, False)]  # short, or no block starts with eight zero bytes
     extents: list[Extent] = []
     for start in range(0, length, ZERO_BLOCK):
-        block = data[start : start + ZERO_BLOCK]
-        _append_extent(extents, len(block), block == _ZERO_BLOCK_BYTES)
+        block = view[start : start + ZERO_BLOCK]
+        _append_extent(extents, len(block), not block[0] and _all_zero(block))
     return extents
+
+
+def _all_zero(view: memoryview) -> bool:
+    """Every byte zero?  One memcmp of the buffer against itself shifted by one byte, with the
+    GIL released; on data it stops at the first difference, so data costs next to nothing."""
+    if not view:
+        return True
+    if view[0]:
+        return False
+    if view.readonly:  # no address to take: compare a copy
+        return view.tobytes() == bytes(len(view))
+    start = address(view)
+    return _libc.memcmp(start, start + 1, len(view) - 1) == 0
 
 
 def _append_extent(extents: list[Extent], length: int, hole: bool) -> None:

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .engine import ThreadPoolEngine
-from .file import Backing, Extent, Segment, _advance, _batches, segments_extents
+from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, _advance, _batches, address, segments_extents
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
@@ -57,11 +57,6 @@ def _syscall(number: int, *args: object) -> int:
         code = ctypes.get_errno()
         raise OSError(code, f"io_uring: {os.strerror(code)}")
     return result
-
-
-def _address(buffer: Segment) -> int:
-    """Where a writable buffer's bytes are (it must stay referenced while the kernel uses them)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 class _Ring:
@@ -164,7 +159,7 @@ class UringEngine:
         probe = memoryview(mmap.mmap(-1, mmap.PAGESIZE))
         ring = self._ring
         ring.push(_OP_NOP, -1, 0, 0, 0, 0, 1)
-        ring.push(_OP_READ, self.backing.descriptor(0, [probe]), 0, _address(probe), len(probe), 0, 2)
+        ring.push(_OP_READ, self.backing.descriptor(0, [probe]), 0, address(probe), len(probe), 0, 2)
         ring.enter(wait=2)
         results = dict(ring.completions())
         if results.get(1) != 0 or results.get(2, -1) < 0:
@@ -201,15 +196,15 @@ class UringEngine:
         if len(views) == 1:
             (view,) = views
             opcode = _OP_WRITE if transfer.write else _OP_READ
-            self._start(transfer, opcode, transfer.fd, transfer.offset, _address(view), len(view), flags)
+            self._start(transfer, opcode, transfer.fd, transfer.offset, address(view), len(view), flags)
             return
         iovecs: list[int] = []
         for view in views:
-            iovecs += (_address(view), len(view))
+            iovecs += (address(view), len(view))
         transfer.iovecs = packed = struct.pack(f"={len(iovecs)}Q", *iovecs)
-        address = ctypes.cast(ctypes.c_char_p(packed), ctypes.c_void_p).value
+        iovecs_at = ctypes.cast(ctypes.c_char_p(packed), ctypes.c_void_p).value or 0
         opcode = _OP_WRITEV if transfer.write else _OP_READV
-        self._start(transfer, opcode, transfer.fd, transfer.offset, address or 0, len(views), flags)
+        self._start(transfer, opcode, transfer.fd, transfer.offset, iovecs_at, len(views), flags)
 
     # Completion ------------------------------------------------------------------------
 
@@ -270,6 +265,11 @@ class UringEngine:
             await future
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
+        """As :meth:`Backing.read_sparse`; SEEK_DATA may wait for the inode lock, so not on the loop."""
+        length = sum(len(s) for s in segments)
+        assert self._helpers is not None
+        if length >= SPARSE_CHECK_MIN and await self._helpers.call(self.backing.is_hole, offset, length):
+            return [(length, True)]
         await self.readv(offset, segments)
         return segments_extents(segments)
 

@@ -9,9 +9,10 @@ bound on idle memory.  A request's buffer is a slice of its block.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import mmap
 from collections.abc import Callable
+
+from ..backing.file import address
 
 PAGE_SIZE = mmap.PAGESIZE
 MIN_BLOCK = 4096
@@ -21,8 +22,7 @@ DEFAULT_MAX_IDLE_BYTES = 64 * 1024 * 1024
 def aligned_buffer(size: int) -> memoryview:
     """``size`` writable bytes starting on a page boundary."""
     raw = bytearray(size + PAGE_SIZE)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-    start = -address % PAGE_SIZE
+    start = -address(raw) % PAGE_SIZE
     return memoryview(raw)[start : start + size]
 
 

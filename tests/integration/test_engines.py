@@ -212,3 +212,17 @@ def test_acknowledged_writes_survive_a_kill(engine_server, export_file):
             assert os.pread(fd, len(data), offset) == data, offset
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("flags", [0, nbd.CMD_FLAG_DF], ids=["sparse", "DF"])
+def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
+    """A 1 MiB read of a hole is answered without reading (SEEK_DATA), in a buffer that held other data."""
+    h = connect(engine_server)
+    try:
+        for i in range(8):
+            h.pwrite(b"\xab" * MiB, i * MiB)
+            assert h.pread(MiB, i * MiB) == b"\xab" * MiB  # the pooled buffers now hold 0xab
+        for i in range(8):  # libnbd takes the DF flag on structured reads only
+            assert h.pread_structured(MiB, (16 + i) * MiB, lambda *chunk: 0, flags) == bytes(MiB)
+    finally:
+        h.shutdown()

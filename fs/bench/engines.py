@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""nbdserver's engines and cache modes against nbdkit and qemu-nbd, side by side in one run.
+
+Every server serves the same file on ext4, driven by fio's nbd engine. For each workload the
+servers alternate within each repeat (A, B, C, then A, B, C again) and every run gets a fresh
+server process. The tables give the median (min-max) MiB/s, IOPS for 4k, the p99 completion
+latency, and each nbdserver variant's median MiB/s relative to nbdkit's file plugin.
+
+    fs/bench/engines.py [--servers 'nbdserver*,nbdkit'] [--workloads randwrite-4k,read-hole-1m]
+                        [--runtime 5] [--repeat 3] [--size 1G] [--dir DIR] [--out results/engines.md]
+
+The backing file (--size, at least 1 GiB) is laid out for the job files in fs/fio/:
+  [0, 512M)    data, written once before the first run; every other workload stays in here
+  [512M, 768M) never written: "read of a hole" (read-1m.fio's read-hole-1m)
+  [768M, 1G)   "write + fsync, new blocks", punched back to a hole before each of its runs
+Before each run the file is flushed and dropped from the page cache, so that no server inherits
+dirty or cached pages from the one before.
+
+Without --dir the file lives on a new ext4 image in /dev/shm, loop-mounted for the run (root only)
+and removed afterwards: O_DIRECT needs a real filesystem, which tmpfs is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from common import (
+    FioResult,
+    Server,
+    ServerError,
+    fill,
+    free_port,
+    nbdserver_command,
+    run_fio,
+    spread,
+    start_server,
+    tail,
+)
+
+MiB = 1 << 20
+DATA_END = 512 * MiB
+FRESH_START, FRESH_END = 768 * MiB, 1024 * MiB
+MIN_SIZE = FRESH_END
+FIO_DIR = Path(__file__).resolve().parent.parent / "fio"
+BASELINE = "nbdkit"
+# How a server that cannot run this here says so (qemu-nbd built without io_uring, a kernel without it, ...).
+UNSUPPORTED = re.compile(r"not supported|unsupported|invalid aio|unable to use io_uring", re.IGNORECASE)
+
+
+class Unsupported(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    program: str
+    args: tuple[str, ...]  # "{file}" and "{port}" are filled in; nbdserver reports its own port
+
+    def command(self, image: Path | str, port: int | str) -> list[str]:
+        if self.program == "nbdserver":
+            return nbdserver_command(image, self.args)
+        return [self.program, *(arg.format(file=image, port=port) for arg in self.args)]
+
+    def start(self, image: Path) -> Server:
+        if self.program == "nbdserver":
+            return start_server(self.command(image, 0))
+        if shutil.which(self.program) is None:
+            raise Unsupported(f"{self.program} is not installed")
+        for attempt in range(3):
+            port = free_port()
+            try:
+                return start_server(self.command(image, port), port=port)
+            except ServerError as exc:
+                # The port was free when picked; something else may have taken it since.
+                if attempt == 2 or "in use" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+
+NBDKIT = ("-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "{port}", "file", "{file}")
+QEMU_NBD = ("-f", "raw", "--cache=none", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
+VARIANTS = [
+    Variant("nbdserver", "nbdserver", ()),  # the defaults, whatever they are
+    *(
+        Variant(f"nbdserver-{engine}-{cache}", "nbdserver", ("--engine", engine, "--cache", cache))
+        for engine in ("threads", "uring")
+        for cache in ("buffered", "direct")
+    ),
+    Variant("nbdkit", "nbdkit", NBDKIT),
+    # Not O_DIRECT: the plugin evicts what it read or wrote from the page cache afterwards.
+    Variant("nbdkit-cache-none", "nbdkit", (*NBDKIT, "cache=none")),
+    Variant("qemu-nbd-native", "qemu-nbd", (*QEMU_NBD, "--aio=native", "{file}")),
+    Variant("qemu-nbd-io_uring", "qemu-nbd", (*QEMU_NBD, "--aio=io_uring", "{file}")),
+]
+
+
+def job(file: str, section: str | None = None) -> tuple[str, ...]:
+    return (*([f"--section={section}"] if section else []), str(FIO_DIR / file))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    group: str
+    fio: tuple[str, ...]  # options, then the job file if any
+    time_based: bool = True
+    fresh: bool = False  # writes blocks not allocated yet: the range is punched before each run
+    iops: bool = False
+
+
+QUEUED = "4k at QD32, 1M at QD4"
+QD1 = "QD1, one job (psync-like)"
+WORKLOADS = [
+    Workload("randwrite-4k", "4k rand write QD32", QUEUED, job("randwrite-4k.fio"), iops=True),
+    Workload(
+        "randread-4k",
+        "4k rand read QD32",
+        QUEUED,
+        ("--name=randread-4k", "--rw=randread", "--bs=4k", "--iodepth=32", "--size=256m"),  # the range of the others
+        iops=True,
+    ),
+    Workload("randrw-4k", "4k rand 70/30 read/write QD32", QUEUED, job("randrw-4k.fio"), iops=True),
+    Workload("seqwrite-1m", "1M seq write QD4", QUEUED, ("--name=seqwrite-1m", "--rw=write", "--bs=1m", "--iodepth=4")),
+    Workload("seqread-1m", "1M seq read QD4", QUEUED, ("--name=seqread-1m", "--rw=read", "--bs=1m", "--iodepth=4")),
+    # Not time-based: a second pass would overwrite. --runtime still caps it.
+    Workload(
+        "write-fsync-1m",
+        "1M write + fsync, new blocks",
+        QD1,
+        (f"--offset={FRESH_START}", *job("write-fsync-1m.fio", "write-fsync-1m")),
+        time_based=False,
+        fresh=True,
+    ),
+    Workload("overwrite-fsync-1m", "1M overwrite + fsync", QD1, job("write-fsync-1m.fio", "overwrite-fsync-1m")),
+    Workload("read-hole-1m", "1M read of a hole", QD1, job("read-1m.fio", "read-hole-1m")),
+    Workload("read-data-1m", "1M read of data", QD1, job("read-1m.fio", "read-data-1m")),
+]
+
+
+@dataclass
+class Cell:
+    runs: list[FioResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def fio_args(workload: Workload, port: int, runtime: int) -> tuple[list[str], dict[str, str]]:
+    """Options given before a job file only fill in what the file leaves unset."""
+    uri = f"nbd://127.0.0.1:{port}/"
+    # Jobs as threads: a killed fio then leaves no job process behind.
+    args = ["--thread", "--ioengine=nbd", f"--uri={uri}", f"--runtime={runtime}", f"--size={DATA_END}"]
+    if workload.time_based:
+        args.append("--time_based")
+    return [*args, *workload.fio], {"NBD_URI": uri, "RUNTIME": str(runtime), "JOBS": "1"}
+
+
+def run(cmd: Sequence[str | Path]) -> None:
+    cmd = [str(arg) for arg in cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {tail(proc.stderr + proc.stdout)}")
+
+
+def create_image(image: Path, size: int) -> None:
+    """Data up to DATA_END, a hole after it."""
+    fill(image, DATA_END)
+    with open(image, "r+b") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
+
+
+def settle(image: Path, workload: Workload) -> None:
+    """Same starting point for every run, whichever server ran before."""
+    if workload.fresh:
+        length = FRESH_END - FRESH_START
+        run(["fallocate", "--punch-hole", "--offset", str(FRESH_START), "--length", str(length), image])
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def backing_dir(parent: Path | None, fs_size: int) -> Iterator[tuple[Path, str]]:
+    """A directory for the backing file and a description of where it is."""
+    if parent is not None:
+        fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", parent], capture_output=True, text=True).stdout
+        with tempfile.TemporaryDirectory(dir=parent, prefix="engines-") as tmp:
+            yield Path(tmp), f"{fstype.strip() or 'unknown filesystem'} in {parent}"
+        return
+    fd, name = tempfile.mkstemp(dir="/dev/shm", prefix="engines-", suffix=".ext4")
+    os.close(fd)
+    fs_image, mountpoint, mounted = Path(name), Path(tempfile.mkdtemp(prefix="engines-")), False
+    try:
+        os.truncate(fs_image, fs_size)
+        run(["mkfs.ext4", "-q", "-F", fs_image])
+        run(["mount", "-o", "loop", fs_image, mountpoint])
+        mounted = True
+        yield mountpoint, "ext4 on a loop image in /dev/shm"
+    finally:
+        if mounted:
+            unmount(mountpoint)
+        mountpoint.rmdir()
+        fs_image.unlink()
+
+
+def unmount(mountpoint: Path) -> None:
+    # A server that was just killed may hold the file for a moment longer.
+    for _ in range(20):
+        if subprocess.run(["umount", mountpoint], capture_output=True, check=False).returncode == 0:
+            return
+        time.sleep(0.25)
+    print(f"{mountpoint} still busy, detaching it lazily", file=sys.stderr)
+    run(["umount", "--lazy", mountpoint])
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text}")
+    size = int(match.group(1)) << 10 * " KMGT".index(match.group(2).upper() or " ")
+    if size < MIN_SIZE:
+        raise argparse.ArgumentTypeError("the layout of the job files needs at least 1G")
+    return size
+
+
+T = TypeVar("T")
+
+
+def pick(items: Sequence[T], spec: str | None, name: Callable[[T], str], what: str) -> list[T]:
+    """Comma-separated names or shell patterns, kept in the canonical order."""
+    if not spec:
+        return list(items)
+    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name(item), pattern) for item in items):
+            known = ", ".join(name(item) for item in items)
+            raise SystemExit(f"no {what} matches {pattern!r} (known: {known})")
+    return [item for item in items if any(fnmatch.fnmatchcase(name(item), p) for p in patterns)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = "comma-separated names or shell patterns out of: "
+    parser.add_argument("--servers", help=names + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument("--workloads", help=names + ", ".join(w.name for w in WORKLOADS))
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default %(default)s)")
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="backing file size (default 1G, at least 1G)")
+    parser.add_argument("--dir", type=Path, help="put the backing file here instead of a new ext4 image")
+    parser.add_argument("--out", type=Path, default=Path("results/engines.md"), help="default %(default)s")
+    args = parser.parse_args()
+    variants = pick(VARIANTS, args.servers, lambda v: v.name, "server")
+    workloads = pick(WORKLOADS, args.workloads, lambda w: w.name, "workload")
+    # SIGTERM unwinds like Ctrl-C, so servers stop and the image is unmounted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
+    unavailable: dict[str, str] = {}  # variant -> why it did not run
+    with backing_dir(args.dir, args.size + (1 << 30)) as (directory, where):
+        image = directory / "bench.img"
+        create_image(image, args.size)
+        total, n = len(workloads) * args.repeat * len(variants), 0
+        for workload in workloads:
+            for _ in range(args.repeat):
+                for variant in variants:
+                    n += 1
+                    if variant.name not in unavailable:
+                        line = run_cell(image, workload, variant, args.runtime, cells, unavailable)
+                        print(f"[{n}/{total}] {workload.title}, {variant.name}: {line}", file=sys.stderr, flush=True)
+
+    header = (
+        f"Server engines: fio nbd engine, {args.size // MiB} MiB file, {where}, {args.runtime} s runs, "
+        f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
+    )
+    report = render(header, workloads, variants, cells, unavailable)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    return 0
+
+
+def run_cell(
+    image: Path, workload: Workload, variant: Variant, runtime: int, cells: dict, unavailable: dict[str, str]
+) -> str:
+    """One fio run against a fresh server; returns the progress line."""
+    settle(image, workload)
+    try:
+        server = variant.start(image)
+    except Unsupported as exc:
+        unavailable[variant.name] = f"unsupported: {exc}"
+        return unavailable[variant.name]
+    except ServerError as exc:
+        kind = "unsupported" if UNSUPPORTED.search(str(exc)) else "failed"
+        unavailable[variant.name] = f"{kind}: {exc}"
+        return unavailable[variant.name]
+    cell: Cell = cells[(workload.name, variant.name)]
+    fio, env = fio_args(workload, server.port, runtime)
+    try:
+        result = run_fio(fio, timeout=runtime + 120, env=env)
+    except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        cell.errors.append(f"{exc} (server: {tail(server.stop())})")
+        return f"error: {cell.errors[-1]}"
+    finally:
+        server.stop()
+    cell.runs.append(result)
+    iops = f", {result.iops:.0f} IOPS" if workload.iops else ""
+    return f"{result.mibs:.0f} MiB/s{iops}, p99 {result.p99_us:.0f} µs"
+
+
+def render(
+    header: str, workloads: list[Workload], variants: list[Variant], cells: dict, unavailable: dict[str, str]
+) -> str:
+    def table(title: str, rows: list[Workload], value: Callable[[FioResult], float]) -> list[str]:
+        out = [f"{title}:", "", "| workload | " + " | ".join(v.name for v in variants) + " |"]
+        out.append("|---" * (len(variants) + 1) + "|")
+        for w in rows:
+            out.append(f"| {w.title} | " + " | ".join(text(cells[(w.name, v.name)], v, value) for v in variants) + " |")
+        return [*out, ""]
+
+    def text(cell: Cell, variant: Variant, value: Callable[[FioResult], float]) -> str:
+        if cell.runs:
+            failed = f", {len(cell.errors)} failed" if cell.errors else ""
+            return spread([value(r) for r in cell.runs], ".0f") + failed
+        if variant.name in unavailable:
+            return unavailable[variant.name].split(":")[0]
+        return "error" if cell.errors else "-"
+
+    def median_mibs(workload: Workload, variant: str) -> float | None:
+        runs = cells[(workload.name, variant)].runs
+        return statistics.median(r.mibs for r in runs) if runs else None
+
+    ours = [v for v in variants if v.program == "nbdserver"]
+    lines = [header, ""]
+    for group in dict.fromkeys(w.group for w in workloads):
+        rows = [w for w in workloads if w.group == group]
+        lines += [f"## {group}", ""]
+        lines += table("MiB/s", rows, lambda r: r.mibs)
+        if any(w.iops for w in rows):
+            lines += table("IOPS", [w for w in rows if w.iops], lambda r: r.iops)
+        lines += table("p99 completion latency, µs (of the slower direction; without fsync)", rows, lambda r: r.p99_us)
+        if ours and any(v.name == BASELINE for v in variants):
+            lines += [f"Median MiB/s relative to {BASELINE}:", ""]
+            lines.append("| workload | " + " | ".join(v.name for v in ours) + " |")
+            lines.append("|---" * (len(ours) + 1) + "|")
+            for w in rows:
+                base = median_mibs(w, BASELINE)
+                ratios = [median_mibs(w, v.name) for v in ours]
+                lines.append(
+                    f"| {w.title} | " + " | ".join(f"{r / base:.2f}x" if r and base else "-" for r in ratios) + " |"
+                )
+            lines.append("")
+    lines += ["## Servers", ""]
+    for v in variants:
+        lines.append(f"- {v.name}: `{' '.join(v.command('FILE', 'PORT'))}`".replace(sys.executable, "python"))
+        if v.name in unavailable:
+            lines.append(f"  - {unavailable[v.name]}")
+        for w in workloads:
+            lines += [f"  - {w.title}: {error}" for error in cells[(w.name, v.name)].errors]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
