@@ -2,7 +2,8 @@
 
 The block layer awaits an engine; the engine decides how the blocking work is
 done.  :class:`ThreadPoolEngine` runs it on a pool of threads (``os.preadv`` and
-``os.pwritev`` release the GIL), which works on any kernel and filesystem.
+``os.pwritev`` release the GIL), which works on any kernel and filesystem; a
+read the page cache can answer at once (``RWF_NOWAIT``) is done in place.
 
 Submitted I/O is never cancelled: the kernel cannot cancel regular-file I/O,
 and the segments must stay alive until it ends.  Callers shield it.
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .file import Backing, Extent, Segment
+from .file import Backing, Extent, Segment, segments_extents
 
 DEFAULT_WORKERS = 16
 
@@ -90,9 +91,12 @@ class ThreadPoolEngine:
                 future.set_exception(exc)
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        await self.call(self.backing.readv, offset, segments)
+        if not self.backing.read_cached(offset, segments):
+            await self.call(self.backing.readv, offset, segments)
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
+        if self.backing.read_cached(offset, segments):
+            return segments_extents(segments)
         return await self.call(self.backing.read_sparse, offset, segments)
 
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:

@@ -118,6 +118,7 @@ class Backing:
         # Learned at run time: the first "not supported" turns a feature off for good.
         self._unsupported_modes: set[int] = set()
         self._can_seek_holes = not self.is_block_device
+        self._can_read_nowait = not self.direct  # O_DIRECT reads wait for the device even with RWF_NOWAIT
 
     @property
     def direct(self) -> bool:
@@ -176,6 +177,26 @@ class Backing:
                 batch_offset += done
                 views = _advance(views, done)
                 fd = self.fd  # the rest of a short transfer is no longer aligned
+
+    def read_cached(self, offset: int, segments: Sequence[Segment]) -> bool:
+        """Read only if it needs no waiting (the page cache has it all); False if it would wait.
+
+        Meant for the event loop's thread: a page-cache hit costs a copy there,
+        where handing the read to a worker costs two thread switches and the GIL.
+        """
+        if not self._can_read_nowait or len(segments) > IOV_MAX:
+            return False
+        views = [memoryview(s).cast("B") for s in segments]
+        try:
+            done = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+            self._can_read_nowait = False  # tmpfs, for one
+            return False
+        return done == sum(len(v) for v in views)  # a short read (end of file) is left to readv
 
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
         """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.

@@ -226,3 +226,35 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
             assert h.pread_structured(MiB, (16 + i) * MiB, lambda *chunk: 0, flags) == bytes(MiB)
     finally:
         h.shutdown()
+
+
+def test_cached_reads_are_done_in_place_where_the_filesystem_allows(ext4_dir):
+    from nbdserver.backing import Backing
+
+    data = pattern(7, MiB)
+    on_ext4 = ext4_dir / "cached.img"
+    on_ext4.write_bytes(data)  # now in the page cache
+    backing = Backing(on_ext4)
+    buffer = bytearray(MiB)
+    try:
+        assert backing.read_cached(0, [buffer]) and buffer == data
+        assert not backing.read_cached(MiB - 4096, [bytearray(8192)])  # runs past the end: left to readv
+    finally:
+        backing.close()
+    direct = Backing(on_ext4, direct=True)
+    try:
+        assert not direct.read_cached(0, [buffer])  # O_DIRECT would wait for the device
+    finally:
+        direct.close()
+    if os.path.isdir("/dev/shm"):
+        on_tmpfs = Path("/dev/shm") / f"nbdserver-test-{os.getpid()}.img"
+        on_tmpfs.write_bytes(data)
+        shm = Backing(on_tmpfs)
+        try:
+            assert not shm.read_cached(0, [buffer])  # tmpfs refuses RWF_NOWAIT: learned, then not asked again
+            assert not shm._can_read_nowait
+            shm.readv(0, [buffer])
+            assert buffer == data
+        finally:
+            shm.close()
+            on_tmpfs.unlink()
