@@ -35,6 +35,8 @@ _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
 _FEAT_SINGLE_MMAP, _FEAT_NODROP = 1, 2
 _ENTER_GETEVENTS = 1
+_SQ_CQ_OVERFLOW, _SQ_TASKRUN = 2, 4
+POLL_INTERVAL = 0.5  # while operations are out, look for held-back completions this often
 _REGISTER_EVENTFD = 4
 _OP_NOP, _OP_READV, _OP_WRITEV, _OP_FSYNC, _OP_READ, _OP_WRITE = 0, 1, 2, 3, 22, 23
 _FSYNC_DATASYNC = 1
@@ -67,7 +69,7 @@ class _Ring:
         self.fd = _syscall(_SYS_SETUP, entries, (ctypes.c_char * len(params)).from_buffer(params))
         fields = _PARAMS.unpack(params)
         self.sq_entries, self.cq_entries, features = fields[0], fields[1], fields[5]
-        sq_head, sq_tail, sq_mask, _, _, _, sq_array = fields[10:17]
+        sq_head, sq_tail, sq_mask, _, sq_flags, _, sq_array = fields[10:17]
         cq_head, cq_tail, cq_mask, _, _, cqes = fields[19:25]
         if not features & _FEAT_SINGLE_MMAP or not features & _FEAT_NODROP:
             os.close(self.fd)
@@ -76,6 +78,7 @@ class _Ring:
         self.ring = mmap.mmap(self.fd, size, offset=_OFF_SQ_RING)
         self.sqes = mmap.mmap(self.fd, _SQE.size * self.sq_entries, offset=_OFF_SQES)
         self.sq_head, self.sq_tail, self.cq_head, self.cq_tail, self.cqes = sq_head, sq_tail, cq_head, cq_tail, cqes
+        self.sq_flags = sq_flags
         self.sq_mask = _U32.unpack_from(self.ring, sq_mask)[0]
         self.cq_mask = _U32.unpack_from(self.ring, cq_mask)[0]
         for i in range(self.sq_entries):  # entry i always sits in slot i: the array never changes again
@@ -92,14 +95,21 @@ class _Ring:
         _U32.pack_into(self.ring, self.sq_tail, self.tail)  # after the entry: x86 keeps store order
         self.queued += 1
 
-    def enter(self, wait: int = 0) -> None:
+    def enter(self, wait: int = 0, get_events: bool = False) -> None:
+        """Submit what was pushed; with ``wait``, also wait for that many completions."""
         submit, self.queued = self.queued, 0
+        flags = _ENTER_GETEVENTS if wait or get_events else 0
         while True:
             try:
-                _syscall(_SYS_ENTER, self.fd, submit, wait, _ENTER_GETEVENTS if wait else 0, None, 0)
+                _syscall(_SYS_ENTER, self.fd, submit, wait, flags, None, 0)
                 return
             except InterruptedError:
                 continue
+
+    @property
+    def held_back(self) -> bool:
+        """Has the kernel completions it posts only when asked (overflow, or work to run in this task)?"""
+        return bool(_U32.unpack_from(self.ring, self.sq_flags)[0] & (_SQ_CQ_OVERFLOW | _SQ_TASKRUN))
 
     def completions(self) -> list[tuple[int, int]]:
         """Take every (user_data, result) the kernel has posted."""
@@ -153,6 +163,7 @@ class UringEngine:
         self._backlog: deque[tuple[int, ...]] = deque()  # entries waiting for room in the ring
         self._loop: asyncio.AbstractEventLoop | None = None
         self._enter_scheduled = False
+        self._poll: asyncio.TimerHandle | None = None
 
     def _self_test(self) -> None:
         """A NOP and a read of the first block, synchronously: io_uring may be disabled or filtered."""
@@ -175,6 +186,8 @@ class UringEngine:
             self._loop.add_reader(self._event_fd, self._reap)
         user_data = self._next_id
         self._next_id += 1
+        if self._poll is None:
+            self._poll = self._loop.call_later(POLL_INTERVAL, self._watch)
         self._ops[user_data] = key
         entry = (opcode, fd, offset, address, length, flags, user_data)
         if len(self._ops) - len(self._backlog) > self._ring.sq_entries:  # keep completions within the CQ ring
@@ -184,6 +197,13 @@ class UringEngine:
         if not self._enter_scheduled:
             self._enter_scheduled = True
             self._loop.call_soon(self._enter)
+
+    def _watch(self) -> None:
+        """A safety net under the eventfd: reap now and then while anything is out."""
+        self._poll = None
+        self._reap()
+        if self._ops and self._loop is not None:
+            self._poll = self._loop.call_later(POLL_INTERVAL, self._watch)
 
     def _enter(self) -> None:
         self._enter_scheduled = False
@@ -210,13 +230,19 @@ class UringEngine:
 
     def _reap(self) -> None:
         _clear(self._event_fd)  # before taking completions, so that a later one wakes us again
-        for user_data, result in self._ring.completions():
-            key = self._ops.pop(user_data)
-            if isinstance(key, _Transfer):
-                self._transfer_done(key, result)
-            elif not key.done():  # type: ignore[attr-defined]
-                _settle(key, result)  # type: ignore[arg-type]
         ring = self._ring
+        if ring.held_back:
+            ring.enter(get_events=True)  # have the kernel post them
+        for user_data, result in ring.completions():
+            key = self._ops.pop(user_data)
+            if not isinstance(key, _Transfer):
+                _settle(key, result)  # type: ignore[arg-type]
+                continue
+            try:
+                self._transfer_done(key, result)
+            except Exception as exc:  # fail this operation, not the completions after it
+                if not key.future.done():
+                    key.future.set_exception(exc)
         while self._backlog and len(self._ops) - len(self._backlog) < ring.sq_entries:
             ring.push(*self._backlog.popleft())
         if ring.queued:
@@ -313,6 +339,8 @@ class UringEngine:
             self._reap()
         if self._loop is not None:
             self._loop.remove_reader(self._event_fd)
+        if self._poll is not None:
+            self._poll.cancel()
         self._close_ring()
         assert self._helpers is not None
         self._helpers.close()  # closes the backing
