@@ -14,6 +14,7 @@ import uvloop
 from . import __version__
 from .backing import DEFAULT_WORKERS, ENGINES
 from .config import CACHE_MODES, ConfigError, ExportConfig, ServerConfig, parse_export, parse_listener, parse_size
+from .metrics import top
 from .server import Server
 
 log = logging.getLogger("nbdserver")
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Listening beyond loopback must be asked for, e.g. 0.0.0.0:10809",
     )
     serve.add_argument(
+        "--metrics",
+        type=_arg(parse_listener),
+        default=ServerConfig.metrics,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default 127.0.0.1:10810)",
+    )
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    serve.add_argument(
         "--workers", type=int, default=DEFAULT_WORKERS, help="I/O threads per export (default %(default)s)"
     )
     serve.add_argument(
@@ -120,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default %(default)s"
     )
+    top = commands.add_parser(
+        "top",
+        help="iostat -x for a running server's exports",
+        description="A live view of a server's exports with the columns of iostat -x, from its /metrics.",
+    )
+    top.add_argument(
+        "url", nargs="?", default="http://127.0.0.1:10810/metrics", help="the server's metrics (default %(default)s)"
+    )
+    top.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between reports (default 1)")
+    top.add_argument("--once", action="store_true", help="print one report (over one interval) and exit")
+    top.add_argument("--count", "-c", type=int, help="stop after this many reports")
     return parser
 
 
@@ -149,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig(
         exports=exports,
         default_export=args.default_export,
+        metrics=None if args.no_metrics else args.metrics,
         engine=args.engine,
         workers=args.workers,
         merge=args.merge,
@@ -190,8 +211,14 @@ async def serve(config: ServerConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="nbdserver[%(levelname)s] %(message)s")
+    if args.command == "top":
+        if args.interval <= 0:
+            parser.error("--interval must be positive")
+        return top.run(args.url, args.interval, once=args.once, count=args.count)
     if args.command == "serve":
+        logging.basicConfig(
+            level=args.log_level.upper(), stream=sys.stderr, format="nbdserver[%(levelname)s] %(message)s"
+        )
         try:
             config = config_from_args(args)
         except ConfigError as exc:

@@ -49,6 +49,7 @@ class Listener:
 
 
 DEFAULT_LISTENER = Listener("127.0.0.1", NBD_DEFAULT_PORT)
+DEFAULT_METRICS = Listener("127.0.0.1", NBD_DEFAULT_PORT + 1)  # /metrics over HTTP
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ServerConfig:
     exports: list[ExportConfig]
     listeners: list[Listener] = field(default_factory=lambda: [DEFAULT_LISTENER])
     default_export: str | None = None  # what the empty export name selects; the first export if unset
+    metrics: Listener | None = DEFAULT_METRICS  # where /metrics is served; None: nowhere
     engine: str = "threads"  # one of ENGINES
     workers: int = DEFAULT_WORKERS
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
@@ -89,6 +91,8 @@ class ServerConfig:
             raise ConfigError(f"default export {self.default_export!r} is not defined")
         if not self.listeners:
             raise ConfigError("no listeners")
+        if self.metrics is not None and self.metrics.is_unix:
+            raise ConfigError("metrics are served over TCP: give HOST:PORT")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         if self.max_submission_bytes < 4096:

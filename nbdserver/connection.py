@@ -118,8 +118,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._consume()
         except ProtocolViolation as exc:
-            log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
-            self._hard_disconnect()
+            self._violation(exc)
         except Exception:  # a bug must cost this connection only
             log.exception("%s: internal error, disconnecting", self.peer)
             self._hard_disconnect()
@@ -271,6 +270,7 @@ class Connection(asyncio.BufferedProtocol):
         header, error, message = self._refused
         self._refused = None
         log.debug("%s: refused %s: %s", self.peer, header, message)
+        self.server.stats.refused[self.export.name, error.name] += 1  # type: ignore[union-attr]
         self._send(error_reply(header.cookie, error, self._tx.structured_replies, message))
 
     # Transmission: replies out ---------------------------------------------------------
@@ -358,8 +358,7 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 self._consume()
             except ProtocolViolation as exc:
-                log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
-                self._hard_disconnect()
+                self._violation(exc)
                 return
             if self._reading_paused or self._transport is None:
                 return  # paused again by what was staged
@@ -388,6 +387,11 @@ class Connection(asyncio.BufferedProtocol):
         self._flush()
         if self._transport is not None:
             self._transport.close()
+
+    def _violation(self, exc: ProtocolViolation) -> None:
+        log.warning("%s: protocol violation, disconnecting: %s", self.peer, exc)
+        self.server.stats.protocol_errors[exc.kind] += 1
+        self._hard_disconnect()
 
     def _hard_disconnect(self) -> None:
         self._disconnecting = True

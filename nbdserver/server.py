@@ -8,14 +8,30 @@ import logging
 import os
 import socket
 import stat
+from collections import Counter
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
 
 from .block.buffers import BufferPool
 from .config import Listener, ServerConfig
 from .connection import Connection
 from .export import Export
-from .protocol import ExportCatalog
+from .metrics import MetricsEndpoint, ServerCollector
+from .protocol import Error, ExportCatalog
+from .protocol.errors import VIOLATION_KINDS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerStats:
+    """Counters of the server as a whole, kept by the connections."""
+
+    connections: int = 0  # accepted
+    # Disconnects by the rule broken, and (export, NBD error) of refused requests: counted from zero.
+    protocol_errors: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(VIOLATION_KINDS, 0)))
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class Server:
@@ -28,6 +44,11 @@ class Server:
         self.addresses: list[str] = []
         self.catalog = ExportCatalog([], None)
         self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
+        self.stats = ServerStats()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ServerCollector(self))
+        self._metrics: MetricsEndpoint | None = None
+        self.metrics_addresses: list[str] = []
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -48,6 +69,9 @@ class Server:
                 export.engine.close()
             raise
         self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
+        for name in self.exports:
+            for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
+                self.stats.refused[name, error.name] += 0
 
     async def start(self) -> None:
         """Listen on every configured address; raises OSError (e.g. address in use)."""
@@ -65,10 +89,17 @@ class Server:
                 self.addresses.append(_describe(sock, listener))
         for address in self.addresses:
             log.info("listening on %s", address)
+        if self.config.metrics is not None:
+            self._metrics = MetricsEndpoint(self.registry)
+            bound = await self._metrics.start(self.config.metrics.host, self.config.metrics.port)
+            self.metrics_addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
+            for address in self.metrics_addresses:
+                log.info("metrics on http://%s/metrics", address)
         log.info("ready: %d export(s) on %d address(es)", len(self.exports), len(self.addresses))
 
     def connection_made(self, connection: Connection) -> None:
         self.connections.add(connection)
+        self.stats.connections += 1
         log.info("%s: connected", connection.peer)
 
     def connection_lost(self, connection: Connection) -> None:
@@ -79,6 +110,8 @@ class Server:
         """Stop accepting, answer what is in flight, flush every export, close."""
         for srv in self._listeners:
             srv.close()
+        if self._metrics is not None:
+            self._metrics.close()
         for connection in list(self.connections):
             connection.shutdown()
         waits = [c.closed.wait() for c in list(self.connections)]

@@ -35,6 +35,7 @@ class ServerProcess:
         self.args = args
         self.log: list[str] = []
         self.addresses: list[str] = []
+        self.metrics_url = ""
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nbdserver", "serve", *args],
@@ -54,6 +55,9 @@ class ServerProcess:
             match = re.search(r"listening on (\S+)", line)
             if match:
                 self.addresses.append(match.group(1))
+            match = re.search(r"metrics on (\S+)", line)
+            if match and not self.metrics_url:
+                self.metrics_url = match.group(1)
             if "ready:" in line:
                 self._ready.set()
         self._ready.set()  # exited: wake the waiter
@@ -120,6 +124,8 @@ def start_server() -> Iterator:
         argv = [str(a) for a in args]
         if listen and "-l" not in argv and "--listen" not in argv:
             argv += ["--listen", "127.0.0.1:0"]
+        if "--metrics" not in argv and "--no-metrics" not in argv:
+            argv += ["--metrics", "127.0.0.1:0"]  # servers of parallel tests must not share a port
         server = ServerProcess(argv, env)
         servers.append(server)
         return server.wait_ready()

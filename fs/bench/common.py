@@ -47,18 +47,36 @@ class Server:
         return self.log()
 
 
+# Metrics on a port of their own: the default one may belong to a server that is running for real.
+OWN_METRICS_PORT = ("--metrics", "127.0.0.1:0")
+
+
 def nbdserver_command(image: Path | str, extra: Sequence[str] = ()) -> list[str]:
     """The server on a port the kernel picks; `start_server` reads it from the log."""
     return [sys.executable, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra]
 
 
-def start_server(argv: Sequence[str], port: int | None = None, timeout: float = 30) -> Server:
+def start_server(
+    argv: Sequence[str],
+    port: int | None = None,
+    timeout: float = 30,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Server:
     """Start `argv` and wait until it serves.
 
     Without `port` the server must log `listening on HOST:PORT` and then `ready:` (nbdserver);
     with it, ready means the port accepts a connection (servers that do not say).
     """
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, **env} if env else None,
+        cwd=cwd,
+    )
     lines: list[str] = []
     # Drained all the time: a server blocked on a full pipe would stall the benchmark.
     reader = threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True)

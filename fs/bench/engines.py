@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from common import (
+    OWN_METRICS_PORT,
     FioResult,
     Server,
     ServerError,
@@ -74,7 +75,7 @@ class Variant:
 
     def command(self, image: Path | str, port: int | str) -> list[str]:
         if self.program == "nbdserver":
-            return nbdserver_command(image, self.args)
+            return nbdserver_command(image, [*self.args, *OWN_METRICS_PORT])
         return [self.program, *(arg.format(file=image, port=port) for arg in self.args)]
 
     def start(self, image: Path) -> Server:

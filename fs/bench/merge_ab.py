@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Server, fill, nbdserver_command, run_fio, spread, start_server
+from common import OWN_METRICS_PORT, Server, fill, nbdserver_command, run_fio, spread, start_server
 
 IMAGE_SIZE = 1 << 30
 
@@ -61,10 +61,14 @@ def stop_server(server: Server) -> float:
     return best[1]
 
 
-def run_workload(port: int, workload: Workload, runtime: int) -> tuple[float, float]:
+def workload_args(port: int, workload: Workload, runtime: int) -> list[str]:
+    """fio's arguments for ``workload`` against the default export on ``port``."""
     args = ["--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/", "--size=1g"]
-    args += ["--time_based", f"--runtime={runtime}", "--group_reporting", *workload.fio]
-    result = run_fio(args, timeout=runtime + 120)
+    return [*args, "--time_based", f"--runtime={runtime}", "--group_reporting", *workload.fio]
+
+
+def run_workload(port: int, workload: Workload, runtime: int) -> tuple[float, float]:
+    result = run_fio(workload_args(port, workload, runtime), timeout=runtime + 120)
     return result.mibs, result.p99_us
 
 
@@ -88,7 +92,7 @@ def main() -> int:
                 for mode, extra in MODES.items():
                     n += 1
                     print(f"[{n}/{total}] {workload.name}, {mode}", file=sys.stderr, flush=True)
-                    server = start_server(nbdserver_command(image, extra))
+                    server = start_server(nbdserver_command(image, [*extra, *OWN_METRICS_PORT]))
                     try:
                         mibs, p99 = run_workload(server.port, workload, args.runtime)
                     finally:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from dataclasses import dataclass, field
+from bisect import bisect_left
+from time import monotonic
 
 from ..backing import Engine
 from ..protocol import Command
@@ -23,36 +24,12 @@ from .buffers import BufferPool
 from .hazards import HazardTracker, tracked
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
+from .stats import QueueStats
 
 log = logging.getLogger(__name__)
 
 MAX_PLUG_REQUESTS = 1024
 MAX_PLUG_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class QueueStats:
-    """Counters kept by the queue, per command (indexed by its number)."""
-
-    requests: list[int] = field(default_factory=lambda: [0] * 8)
-    merged: list[int] = field(default_factory=lambda: [0] * 8)  # requests that joined another's submission
-    submissions: list[int] = field(default_factory=lambda: [0] * 8)
-    bytes: list[int] = field(default_factory=lambda: [0] * 8)
-    segments: list[int] = field(default_factory=lambda: [0] * 8)
-    waits: int = 0  # requests that waited for an overlapping earlier one
-
-    def summary(self) -> str:
-        """One line per-command counters, e.g. ``WRITE 4096 requests in 160 submissions (25.6 per submission)``."""
-        parts = []
-        for command in Command:
-            requests, submissions = self.requests[command], self.submissions[command]
-            if requests:
-                ratio = requests / submissions if submissions else 0.0
-                parts.append(
-                    f"{command.name} {requests} requests in {submissions} submissions ({ratio:.1f} per submission)"
-                )
-        parts.append(f"{self.waits} waited on overlaps")
-        return "; ".join(parts)
 
 
 class RequestQueue:
@@ -76,6 +53,7 @@ class RequestQueue:
         self._hazards = HazardTracker(hazard_granule)
         self._seq = 0
         self._in_flight = 0
+        self._depth_since = monotonic()  # when the queue depth last changed
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -83,9 +61,23 @@ class RequestQueue:
         """Requests received and not yet completed: the queue depth."""
         return self._in_flight
 
+    def _depth_changes(self, now: float) -> None:
+        """Account the time at the current depth, as the kernel's io_ticks and time_in_queue."""
+        if self._in_flight:
+            elapsed, stats = now - self._depth_since, self.stats
+            stats.io_time += elapsed
+            stats.io_time_weighted += elapsed * self._in_flight
+        self._depth_since = now
+
     def submit(self, request: Request) -> None:
         request.seq = self._seq
         self._seq += 1
+        request.arrival = now = monotonic()
+        if self._in_flight:  # _depth_changes(), inline: this runs for every request
+            elapsed, stats = now - self._depth_since, self.stats
+            stats.io_time += elapsed
+            stats.io_time_weighted += elapsed * self._in_flight
+        self._depth_since = now
         self._in_flight += 1
         self.stats.requests[request.command] += 1
         if not self.merge or (self._in_flight == 1 and not self._plug):
@@ -164,14 +156,24 @@ class RequestQueue:
         self._complete(submission)
 
     def _complete(self, submission: Submission) -> None:
-        stats, command = self.stats, submission.command
+        stats, command, requests = self.stats, submission.command, submission.requests
         stats.submissions[command] += 1
-        stats.merged[command] += len(submission.requests) - 1
+        stats.merged[command] += len(requests) - 1
         stats.bytes[command] += submission.length
-        stats.segments[command] += len(submission.requests)
-        self._in_flight -= len(submission.requests)
+        stats.segments[command] += len(requests)
+        stats.submission_bytes[command].observe(submission.length)
+        stats.submission_segments[command].observe(len(requests))
+        now = monotonic()
+        self._depth_changes(now)
+        self._in_flight -= len(requests)
+        latency = stats.latency[command]
+        counts, bounds, waited = latency.counts, latency.bounds, 0.0
         unblocked = []
-        for request in submission.requests:
+        for request in requests:
+            counts[bisect_left(bounds, now - request.arrival)] += 1  # Histogram.observe(), inline
+            waited += now - request.arrival
+            if request.errno:
+                stats.errors[request.errno] += 1
             if tracked(request):
                 self._hazards.remove(request)
             if request.waiters:
@@ -181,6 +183,8 @@ class RequestQueue:
                         unblocked.append(waiter)
                 request.waiters = None
             request.on_done(request)
+        latency.sum += waited
+        stats.time[command] += waited
         if unblocked:
             self._issue(unblocked)
 

@@ -18,6 +18,7 @@ class Request:
     """
 
     __slots__ = (
+        "arrival",
         "block",
         "blocked_by",
         "buffer",
@@ -59,6 +60,7 @@ class Request:
         self.message = ""
         self.extents: list[Extent] | None = None
         self.seq = 0  # arrival order at the queue
+        self.arrival = 0.0  # time.monotonic() when the queue took it
         self.blocked_by = 0  # earlier overlapping requests still to complete
         self.waiters: list[Request] | None = None  # later requests blocked by this one
 

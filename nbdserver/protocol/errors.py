@@ -6,9 +6,26 @@ import errno
 
 from .constants import MAX_STRING, Error
 
+# The ``kind`` of every ProtocolViolation raised by the core, known in advance so they can be counted from zero.
+VIOLATION_KINDS = (
+    "bad_client_flags",
+    "bad_option_magic",
+    "oversized_export_name",
+    "unknown_export",
+    "bad_request_magic",
+    "oversized_write",
+)
+
 
 class ProtocolViolation(Exception):
-    """The peer broke a MUST of the protocol; the only answer is a hard disconnect."""
+    """The peer broke a MUST of the protocol; the only answer is a hard disconnect.
+
+    ``kind`` names the rule broken in a few words (a metric label), the message says how.
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 _FROM_ERRNO = {

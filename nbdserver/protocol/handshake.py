@@ -158,7 +158,7 @@ class ServerHandshake:
             (flags,) = struct.unpack_from(">I", self._in)
             del self._in[:4]
             if flags & ~_KNOWN_CLIENT_FLAGS:
-                raise ProtocolViolation(f"unknown client flags {flags:#x}")
+                raise ProtocolViolation(f"unknown client flags {flags:#x}", "bad_client_flags")
             self.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
             self._state = _State.OPTION_HEADER
         elif state is _State.OPTION_HEADER:
@@ -167,11 +167,11 @@ class ServerHandshake:
             magic, option, length = _OPTION_HEADER.unpack_from(self._in)
             del self._in[: _OPTION_HEADER.size]
             if magic != IHAVEOPT:
-                raise ProtocolViolation(f"bad option magic {magic:#x}")
+                raise ProtocolViolation(f"bad option magic {magic:#x}", "bad_option_magic")
             self._option, self._wanted = option, length
             if length > MAX_OPTION_DATA:
                 if option == Option.EXPORT_NAME:
-                    raise ProtocolViolation(f"export name of {length} bytes")
+                    raise ProtocolViolation(f"export name of {length} bytes", "oversized_export_name")
                 self._state = _State.SKIP
             else:
                 self._state = _State.OPTION_DATA
@@ -217,7 +217,7 @@ class ServerHandshake:
         info = self.catalog.lookup(_decode(data))
         if info is None:
             # This option cannot return an error: the spec asks for a hard disconnect.
-            raise ProtocolViolation(f"unknown export {_decode(data)!r} requested by EXPORT_NAME")
+            raise ProtocolViolation(f"unknown export {_decode(data)!r} requested by EXPORT_NAME", "unknown_export")
         flags = self._transmission_flags(info)
         reply = struct.pack(">QH", info.size, flags)
         self._out.append(reply if self.no_zeroes else reply + bytes(124))

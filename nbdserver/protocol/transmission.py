@@ -78,7 +78,7 @@ class Transmission:
     def parse_header(raw: bytes | bytearray | memoryview) -> RequestHeader:
         magic, flags, command, cookie, offset, length = _HEADER.unpack(raw)
         if magic != REQUEST_MAGIC:
-            raise ProtocolViolation(f"bad request magic {magic:#x}")
+            raise ProtocolViolation(f"bad request magic {magic:#x}", "bad_request_magic")
         return RequestHeader(flags, command, cookie, offset, length)
 
     @staticmethod
@@ -87,7 +87,7 @@ class Transmission:
         if header.command != Command.WRITE:
             return 0
         if header.length > MAX_DISCARDED_PAYLOAD:
-            raise ProtocolViolation(f"write payload of {header.length} bytes")
+            raise ProtocolViolation(f"write payload of {header.length} bytes", "oversized_write")
         return header.length
 
     def check(self, header: RequestHeader) -> tuple[Error, str]:

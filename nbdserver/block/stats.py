@@ -1,0 +1,81 @@
+"""What one export's queue counts, the way the kernel counts /proc/diskstats.
+
+Plain integers and lists, updated on the event loop's thread as requests
+arrive and submissions complete: no locks, no labels looked up, nothing
+allocated per request beyond the numbers themselves.  The metrics layer reads
+them when it is scraped.
+
+As in diskstats, a *completed* read or write is one submission (requests
+merged into it are not counted again) and a *merged* one is a request that
+joined another's submission: client requests = completed + merged.
+"""
+
+from __future__ import annotations
+
+import errno
+from bisect import bisect_left
+from collections import Counter
+
+from ..protocol import Command
+
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+SIZE_BUCKETS = tuple(4096 << i for i in range(14))  # 4 KiB .. 32 MiB
+SEGMENT_BUCKETS = tuple(1 << i for i in range(11))  # 1 .. 1024
+COMMANDS = max(Command) + 1  # lists are indexed by command number
+
+
+class Histogram:
+    """Counts per bucket (``value <= bound``, the last one unbounded) and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def _per_command(bounds: tuple[float, ...]) -> list[Histogram]:
+    return [Histogram(bounds) for _ in range(COMMANDS)]
+
+
+class QueueStats:
+    """Counters per command (indexed by its number) and of the queue as a whole."""
+
+    def __init__(self) -> None:
+        self.requests = [0] * COMMANDS  # received
+        self.merged = [0] * COMMANDS  # joined another request's submission
+        self.submissions = [0] * COMMANDS  # completed, after merging
+        self.bytes = [0] * COMMANDS  # of completed submissions
+        self.segments = [0] * COMMANDS
+        self.time = [0.0] * COMMANDS  # seconds from arrival to completion, summed over requests
+        self.latency = _per_command(LATENCY_BUCKETS)  # of each request
+        self.submission_bytes = _per_command(SIZE_BUCKETS)
+        self.submission_segments = _per_command(SEGMENT_BUCKETS)
+        self.errors: Counter[int] = Counter({errno.EIO: 0, errno.ENOSPC: 0})  # failed requests by errno
+        self.waits = 0  # requests that waited for an overlapping earlier one
+        self.io_time = 0.0  # seconds with at least one request in flight
+        self.io_time_weighted = 0.0  # the integral of the queue depth over time
+
+    def summary(self) -> str:
+        """One line per-command counters, e.g. ``WRITE 4096 requests in 160 submissions (25.6 per submission)``."""
+        parts = []
+        for command in Command:
+            requests, submissions = self.requests[command], self.submissions[command]
+            if requests:
+                ratio = requests / submissions if submissions else 0.0
+                parts.append(
+                    f"{command.name} {requests} requests in {submissions} submissions ({ratio:.1f} per submission)"
+                )
+        parts.append(f"{self.waits} waited on overlaps")
+        return "; ".join(parts)

@@ -1,0 +1,177 @@
+"""Prometheus metrics, read from the server's own counters when scraped.
+
+Names follow node_exporter's diskstats collector (``node_disk_reads_completed_total``
+becomes ``nbdserver_reads_completed_total{export=...}``), so that the queries and
+dashboards an admin has for disks carry over.  Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..block.stats import Histogram
+from ..protocol import Command
+
+if TYPE_CHECKING:
+    from ..export import Export
+    from ..server import Server
+
+PREFIX = "nbdserver"
+
+# node_exporter's words for each kind of I/O: (requests, time stem, bytes stem, bytes help, command).
+_DISKSTATS = [
+    ("reads", "read", "read_bytes", "Bytes read", Command.READ),
+    ("writes", "write", "written_bytes", "Bytes written", Command.WRITE),
+    ("discards", "discard", "discarded_bytes", "Bytes discarded (TRIM)", Command.TRIM),
+]
+# Histograms of submissions: only commands that move or cover data.
+_SUBMITTED = (Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+_OPS = {command: command.name.lower() for command in Command if command != Command.DISC}
+
+
+class ServerCollector(Collector):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator:
+        exports = list(self.server.exports.values())
+        yield from _diskstats(exports)
+        yield from _histograms(exports)
+        yield from self._server_metrics(exports)
+
+    def _server_metrics(self, exports: list[Export]) -> Iterator:
+        server, stats = self.server, self.server.stats
+        connections = GaugeMetricFamily(
+            f"{PREFIX}_connections", "Client connections open, by export", labels=["export"]
+        )
+        per_export = {e.name: 0 for e in exports}
+        negotiating = 0
+        for connection in server.connections:
+            if connection.export is None:
+                negotiating += 1
+            else:
+                per_export[connection.export.name] += 1
+        for name, count in per_export.items():
+            connections.add_metric([name], count)
+        yield connections
+        yield _gauge("connections_negotiating", "Connections still in the handshake", negotiating)
+        yield _counter("connections_total", "Client connections accepted", stats.connections)
+        violations = CounterMetricFamily(
+            f"{PREFIX}_protocol_errors", "Clients disconnected for breaking the protocol, by rule", labels=["kind"]
+        )
+        for kind, count in sorted(stats.protocol_errors.items()):
+            violations.add_metric([kind], count)
+        yield violations
+        refused = CounterMetricFamily(
+            f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
+        )
+        for (export, error), count in sorted(stats.refused.items()):
+            refused.add_metric([export, error], count)
+        yield refused
+        io_errors = CounterMetricFamily(
+            f"{PREFIX}_io_errors", "Requests failed by the backing, by errno", labels=["export", "errno"]
+        )
+        inflight = GaugeMetricFamily(
+            f"{PREFIX}_inflight_bytes", "READ and WRITE bytes received and not yet answered", labels=["export"]
+        )
+        size = GaugeMetricFamily(f"{PREFIX}_export_size_bytes", "Size of the export", labels=["export"])
+        for export in exports:
+            for code, count in sorted(export.queue.stats.errors.items()):
+                io_errors.add_metric([export.name, errno.errorcode.get(code, str(code))], count)
+            inflight.add_metric([export.name], export.budget.used)
+            size.add_metric([export.name], export.info.size)
+        yield io_errors
+        yield inflight
+        yield size
+        info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+
+def _diskstats(exports: list[Export]) -> Iterator:
+    """The counters of /proc/diskstats, per export."""
+    families = []
+    for stem, verb, bytes_stem, bytes_help, command in _DISKSTATS:
+        done = _labelled_counter(f"{stem}_completed", f"{stem.capitalize()} completed (submissions, after merging)")
+        merged = _labelled_counter(f"{stem}_merged", f"{stem.capitalize()} merged into another's submission")
+        moved = _labelled_counter(bytes_stem, bytes_help)
+        seconds = _labelled_counter(f"{verb}_time_seconds", f"Seconds spent by {stem}, from arrival to completion")
+        for export in exports:
+            stats, name = export.queue.stats, [export.name]
+            done.add_metric(name, stats.submissions[command])
+            merged.add_metric(name, stats.merged[command])
+            moved.add_metric(name, stats.bytes[command])
+            seconds.add_metric(name, stats.time[command])
+        families += [done, merged, moved, seconds]
+    flushes = _labelled_counter("flush_requests", "Flushes completed")
+    flush_time = _labelled_counter("flush_requests_time_seconds", "Seconds spent by flushes")
+    requests = CounterMetricFamily(
+        f"{PREFIX}_requests", "Requests received from clients, by operation", labels=["export", "op"]
+    )
+    io_now = GaugeMetricFamily(
+        f"{PREFIX}_io_now", "Requests received and not yet completed (queue depth)", labels=["export"]
+    )
+    io_time = _labelled_counter("io_time_seconds", "Seconds with at least one request in flight")
+    weighted = _labelled_counter("io_time_weighted_seconds", "Queue depth integrated over time, in seconds")
+    for export in exports:
+        stats, name = export.queue.stats, [export.name]
+        flushes.add_metric(name, stats.submissions[Command.FLUSH])
+        flush_time.add_metric(name, stats.time[Command.FLUSH])
+        for command, op in _OPS.items():
+            requests.add_metric([export.name, op], stats.requests[command])
+        io_now.add_metric(name, export.queue.in_flight)
+        io_time.add_metric(name, stats.io_time)
+        weighted.add_metric(name, stats.io_time_weighted)
+    yield from families
+    yield from (flushes, flush_time, requests, io_now, io_time, weighted)
+
+
+def _histograms(exports: list[Export]) -> Iterator:
+    latency = HistogramMetricFamily(
+        f"{PREFIX}_request_duration_seconds",
+        "Time from a request's arrival to its completion, by operation",
+        labels=["export", "op"],
+    )
+    sizes = HistogramMetricFamily(
+        f"{PREFIX}_submission_bytes", "Bytes per submission to the backing, by operation", labels=["export", "op"]
+    )
+    segments = HistogramMetricFamily(
+        f"{PREFIX}_submission_segments", "Requests per submission to the backing, by operation", labels=["export", "op"]
+    )
+    for export in exports:
+        stats = export.queue.stats
+        for command, op in _OPS.items():
+            if stats.requests[command]:
+                _add(latency, [export.name, op], stats.latency[command])
+        for command in _SUBMITTED:
+            if stats.submissions[command]:
+                op = _OPS[command]
+                _add(sizes, [export.name, op], stats.submission_bytes[command])
+                _add(segments, [export.name, op], stats.submission_segments[command])
+    yield from (latency, sizes, segments)
+
+
+def _add(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    buckets, total = [], 0
+    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+def _labelled_counter(stem: str, doc: str) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{stem}", doc, labels=["export"])
+
+
+def _counter(stem: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{stem}", doc, value=value)
+
+
+def _gauge(stem: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{stem}", doc, value=value)
