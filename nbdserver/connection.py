@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .block import Request
@@ -64,6 +65,7 @@ class Connection(asyncio.BufferedProtocol):
         self._refused: tuple[RequestHeader, Error, str] | None = None
         self._out: list[Buffer] = []
         self._flush_scheduled = False
+        self._received_at = 0.0  # time.monotonic() of the last bytes received
         self._in_flight = 0
         self._in_flight_bytes = 0
         self._max_in_flight_bytes = server.config.max_inflight_bytes
@@ -106,6 +108,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._staging_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received_at = monotonic()  # the arrival time of every request this completes
         try:
             if self._direct:
                 self._payload_got += nbytes
@@ -263,6 +266,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _submit(self, request: Request) -> None:
         assert self.export is not None
+        request.arrival = self._received_at
         self.export.queue.submit(request)
 
     def _refuse_now(self) -> None:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .file import Backing, Extent, Segment, segments_extents
+from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, segments_extents
 
 DEFAULT_WORKERS = 16
 
@@ -95,7 +95,9 @@ class ThreadPoolEngine:
             await self.call(self.backing.readv, offset, segments)
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        if self.backing.read_cached(offset, segments):
+        # A long read may fall in a hole, which a worker finds with SEEK_DATA (it may wait for the
+        # inode lock, so not here) and then reads nothing: cheaper than filling the page cache with zeroes.
+        if sum(map(len, segments)) < SPARSE_CHECK_MIN and self.backing.read_cached(offset, segments):
             return segments_extents(segments)
         return await self.call(self.backing.read_sparse, offset, segments)
 

@@ -63,21 +63,20 @@ class RequestQueue:
 
     def _depth_changes(self, now: float) -> None:
         """Account the time at the current depth, as the kernel's io_ticks and time_in_queue."""
-        if self._in_flight:
-            elapsed, stats = now - self._depth_since, self.stats
-            stats.io_time += elapsed
-            stats.io_time_weighted += elapsed * self._in_flight
-        self._depth_since = now
+        if now > self._depth_since:  # requests received together share a timestamp: nothing to add
+            if self._in_flight:
+                elapsed, stats = now - self._depth_since, self.stats
+                stats.io_time += elapsed
+                stats.io_time_weighted += elapsed * self._in_flight
+            self._depth_since = now
 
     def submit(self, request: Request) -> None:
+        """Queue a request; its ``arrival`` may be set already (one clock reading for many requests)."""
         request.seq = self._seq
         self._seq += 1
-        request.arrival = now = monotonic()
-        if self._in_flight:  # _depth_changes(), inline: this runs for every request
-            elapsed, stats = now - self._depth_since, self.stats
-            stats.io_time += elapsed
-            stats.io_time_weighted += elapsed * self._in_flight
-        self._depth_since = now
+        if not request.arrival:
+            request.arrival = monotonic()
+        self._depth_changes(request.arrival)
         self._in_flight += 1
         self.stats.requests[request.command] += 1
         if not self.merge or (self._in_flight == 1 and not self._plug):
@@ -168,10 +167,14 @@ class RequestQueue:
         self._in_flight -= len(requests)
         latency = stats.latency[command]
         counts, bounds, waited = latency.counts, latency.bounds, 0.0
+        arrival, bucket = -1.0, 0
         unblocked = []
         for request in requests:
-            counts[bisect_left(bounds, now - request.arrival)] += 1  # Histogram.observe(), inline
-            waited += now - request.arrival
+            if request.arrival != arrival:  # merged requests mostly arrived together: one lookup
+                arrival = request.arrival
+                bucket = bisect_left(bounds, now - arrival)
+            counts[bucket] += 1  # Histogram.observe(), inline
+            waited += now - arrival
             if request.errno:
                 stats.errors[request.errno] += 1
             if tracked(request):
