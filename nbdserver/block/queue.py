@@ -24,7 +24,7 @@ from .buffers import BufferPool
 from .hazards import HazardTracker, tracked
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
-from .stats import QueueStats
+from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +61,19 @@ class RequestQueue:
         """Requests received and not yet completed: the queue depth."""
         return self._in_flight
 
-    def _depth_changes(self, now: float) -> None:
-        """Account the time at the current depth, as the kernel's io_ticks and time_in_queue."""
-        if now > self._depth_since:  # requests received together share a timestamp: nothing to add
+    def submit(self, request: Request) -> None:
+        """Queue a request; its ``arrival`` may be set already (one clock reading for many requests)."""
+        request.seq = self._seq
+        self._seq += 1
+        now = request.arrival
+        if not now:
+            request.arrival = now = monotonic()
+        if now > self._depth_since:  # _depth_changes(), inline: this runs for every request
             if self._in_flight:
                 elapsed, stats = now - self._depth_since, self.stats
                 stats.io_time += elapsed
                 stats.io_time_weighted += elapsed * self._in_flight
             self._depth_since = now
-
-    def submit(self, request: Request) -> None:
-        """Queue a request; its ``arrival`` may be set already (one clock reading for many requests)."""
-        request.seq = self._seq
-        self._seq += 1
-        if not request.arrival:
-            request.arrival = monotonic()
-        self._depth_changes(request.arrival)
         self._in_flight += 1
         self.stats.requests[request.command] += 1
         if not self.merge or (self._in_flight == 1 and not self._plug):
@@ -160,10 +157,14 @@ class RequestQueue:
         stats.merged[command] += len(requests) - 1
         stats.bytes[command] += submission.length
         stats.segments[command] += len(requests)
-        stats.submission_bytes[command].observe(submission.length)
-        stats.submission_segments[command].observe(len(requests))
+        stats.submission_bytes[command].counts[bisect_left(SIZE_BUCKETS, submission.length)] += 1
+        stats.submission_segments[command].counts[bisect_left(SEGMENT_BUCKETS, len(requests))] += 1
         now = monotonic()
-        self._depth_changes(now)
+        if self._in_flight:  # _depth_changes(), inline
+            elapsed = now - self._depth_since
+            stats.io_time += elapsed
+            stats.io_time_weighted += elapsed * self._in_flight
+        self._depth_since = now
         self._in_flight -= len(requests)
         latency = stats.latency[command]
         counts, bounds, waited = latency.counts, latency.bounds, 0.0
@@ -173,7 +174,7 @@ class RequestQueue:
             if request.arrival != arrival:  # merged requests mostly arrived together: one lookup
                 arrival = request.arrival
                 bucket = bisect_left(bounds, now - arrival)
-            counts[bucket] += 1  # Histogram.observe(), inline
+            counts[bucket] += 1
             waited += now - arrival
             if request.errno:
                 stats.errors[request.errno] += 1
@@ -186,7 +187,6 @@ class RequestQueue:
                         unblocked.append(waiter)
                 request.waiters = None
             request.on_done(request)
-        latency.sum += waited
         stats.time[command] += waited
         if unblocked:
             self._issue(unblocked)

@@ -13,7 +13,6 @@ joined another's submission: client requests = completed + merged.
 from __future__ import annotations
 
 import errno
-from bisect import bisect_left
 from collections import Counter
 
 from ..protocol import Command
@@ -27,22 +26,17 @@ COMMANDS = max(Command) + 1  # lists are indexed by command number
 
 
 class Histogram:
-    """Counts per bucket (``value <= bound``, the last one unbounded) and their sum."""
+    """Counts per bucket: ``value <= bound``, the last one unbounded.
 
-    __slots__ = ("bounds", "counts", "sum")
+    Its sum is kept with the other counters (``time``, ``bytes``, ``segments``),
+    where it is added anyway: the hot path indexes a bucket and nothing more.
+    """
+
+    __slots__ = ("bounds", "counts")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
 
 
 def _per_command(bounds: tuple[float, ...]) -> list[Histogram]:
@@ -59,7 +53,8 @@ class QueueStats:
         self.bytes = [0] * COMMANDS  # of completed submissions
         self.segments = [0] * COMMANDS
         self.time = [0.0] * COMMANDS  # seconds from arrival to completion, summed over requests
-        self.latency = _per_command(LATENCY_BUCKETS)  # of each request
+        self.latency = _per_command(LATENCY_BUCKETS)  # of each request; its sum is in ``time``
+        # Of each submission: their sums are ``bytes`` and ``segments``, and their counts ``submissions``.
         self.submission_bytes = _per_command(SIZE_BUCKETS)
         self.submission_segments = _per_command(SEGMENT_BUCKETS)
         self.errors: Counter[int] = Counter({errno.EIO: 0, errno.ENOSPC: 0})  # failed requests by errno

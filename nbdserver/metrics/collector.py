@@ -148,21 +148,21 @@ def _histograms(exports: list[Export]) -> Iterator:
         stats = export.queue.stats
         for command, op in _OPS.items():
             if stats.requests[command]:
-                _add(latency, [export.name, op], stats.latency[command])
+                _add(latency, [export.name, op], stats.latency[command], stats.time[command])
         for command in _SUBMITTED:
             if stats.submissions[command]:
                 op = _OPS[command]
-                _add(sizes, [export.name, op], stats.submission_bytes[command])
-                _add(segments, [export.name, op], stats.submission_segments[command])
+                _add(sizes, [export.name, op], stats.submission_bytes[command], stats.bytes[command])
+                _add(segments, [export.name, op], stats.submission_segments[command], stats.segments[command])
     yield from (latency, sizes, segments)
 
 
-def _add(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
-    buckets, total = [], 0
+def _add(family: HistogramMetricFamily, labels: list[str], histogram: Histogram, total: float) -> None:
+    buckets, seen = [], 0
     for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
-        total += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-    family.add_metric(labels, buckets, histogram.sum)
+        seen += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), seen))
+    family.add_metric(labels, buckets, total)
 
 
 def _labelled_counter(stem: str, doc: str) -> CounterMetricFamily:
