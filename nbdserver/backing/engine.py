@@ -95,9 +95,12 @@ class ThreadPoolEngine:
             await self.call(self.backing.readv, offset, segments)
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        # A long read may fall in a hole, which a worker finds with SEEK_DATA (it may wait for the
-        # inode lock, so not here) and then reads nothing: cheaper than filling the page cache with zeroes.
-        if sum(map(len, segments)) < SPARSE_CHECK_MIN and self.backing.read_cached(offset, segments):
+        # A long read may fall in a hole: one SEEK_DATA (it waits for the inode lock at most as long
+        # as a write holds it) spares reading it, which would fill the page cache with zeroes.
+        length = sum(map(len, segments))
+        if length >= SPARSE_CHECK_MIN and self.backing.is_hole(offset, length):
+            return [(length, True)]
+        if self.backing.read_cached(offset, segments):
             return segments_extents(segments)
         return await self.call(self.backing.read_sparse, offset, segments)
 
