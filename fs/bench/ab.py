@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import fill, nbdserver_command, run_fio, spread, start_server
+from common import fill, nbdserver_command, publish, run_fio, spread, start_server
 from merge_ab import IMAGE_SIZE, WORKLOADS, Workload, workload_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,10 +105,7 @@ def main() -> int:
                     progress = f"[{n}/{total}] {workload.name}, {side}: {result.mibs:.0f} MiB/s"
                     print(progress, file=sys.stderr, flush=True)
     table = render(workloads, runs, args)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    publish(table, args.out)
     return 0
 
 

@@ -174,3 +174,11 @@ def fill(path: Path, length: int) -> None:
         for _ in range(length // len(chunk)):
             f.write(chunk)
         f.write(chunk[: length % len(chunk)])
+
+
+def publish(report: str, out: Path | None) -> None:
+    """Print a report, and write it to ``out`` too when given."""
+    print(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)

@@ -47,6 +47,7 @@ from common import (
     fill,
     free_port,
     nbdserver_command,
+    publish,
     run_fio,
     spread,
     start_server,
@@ -293,9 +294,7 @@ def main() -> int:
         f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
     )
     report = render(header, workloads, variants, cells, unavailable)
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    publish(report, args.out)
     return 0
 
 

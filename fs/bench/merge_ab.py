@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import OWN_METRICS_PORT, Server, fill, nbdserver_command, run_fio, spread, start_server
+from common import OWN_METRICS_PORT, Server, fill, nbdserver_command, publish, run_fio, spread, start_server
 
 IMAGE_SIZE = 1 << 30
 
@@ -102,10 +102,7 @@ def main() -> int:
                     cell.p99_us.append(p99)
                     cell.per_submission.append(ratio)
     table = render(workloads, cells, args)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    publish(table, args.out)
     return 0
 
 
