@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,11 @@ class Connection(asyncio.BufferedProtocol):
         self._in_flight_bytes = 0
         self._max_in_flight_bytes = server.config.max_inflight_bytes
         self._reply_bytes = 0  # READ data queued in _out, not yet handed to the transport
-        self._sent_blocks: list[memoryview] = []  # READ blocks handed to the transport, maybe not yet sent
+        # READ blocks handed to the transport, with how many bytes it had been handed up to them:
+        # once that many have left (handed minus still buffered), the block is free again.
+        self._sent_blocks: deque[tuple[int, memoryview]] = deque()
+        self._handed = 0  # bytes given to the transport so far
+        self._unsent_blocks: list[memoryview] = []  # READ blocks of the replies in _out
         self._reading_paused = False  # no new request is taken
         self._transport_paused = False  # no bytes are received
         self._consuming = False
@@ -141,8 +146,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self._transport is not None and not self._transport.get_write_buffer_size():
-            self._give_back_sent()
+        self._give_back_sent()
         self._update_reading()
 
     # Handshake ---------------------------------------------------------------------
@@ -287,7 +291,7 @@ class Connection(asyncio.BufferedProtocol):
         sending = self._transport is not None and request.command == Command.READ and not request.errno
         if block is not None:
             if sending:
-                self._sent_blocks.append(block)  # given back once the transport has sent it
+                self._unsent_blocks.append(block)  # given back once the transport has sent its reply
             else:
                 self.export.pool.give(block)  # type: ignore[union-attr]
         if self._transport is None:
@@ -325,18 +329,23 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._out and transport is not None:
             transport.writelines(self._out)
-            if self._sent_blocks and not transport.get_write_buffer_size():
-                self._give_back_sent()  # everything handed over so far has left
+            self._handed += sum(map(len, self._out))
+            for block in self._unsent_blocks:
+                self._sent_blocks.append((self._handed, block))
+            self._give_back_sent()
         self._out = []
+        self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
         self._update_reading()
 
     def _give_back_sent(self) -> None:
-        assert self.export is not None
-        give = self.export.pool.give
-        for block in self._sent_blocks:
-            give(block)
-        self._sent_blocks = []
+        """Return to the pool the READ blocks whose replies have left the transport."""
+        if not self._sent_blocks or self._transport is None:
+            return
+        left = self._handed - self._transport.get_write_buffer_size()
+        give, sent = self.export.pool.give, self._sent_blocks  # type: ignore[union-attr]
+        while sent and sent[0][0] <= left:
+            give(sent.popleft()[1])
 
     # Flow control and shutdown ---------------------------------------------------------
 

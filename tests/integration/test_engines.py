@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -295,3 +296,66 @@ def test_sigterm_under_full_load_exits_cleanly(engine_server, tmp_path):
         fio.wait()
     assert code == 0, engine_server.log_text()[-2000:]
     assert took < 15, f"shutdown took {took:.1f} s"
+
+
+def test_streaming_reads_reuse_their_buffers(engine_server, export_file, tmp_path):
+    """1 MiB reads at QD16 for a few seconds: each READ buffer goes back to the pool once its reply
+    has left, so the pool allocates about one block per request in flight, not one per request."""
+    with open(export_file, "r+b") as f:
+        f.write(pattern(3, 32 * MiB))
+    result = subprocess.run(
+        [
+            "fio",
+            "--name=stream",
+            "--thread",
+            "--ioengine=nbd",
+            f"--uri={engine_server.uri()}",
+            "--rw=read",
+            "--bs=1M",
+            "--iodepth=16",
+            "--size=32M",
+            "--time_based",
+            "--runtime=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert engine_server.stop() == 0
+    (line,) = [line for line in engine_server.log if "buffer pool:" in line]
+    allocated = int(line.split("buffer pool:")[1].split()[0])
+    reads = int(next(line for line in engine_server.log if "READ " in line).split("READ ")[1].split()[0])
+    print(f"{reads} reads of 1 MiB, {allocated} blocks allocated")
+    assert reads > 200 and allocated <= 64
+
+
+def test_read_buffers_come_back_while_a_slow_client_keeps_the_socket_full(engine_server, export_file):
+    """A client that reads its replies slowly keeps the server's socket buffer from ever emptying:
+    READ buffers must still return to the pool as their replies leave, not pile up."""
+    from tests.integration.rawclient import Cmd, RawClient
+
+    with open(export_file, "r+b") as f:
+        f.write(pattern(5, 16 * MiB))
+    client = RawClient(engine_server.host, engine_server.port).handshake().go()
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    try:
+        window, total, sent = 16, 400, 0
+        while sent < window:
+            client.request(Cmd.READ, (sent % 16) * MiB, MiB)
+            sent += 1
+        for _ in range(total):
+            reply = client.read_reply()
+            assert reply.error == 0 and len(reply.data) == MiB
+            time.sleep(0.002)
+            if sent < total:
+                client.request(Cmd.READ, (sent % 16) * MiB, MiB)
+                sent += 1
+    finally:
+        client.close()
+    assert engine_server.stop() == 0
+    (line,) = [line for line in engine_server.log if "buffer pool:" in line]
+    allocated = int(line.split("buffer pool:")[1].split()[0])
+    print(f"{total} reads of 1 MiB by a slow reader, {allocated} blocks allocated")
+    assert allocated <= 64
