@@ -158,7 +158,8 @@ class RequestQueue:
         stats.bytes[command] += submission.length
         stats.segments[command] += len(requests)
         stats.submission_bytes[command].counts[bisect_left(SIZE_BUCKETS, submission.length)] += 1
-        stats.submission_segments[command].counts[bisect_left(SEGMENT_BUCKETS, len(requests))] += 1
+        segments = len(requests)
+        stats.submission_segments[command].counts[bisect_left(SEGMENT_BUCKETS, segments) if segments > 1 else 0] += 1
         now = monotonic()
         if self._in_flight:  # _depth_changes(), inline
             elapsed = now - self._depth_since
