@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -51,7 +52,8 @@ _STATX_SIZE = 256
 _STATX_DIO_OFFSETS = 152  # stx_dio_mem_align, stx_dio_offset_align: two u32
 DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
 
-_ZERO_CHUNK = bytes(1024 * 1024)  # the zero-writing fallback is buffered: no alignment needed
+# Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
+_ZERO_CHUNK = memoryview(mmap.mmap(-1, 1024 * 1024))
 ZERO_BLOCK = 4096  # granularity of zero detection in reads
 _ZERO_SCAN_MIN = 64 * 1024  # shorter buffers are reported whole: all zero or data
 SPARSE_CHECK_MIN = 64 * 1024  # sparse reads this long first ask whether they fall in a hole
@@ -287,7 +289,7 @@ class Backing:
         end = offset + length
         while offset < end:
             chunk = min(len(_ZERO_CHUNK), end - offset)
-            self.writev(offset, [memoryview(_ZERO_CHUNK)[:chunk]])
+            self.writev(offset, [_ZERO_CHUNK[:chunk]])
             offset += chunk
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:

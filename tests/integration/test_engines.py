@@ -359,3 +359,31 @@ def test_read_buffers_come_back_while_a_slow_client_keeps_the_socket_full(engine
     allocated = int(line.split("buffer pool:")[1].split()[0])
     print(f"{total} reads of 1 MiB by a slow reader, {allocated} blocks allocated")
     assert allocated <= 64
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_zeroes_are_written_where_the_filesystem_cannot_deallocate(ext4_dir, direct):
+    import errno
+
+    from nbdserver.backing import Backing
+    from nbdserver.backing.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+    path = ext4_dir / f"zero-fallback-{direct}.img"
+    path.write_bytes(b"\xff" * (4 * MiB))
+    backing = Backing(path, direct=direct)
+    try:
+        # As on a filesystem without these fallocate modes: learned once, then never asked again.
+        backing._unsupported_modes |= {
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+        }
+        with pytest.raises(OSError) as refused:
+            backing.write_zeroes(0, MiB, may_trim=True, fast_only=True)
+        assert refused.value.errno == errno.ENOTSUP
+        backing.write_zeroes(4096, 3 * MiB, may_trim=True, fast_only=False)
+        backing.flush()
+    finally:
+        backing.close()
+        data = path.read_bytes()
+        path.unlink()
+    assert data == b"\xff" * 4096 + bytes(3 * MiB) + b"\xff" * (MiB - 4096)
