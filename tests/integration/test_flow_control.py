@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import MiB
+from tests.conftest import MiB, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 
@@ -19,6 +19,8 @@ def test_export_budget_pauses_every_connection_until_it_frees(start_server, imag
         # Two WRITEs of 6 MiB, each with only part of its payload sent: 12 MiB held, over the 8 MiB budget.
         a.send(a.request_bytes(Cmd.WRITE, 0, 6 * MiB) + b"a" * MiB)
         b.send(b.request_bytes(Cmd.WRITE, 8 * MiB, 6 * MiB) + b"b" * MiB)
+        # Both headers taken (the three sockets are read in whatever order they become ready).
+        assert wait_for(lambda: value(scrape(server.metrics_url), "nbdserver_inflight_bytes", export="") == 12 * MiB)
         c.request(Cmd.READ, 0, 4096)
         c.sock.settimeout(1)
         with pytest.raises(TimeoutError):

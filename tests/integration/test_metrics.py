@@ -17,31 +17,13 @@ from pathlib import Path
 
 import nbd
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MiB, make_image, wait_for
+from tests.conftest import MiB, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "nbdserver.json"
 RULES = ROOT / "deploy" / "prometheus"
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page, keyed by name and sorted labels."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples[name, tuple(sorted(labels.items()))]
 
 
 @pytest.fixture
