@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
+import os
 import sys
 from pathlib import Path
 
 import uvloop
 
-from . import __version__
+from . import __version__, configfile, daemon
 from .backing import DEFAULT_WORKERS, ENGINES
-from .config import CACHE_MODES, ConfigError, ExportConfig, ServerConfig, parse_export, parse_listener, parse_size
+from .config import (
+    CACHE_MODES,
+    LOG_LEVELS,
+    ConfigError,
+    ExportConfig,
+    ServerConfig,
+    parse_export,
+    parse_listener,
+    parse_size,
+)
 from .metrics import top
-from .server import Server
-
-log = logging.getLogger("nbdserver")
+from .systemd import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  nbdserver serve --listen '[::1]:10809' --listen unix:/run/nbd.sock disk.img"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"read settings and exports from this TOML file (e.g. {configfile.DEFAULT_PATH}); flags override it",
     )
     serve.add_argument("path", nargs="?", type=Path, help="backing file or block device of the export named by --name")
     serve.add_argument("--name", default="", help="name of that export (default: the empty name)")
@@ -63,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--engine",
         choices=ENGINES,
-        default=ServerConfig.engine,
         help="how I/O is issued: threads (a thread pool, the default) or uring (io_uring)",
     )
-    serve.add_argument("--default-export", help="export chosen by the empty name (default: the first)")
+    serve.add_argument(
+        "--default-export", help='export chosen by the empty name (default: the export named "", else the first)'
+    )
     serve.add_argument(
         "--listen",
         "-l",
@@ -80,54 +92,61 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics",
         type=_arg(parse_listener),
-        default=ServerConfig.metrics,
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default 127.0.0.1:10810)",
     )
     serve.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    serve.add_argument("--workers", type=int, help=f"I/O threads per export (default {DEFAULT_WORKERS})")
     serve.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="I/O threads per export (default %(default)s)"
-    )
-    serve.add_argument(
-        "--no-merge", dest="merge", action="store_false", help="issue every request on its own (for A/B measurements)"
+        "--no-merge",
+        dest="merge",
+        action="store_const",
+        const=False,
+        help="issue every request on its own (for A/B measurements)",
     )
     serve.add_argument(
         "--max-submission-bytes",
         type=_arg(parse_size),
-        default=ServerConfig.max_submission_bytes,
         metavar="SIZE",
         help="largest merged read or write (default 1M)",
     )
     serve.add_argument(
         "--max-segments",
         type=int,
-        default=ServerConfig.max_segments,
         metavar="N",
-        help="most requests in one merged submission (default %(default)s, at most 1024)",
+        help=f"most requests in one merged submission (default {ServerConfig.max_segments}, at most 1024)",
     )
     serve.add_argument(
         "--max-inflight",
         type=_arg(parse_size),
-        default=ServerConfig.max_inflight_bytes,
         metavar="SIZE",
         help="READ/WRITE bytes in flight per connection before it stops reading (default 256M)",
     )
     serve.add_argument(
         "--max-export-inflight",
         type=_arg(parse_size),
-        default=ServerConfig.max_export_inflight_bytes,
         metavar="SIZE",
         help="the same across all connections of one export (default 512M)",
     )
     serve.add_argument(
         "--buffer-pool",
         type=_arg(parse_size),
-        default=ServerConfig.buffer_pool_bytes,
         metavar="SIZE",
         help="idle request buffers kept for reuse (default 64M)",
     )
-    serve.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default %(default)s"
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    check = commands.add_parser(
+        "check-config",
+        help="check a configuration file",
+        description="Check a configuration file and the exports it names; exit 0 if the server would start.",
+    )
+    check.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        default=configfile.DEFAULT_PATH,
+        metavar="FILE",
+        help="default %(default)s",
     )
     top = commands.add_parser(
         "top",
@@ -155,57 +174,82 @@ def _arg(parse):
     return convert
 
 
+# Command-line flags and the ServerConfig fields they override.
+_OVERRIDES = {
+    "engine": "engine",
+    "workers": "workers",
+    "merge": "merge",
+    "max_submission_bytes": "max_submission_bytes",
+    "max_segments": "max_segments",
+    "max_inflight": "max_inflight_bytes",
+    "max_export_inflight": "max_export_inflight_bytes",
+    "buffer_pool": "buffer_pool_bytes",
+    "log_level": "log_level",
+    "default_export": "default_export",
+    "metrics": "metrics",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    exports = []
+    """The configuration file (if any), then the flags over it."""
+    config = configfile.load(args.config) if args.config else ServerConfig(exports=[])
     if args.path is not None:
-        exports.append(
+        config.exports.append(
             ExportConfig(
                 args.name, args.path, args.read_only, args.description, create_size=args.size, cache=args.cache
             )
         )
     elif args.size is not None or args.read_only or args.name or args.description or args.cache != "buffered":
         raise ConfigError("--name, --description, --read-only, --size and --cache describe PATH, which is missing")
-    exports.extend(args.export)
-    config = ServerConfig(
-        exports=exports,
-        default_export=args.default_export,
-        metrics=None if args.no_metrics else args.metrics,
-        engine=args.engine,
-        workers=args.workers,
-        merge=args.merge,
-        max_submission_bytes=args.max_submission_bytes,
-        max_segments=args.max_segments,
-        max_inflight_bytes=args.max_inflight,
-        max_export_inflight_bytes=args.max_export_inflight,
-        buffer_pool_bytes=args.buffer_pool,
-    )
+    config.exports.extend(args.export)
+    for flag, name in _OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(config, name, value)
+    if args.no_metrics:
+        config.metrics = None
     if args.listen:
         config.listeners = args.listen
     config.validate()
     return config
 
 
-async def serve(config: ServerConfig) -> int:
-    server = Server(config)
+def check_config(path: Path) -> int:
+    """``nbdserver check-config``: the file, then each export's backing file."""
     try:
-        server.open_exports()
-    except OSError as exc:
-        log.error("cannot open export: %s", exc)
+        config = configfile.load(path)
+        try:
+            config.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        print(f"nbdserver: {exc}", file=sys.stderr)
         return 1
-    try:
-        await server.start()
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
-        await server.shutdown()
+    problems = [f"{path}: export {e.name!r}: {problem}" for e in config.exports if (problem := _backing_problem(e))]
+    for problem in problems:
+        print(f"nbdserver: {problem}", file=sys.stderr)
+    if problems:
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await server.shutdown()
+    names = ", ".join(repr(e.name) for e in config.exports)
+    listeners = ", ".join(map(str, config.listeners))
+    print(f"{path}: OK: {len(config.exports)} export(s) ({names}) on {listeners}")
     return 0
+
+
+def _backing_problem(export: ExportConfig) -> str | None:
+    """Why the server could not open this export's backing file, as far as can be told without opening it."""
+    path = export.path
+    if not path.exists():
+        if export.create_size is None:
+            return f"path {path}: does not exist (and no size is given to create it)"
+        if not os.access(path.parent, os.W_OK):
+            return f"path {path}: does not exist, and its directory is not writable to create it"
+        return None
+    if not (path.is_file() or path.is_block_device()):
+        return f"path {path}: not a regular file or block device"
+    if not os.access(path, os.R_OK if export.read_only else os.R_OK | os.W_OK):
+        return f"path {path}: not {'readable' if export.read_only else 'readable and writable'} by this user"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.interval <= 0:
             parser.error("--interval must be positive")
         return top.run(args.url, args.interval, once=args.once, count=args.count)
+    if args.command == "check-config":
+        return check_config(args.config)
     if args.command == "serve":
-        logging.basicConfig(
-            level=args.log_level.upper(), stream=sys.stderr, format="nbdserver[%(levelname)s] %(message)s"
-        )
         try:
             config = config_from_args(args)
         except ConfigError as exc:
             parser.error(str(exc))
-        return uvloop.run(serve(config))
+        configure_logging(config.log_level)
+        reread = (lambda: config_from_args(args)) if args.config else None
+        return uvloop.run(daemon.run(config, reread))
     parser.error(f"unknown command {args.command}")
     return 2

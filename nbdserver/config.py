@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 
 
 CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ExportConfig:
     description: str = ""
     create_size: int | None = None  # create a sparse image of this size if ``path`` is missing
     cache: str = "buffered"  # one of CACHE_MODES
+    max_inflight_bytes: int | None = None  # across the export's connections; None: the server's default
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ServerConfig:
     max_export_inflight_bytes: int = 512 * 1024 * 1024  # across an export's connections
     buffer_pool_bytes: int = 64 * 1024 * 1024  # idle request buffers kept for reuse
     merge: bool = True  # plug and merge adjacent requests into one submission
+    log_level: str = "info"  # one of LOG_LEVELS
     max_submission_bytes: int = MergeLimits.max_bytes
     max_segments: int = MergeLimits.max_segments
 

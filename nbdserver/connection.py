@@ -410,6 +410,11 @@ class Connection(asyncio.BufferedProtocol):
         self._disconnecting = True
         self._close_after_flush()
 
+    def refuse_writes(self) -> None:
+        """The export became read-only: writes from now on get EPERM (those in flight complete)."""
+        if self._tx is not None:
+            self._tx.read_only = True
+
     def shutdown(self) -> None:
         """Server shutdown: answer what is in flight, then close."""
         if self._handshake is not None:

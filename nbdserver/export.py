@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from .backing import Backing, open_engine
 from .block import RequestQueue
 from .block.buffers import PAGE_SIZE, BufferPool, ByteBudget
-from .config import ExportConfig, ServerConfig
+from .config import ConfigError, ExportConfig, ServerConfig
 from .protocol import ExportInfo
 from .protocol import TransmissionFlag as TF
 
@@ -33,7 +34,7 @@ class Export:
     def __init__(self, config: ExportConfig, server: ServerConfig, pool: BufferPool) -> None:
         self.config = config
         self.pool = pool
-        self.budget = ByteBudget(server.max_export_inflight_bytes)
+        self.budget = ByteBudget(config.max_inflight_bytes or server.max_export_inflight_bytes)
         self.backing = backing = Backing(
             config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
         )
@@ -62,10 +63,17 @@ class Export:
     def name(self) -> str:
         return self.config.name
 
+    def set_read_only(self, read_only: bool) -> None:
+        """Change what new connections are told; raises ConfigError where the backing cannot follow."""
+        if not read_only and self.backing.read_only:
+            raise ConfigError(f"export {self.name!r} was opened read-only: making it writable needs a restart")
+        self.config.read_only = read_only
+        self.info = replace(self.info, flags=_READ_ONLY if read_only else _WRITABLE)
+
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""
         await self.queue.drain()
-        if not self.config.read_only:
+        if not self.backing.read_only:  # it may have been written before a reload made it read-only
             await self.engine.flush()
         self.engine.close()
         log.info("export %r: %s", self.name, self.queue.stats.summary())

@@ -9,17 +9,19 @@ import os
 import socket
 import stat
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
 
 from .block.buffers import BufferPool
-from .config import Listener, ServerConfig
+from .config import ConfigError, ExportConfig, Listener, ServerConfig
 from .connection import Connection
 from .export import Export
 from .metrics import MetricsEndpoint, ServerCollector
 from .protocol import Error, ExportCatalog
 from .protocol.errors import VIOLATION_KINDS
+from .systemd import METRICS_FD_NAME
 
 log = logging.getLogger(__name__)
 
@@ -49,62 +51,154 @@ class Server:
         self.registry.register(ServerCollector(self))
         self._metrics: MetricsEndpoint | None = None
         self.metrics_addresses: list[str] = []
+        self._unix_paths: list[str] = []  # sockets we created, removed at shutdown
+        self.on_change: Callable[[], None] = lambda: None  # connections came or went
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
         try:
             for export_config in self.config.exports:
-                export = Export(export_config, self.config, self.pool)
-                self.exports[export.name] = export
-                log.info(
-                    "export %r: %s, %d bytes, cache %s%s",
-                    export.name,
-                    export_config.path,
-                    export.info.size,
-                    export_config.cache,
-                    ", read-only" if export_config.read_only else "",
-                )
+                self._open_export(export_config)
         except BaseException:
             for export in self.exports.values():
                 export.engine.close()
             raise
-        self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
-        for name in self.exports:
-            for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
-                self.stats.refused[name, error.name] += 0
+        self._update_catalog()
 
-    async def start(self) -> None:
-        """Listen on every configured address; raises OSError (e.g. address in use)."""
+    def _open_export(self, config: ExportConfig) -> None:
+        export = Export(config, self.config, self.pool)
+        self.exports[export.name] = export
+        for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
+            self.stats.refused[export.name, error.name] += 0  # shown from zero
+        log.info(
+            "export %r: %s, %d bytes, cache %s%s",
+            export.name,
+            config.path,
+            export.info.size,
+            config.cache,
+            ", read-only" if config.read_only else "",
+        )
+
+    def _update_catalog(self) -> None:
+        """What handshakes from now on offer."""
+        self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
+
+    async def start(self, inherited: Sequence[tuple[str, socket.socket]] = ()) -> None:
+        """Listen on the inherited sockets (socket activation) if any, else on every configured address.
+
+        An inherited socket named ``metrics`` serves /metrics.  Raises OSError (e.g. address in use).
+        """
         loop = asyncio.get_running_loop()
-        for listener in self.config.listeners:
-            if listener.is_unix:
-                _remove_stale_socket(listener.path)
-                srv = await loop.create_unix_server(lambda: Connection(self), listener.path)
+        metrics_socket = None
+        for name, sock in inherited:
+            if name == METRICS_FD_NAME:
+                metrics_socket = sock
+                continue
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(lambda: Connection(self), sock=sock)
             else:
-                srv = await loop.create_server(
-                    lambda: Connection(self), listener.host, listener.port, reuse_address=True
-                )
+                srv = await loop.create_server(lambda: Connection(self), sock=sock)
             self._listeners.append(srv)
-            for sock in srv.sockets:
-                self.addresses.append(_describe(sock, listener))
+            self.addresses.append(describe_socket(sock))
+        if not self._listeners:
+            for listener in self.config.listeners:
+                await self._listen(listener)
         for address in self.addresses:
             log.info("listening on %s", address)
-        if self.config.metrics is not None:
+        if metrics_socket is not None or self.config.metrics is not None:
             self._metrics = MetricsEndpoint(self.registry)
-            bound = await self._metrics.start(self.config.metrics.host, self.config.metrics.port)
+            if metrics_socket is not None:
+                bound = await self._metrics.start(sock=metrics_socket)
+            else:
+                assert self.config.metrics is not None
+                bound = await self._metrics.start(self.config.metrics.host, self.config.metrics.port)
             self.metrics_addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
             for address in self.metrics_addresses:
                 log.info("metrics on http://%s/metrics", address)
-        log.info("ready: %d export(s) on %d address(es)", len(self.exports), len(self.addresses))
+        log.info("ready: %s", self.status())
+
+    async def _listen(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        if listener.is_unix:
+            _remove_stale_socket(listener.path)
+            srv = await loop.create_unix_server(lambda: Connection(self), listener.path)
+            self._unix_paths.append(listener.path)
+        else:
+            srv = await loop.create_server(lambda: Connection(self), listener.host, listener.port, reuse_address=True)
+        self._listeners.append(srv)
+        self.addresses.extend(describe_socket(sock) for sock in srv.sockets)
+
+    def status(self) -> str:
+        """One line for STATUS= and the log."""
+        return (
+            f"{len(self.exports)} export(s) on {len(self.addresses)} address(es), {len(self.connections)} connection(s)"
+        )
+
+    def reload(self, new: ServerConfig) -> tuple[list[str], list[str]]:
+        """Apply what can change while serving: new exports, read-only flags, descriptions, the default export.
+
+        Returns (what changed, what could not change without a restart); nothing is torn down.
+        """
+        new.validate()
+        changed: list[str] = []
+        refused: list[str] = []
+        old = {e.name: e for e in self.config.exports}
+        for config in new.exports:
+            if config.name not in old:
+                try:
+                    self._open_export(config)
+                except OSError as exc:
+                    refused.append(f"export {config.name!r} not added: {exc}")
+                    continue
+                self.config.exports.append(config)
+                changed.append(f"export {config.name!r} added")
+                continue
+            changed += self._reload_export(self.exports[config.name], config, refused)
+        for name in old.keys() - {e.name for e in new.exports}:
+            refused.append(f"export {name!r} is no longer configured: still served until a restart")
+        if new.default_export != self.config.default_export:
+            self.config.default_export = new.default_export
+            changed.append(f"default export {new.default_export!r}")
+        for name in _RESTART_FIELDS:
+            if getattr(new, name) != getattr(self.config, name):
+                refused.append(f"{name.replace('_', ' ')} changed: needs a restart")
+        self._update_catalog()
+        return changed, refused
+
+    def _reload_export(self, export: Export, config: ExportConfig, refused: list[str]) -> list[str]:
+        changed = []
+        current = export.config
+        if config.read_only != current.read_only:
+            try:
+                export.set_read_only(config.read_only)
+            except ConfigError as exc:
+                refused.append(str(exc))
+            else:
+                if config.read_only:
+                    for connection in self.connections:
+                        if connection.export is export:
+                            connection.refuse_writes()
+                changed.append(f"export {export.name!r} {'read-only' if config.read_only else 'writable'}")
+        if config.description != current.description:
+            current.description = config.description
+            export.info = replace(export.info, description=config.description)
+            changed.append(f"export {export.name!r} description")
+        for name in _EXPORT_RESTART_FIELDS:
+            if getattr(config, name) != getattr(current, name):
+                refused.append(f"export {export.name!r}: {name.replace('_', ' ')} changed: needs a restart")
+        return changed
 
     def connection_made(self, connection: Connection) -> None:
         self.connections.add(connection)
         self.stats.connections += 1
         log.info("%s: connected", connection.peer)
+        self.on_change()
 
     def connection_lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
-        log.info("%s: disconnected", connection.peer)
+        export = f"export {connection.export.name!r}" if connection.export is not None else "in the handshake"
+        log.info("%s: disconnected (%s)", connection.peer, export)
+        self.on_change()
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, answer what is in flight, flush every export, close."""
@@ -124,16 +218,35 @@ class Server:
         for export in self.exports.values():
             await export.close()
         log.info("buffer pool: %d blocks allocated, %d bytes idle", self.pool.created, self.pool.idle_bytes)
-        for listener in self.config.listeners[: len(self._listeners)]:
-            if listener.is_unix:
-                _remove_socket(listener.path)
+        for path in self._unix_paths:  # ours only: an inherited socket's file belongs to the service manager
+            _remove_socket(path)
 
 
-def _describe(sock: socket.socket, listener: Listener) -> str:
-    if listener.is_unix:
-        return f"unix:{listener.path}"
-    host, port = sock.getsockname()[:2]
+def describe_socket(sock: socket.socket) -> str:
+    """``HOST:PORT``, ``[HOST]:PORT`` or ``unix:PATH`` of a bound socket."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(name, bytes):  # abstract
+            name = "@" + name[1:].decode(errors="replace")
+        return f"unix:{name}"
+    host, port = name[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# What a reload cannot change under running connections.
+_RESTART_FIELDS = (
+    "listeners",
+    "metrics",
+    "engine",
+    "workers",
+    "merge",
+    "max_submission_bytes",
+    "max_segments",
+    "max_inflight_bytes",
+    "max_export_inflight_bytes",
+    "buffer_pool_bytes",
+)
+_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes")
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -33,14 +33,14 @@ IO_MODES = {
 class ServerProcess:
     """``nbdserver serve`` in a child process; its log is collected from stderr."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
         self.args = args
         self.log: list[str] = []
         self.addresses: list[str] = []
         self.metrics_url = ""
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nbdserver", "serve", *args],
+            [*(wrapper or []), sys.executable, "-m", "nbdserver", "serve", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -122,15 +122,22 @@ def start_server() -> Iterator:
     """Factory: ``start_server(*args)`` starts a server (default listener 127.0.0.1:0) and waits until it listens."""
     servers: list[ServerProcess] = []
 
-    def start(*args: str | os.PathLike[str], listen: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(
+        *args: str | os.PathLike[str],
+        listen: bool = True,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+        wait: bool = True,
+    ) -> ServerProcess:
+        """``wrapper`` runs the server (e.g. systemd-socket-activate); ``wait=False`` returns before it is ready."""
         argv = [str(a) for a in args]
         if listen and "-l" not in argv and "--listen" not in argv:
             argv += ["--listen", "127.0.0.1:0"]
         if "--metrics" not in argv and "--no-metrics" not in argv:
             argv += ["--metrics", "127.0.0.1:0"]  # servers of parallel tests must not share a port
-        server = ServerProcess(argv, env)
+        server = ServerProcess(argv, env, wrapper)
         servers.append(server)
-        return server.wait_ready()
+        return server.wait_ready() if wait else server
 
     yield start
     for server in servers:

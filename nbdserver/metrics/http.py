@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -27,9 +28,13 @@ class MetricsEndpoint:
         self.registry = registry
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> list[tuple[str, int]]:
-        """Listen; returns the addresses bound (port 0 picks one)."""
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True, limit=MAX_REQUEST_HEAD)
+    async def start(
+        self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
+    ) -> list[tuple[str, int]]:
+        """Listen on ``host:port`` or on a listening ``sock``; returns the addresses bound (port 0 picks one)."""
+        self._server = await asyncio.start_server(
+            self._serve, host, port, sock=sock, reuse_address=None if sock else True, limit=MAX_REQUEST_HEAD
+        )
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
     def close(self) -> None:

@@ -1,0 +1,93 @@
+"""The server's life as a process: start, notify, watch, reload, stop.
+
+``run`` opens the exports, listens (on inherited sockets under socket
+activation), tells the service manager it is ready, pings its watchdog from
+the event loop, reloads on SIGHUP and shuts down cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from .config import ConfigError, ServerConfig
+from .server import Server
+from .systemd import Notifier, inherited_sockets, set_log_level
+
+log = logging.getLogger("nbdserver")
+
+
+async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if the server cannot start.
+
+    ``reread`` gives the configuration anew (file and command line) for SIGHUP.
+    """
+    notifier = Notifier()
+    server = Server(config)
+    # Handlers first: a signal that arrives while starting (or right after "ready:") is not lost.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, notifier, reread)
+    try:
+        sockets = inherited_sockets()
+        server.open_exports()
+    except OSError as exc:
+        log.error("cannot open export: %s", exc)
+        return 1
+    try:
+        await server.start(sockets)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await server.shutdown()
+        return 1
+    server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
+    notifier.notify("READY=1", f"STATUS={server.status()}")
+    watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
+    await stop.wait()
+    log.info("shutting down")
+    notifier.notify("STOPPING=1", "STATUS=finishing requests in flight")
+    await server.shutdown()
+    if watchdog is not None:
+        watchdog.cancel()
+    notifier.close()
+    return 0
+
+
+class _Watchdog:
+    """WATCHDOG=1 every half timeout, from the event loop: a stuck loop stops the pings."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, notifier: Notifier) -> None:
+        self._loop, self._notifier = loop, notifier
+        assert notifier.watchdog_interval is not None
+        self._interval = notifier.watchdog_interval
+        self._handle = loop.call_soon(self._ping)
+
+    def _ping(self) -> None:
+        self._notifier.notify("WATCHDOG=1")
+        self._handle = self._loop.call_later(self._interval, self._ping)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _reload(server: Server, notifier: Notifier, reread: Callable[[], ServerConfig] | None) -> None:
+    """SIGHUP: apply what can change while serving; log what could not."""
+    if reread is None:
+        log.warning("SIGHUP: nothing to reload (no --config file)")
+        return
+    notifier.notify("RELOADING=1")
+    try:
+        new = reread()
+        set_log_level(new.log_level)
+        changed, refused = server.reload(new)
+    except ConfigError as exc:
+        log.error("reload failed, configuration unchanged: %s", exc)
+    else:
+        log.info("reloaded: %s", "; ".join(["log level " + new.log_level, *changed]))
+        for message in refused:
+            log.warning("not reloaded: %s", message)
+    notifier.notify("READY=1", f"STATUS={server.status()}")
