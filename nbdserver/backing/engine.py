@@ -58,7 +58,9 @@ class ThreadPoolEngine:
 
     def call(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
         """Run ``fn(*args)`` on a worker; the future has its result."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asked once: get_running_loop() costs a getpid() system call
+            loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._jobs.put((future, fn, args))
         return future

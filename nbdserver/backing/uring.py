@@ -274,7 +274,7 @@ class UringEngine:
     # The engine interface ------------------------------------------------------------------
 
     def _transfers(self, write: bool, offset: int, segments: Sequence[Segment], dsync: bool) -> list[asyncio.Future]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         futures = []
         for batch_offset, batch in _batches(offset, segments):
             views = [memoryview(s).cast("B") for s in batch if len(s)]

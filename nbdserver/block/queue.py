@@ -55,6 +55,14 @@ class RequestQueue:
         self._in_flight = 0
         self._depth_since = monotonic()  # when the queue depth last changed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, asked once: get_running_loop() costs a getpid() system call."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     @property
     def in_flight(self) -> int:
@@ -90,7 +98,7 @@ class RequestQueue:
             self.unplug()
         elif not self._unplug_scheduled:
             self._unplug_scheduled = True
-            asyncio.get_running_loop().call_soon(self.unplug)
+            self.loop.call_soon(self.unplug)
 
     def unplug(self) -> None:
         """Send everything plugged on its way."""
@@ -130,7 +138,7 @@ class RequestQueue:
             submissions = build_submissions(ready, self.limits)
         else:
             submissions = [Submission.of(r) for r in ready]
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         for submission in submissions:
             task = loop.create_task(self._execute(submission))
             self._tasks.add(task)

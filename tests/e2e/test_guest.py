@@ -1,0 +1,126 @@
+"""ext4 on an export through the kernel's nbd-client, in a QEMU guest (fs/guest, fs/scenarios).
+
+One boot runs every scenario against one server; the host side answers the guest's requests
+(kill or restart the server, snapshot its counters at marks) and checks what the server saw.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, ServerProcess, make_image, scrape, value
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
+import guest  # noqa: E402
+
+SCENARIOS = ["ext4", "multiconn", "discard", "crash", "persist"]
+DISK_SIZE = 512 * MiB
+
+
+@dataclass
+class Run:
+    result: guest.Result
+    marks: dict[str, dict] = field(default_factory=dict)  # mark -> the server's metrics at that moment
+    requests: list[str] = field(default_factory=list)  # what the guest asked the host, in order
+    logs: list[str] = field(default_factory=list)  # every server's log, in order
+    final: dict = field(default_factory=dict)  # the last server's metrics at the end
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    missing = guest.missing_tools()
+    if missing:
+        pytest.skip(f"the guest needs {', '.join(missing)} (tests/bootstrap installs them)")
+    image = guest.build(log=lambda line: print(line, flush=True))
+    disk = make_image(tmp_path_factory.mktemp("guest") / "disk.img", DISK_SIZE)
+    port = free_port()
+
+    def start() -> ServerProcess:
+        args = [str(disk), "--listen", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0"]
+        return ServerProcess(args).wait_ready()
+
+    servers = [start()]
+    outcome = Run(guest.Result({}, [], 0.0, ""))
+
+    def on_request(request: str) -> None:
+        outcome.requests.append(request)
+        verb, *rest = request.split()
+        if verb == "mark":
+            outcome.marks[rest[0]] = scrape(servers[-1].metrics_url)
+        elif verb in ("kill", "restart"):
+            servers[-1].stop(signal.SIGKILL if verb == "kill" else signal.SIGTERM)
+            servers.append(start())
+
+    try:
+        outcome.result = guest.run(image, port, SCENARIOS, on_request=on_request, echo=lambda line: print(line))
+        outcome.final = scrape(servers[-1].metrics_url)
+    finally:
+        for server in servers:
+            server.stop()
+            outcome.logs.append(server.log_text())
+    print(f"boot to first scenario: {outcome.result.boot_seconds:.1f} s ({outcome.result.accelerator})")
+    yield outcome
+
+
+def counter(samples: dict, name: str, **labels: str) -> float:
+    return value(samples, name, export="", **labels)
+
+
+def delta(run: Run, start: str, end: str, name: str, **labels: str) -> float:
+    return counter(run.marks[end], name, **labels) - counter(run.marks[start], name, **labels)
+
+
+def passed(run: Run, scenario: str) -> bool:
+    return run.result.passed.get(scenario, False)
+
+
+def console_tail(run: Run, lines: int = 60) -> str:
+    return "\n".join(run.result.console[-lines:])
+
+
+def test_guest_booted(run):
+    assert run.result.lines("@@ BOOTED"), console_tail(run)
+
+
+def test_ext4_one_connection(run):
+    assert passed(run, "ext4"), console_tail(run)
+    assert run.result.lines("@@ DIRECT-WRITE 16 MiB")
+
+
+def test_ext4_four_connections(run):
+    assert passed(run, "multiconn"), console_tail(run)
+    opened = delta(run, "multiconn-start", "multiconn-end", "nbdserver_connections_total")
+    assert opened >= 2, f"nbd-client -C 4 opened {opened} connection(s)"
+
+
+def test_trim_reaches_the_server(run):
+    assert passed(run, "discard"), console_tail(run)
+    trims = "nbdserver_requests_total"
+    mkfs = delta(run, "discard-mkfs", "discard-mkfs-done", "nbdserver_discarded_bytes_total")
+    assert mkfs >= DISK_SIZE * 0.9, f"mkfs discarded {mkfs} bytes of {DISK_SIZE}"
+    assert delta(run, "discard-mkfs-done", "discard-fstrim-done", trims, op="trim") >= 1, "fstrim sent no TRIM"
+    assert delta(run, "discard-online", "discard-online-done", trims, op="trim") >= 1, "-o discard sent no TRIM"
+
+
+def test_crash_keeps_fsynced_files_and_a_clean_journal(run):
+    assert "kill" in run.requests, console_tail(run)
+    assert passed(run, "crash"), console_tail(run)
+    assert run.result.lines("@@ WRITES")
+
+
+def test_restart_under_a_persistent_client(run):
+    assert "restart" in run.requests, console_tail(run)
+    assert passed(run, "persist"), console_tail(run)
