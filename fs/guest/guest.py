@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import lzma
 import os
@@ -45,7 +46,6 @@ SCENARIOS = HERE.parent / "scenarios"
 INIT = HERE / "init.sh"
 GUEST_ADDRESS = "10.0.2.100"
 GUEST_PORT = 10809
-CACHE_VERSION = "1"  # bump when the image's layout changes
 
 # Modules the scenarios need; their dependencies are found in the modules themselves.
 MODULES = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4")
@@ -89,7 +89,9 @@ class Image:
 def build(cache: Path | None = None, log: Callable[[str], None] = print) -> Image:
     """The guest image, built once and cached."""
     cache = cache or cache_dir()
-    stamp = cache / f"image-{CACHE_VERSION}"
+    # A new image whenever the recipe (this file) or the init changes.
+    recipe = hashlib.sha256(Path(__file__).read_bytes() + INIT.read_bytes()).hexdigest()[:16]
+    stamp = cache / f"image-{recipe}"
     if (stamp / "vmlinux").exists() and (stamp / "initramfs.cpio").exists():
         return Image(stamp / "vmlinux", stamp / "initramfs.cpio", (stamp / "release").read_text())
     missing = missing_tools()
@@ -195,6 +197,9 @@ def _initramfs(root: Path, release: str, modules: list[Path]) -> bytes:
         names.append(module.name)
     archive.file("lib/modules/load-order", ("\n".join(names) + "\n").encode(), 0o644)
     archive.file("etc/release", release.encode(), 0o644)
+    archive.symlink("etc/mtab", "/proc/mounts")  # e2fsck asks it whether the device is mounted
+    if Path("/etc/mke2fs.conf").exists():
+        archive.file("etc/mke2fs.conf", Path("/etc/mke2fs.conf").read_bytes(), 0o644)
     return archive.finish(trailer=True)
 
 
@@ -268,7 +273,7 @@ class Result:
     accelerator: str
 
     def lines(self, prefix: str) -> list[str]:
-        return [line for line in self.console if line.startswith(prefix)]
+        return [line[line.find(prefix) :] for line in self.console if prefix in line]
 
 
 def run(
@@ -294,7 +299,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="nbdserver-guest-") as tmp:
         initrd = Path(tmp) / "initrd"
         initrd.write_bytes(image.initramfs.read_bytes() + scenario_archive(scenarios))
-        relay = f"socat - TCP:127.0.0.1:{port} 2>/dev/null"  # its stderr must not reach the stream
+        # QEMU splits the command like a shell but runs no shell, and the command's stderr is the
+        # guest's stream too: a shell sends socat's complaints elsewhere.  While the server restarts,
+        # the relay retries (for 10 s), so a client reconnecting at once finds it back.
+        relay = f"sh -c 'exec socat - TCP:127.0.0.1:{port},retry=50,interval=0.2 2>/dev/null'"
         cmd = [
             "qemu-system-x86_64",
             "-nodefaults",
@@ -318,7 +326,8 @@ def run(
             "-serial",
             "stdio",
             "-netdev",
-            f"user,id=net0,restrict=on,guestfwd=tcp:{GUEST_ADDRESS}:{GUEST_PORT}-cmd:{relay}",
+            # A comma in an option's value is written twice.
+            f"user,id=net0,restrict=on,guestfwd=tcp:{GUEST_ADDRESS}:{GUEST_PORT}-cmd:{relay.replace(',', ',,')}",
             "-device",
             "virtio-net-pci,netdev=net0,romfile=",
         ]
@@ -339,9 +348,10 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
                 console.append(line)
                 if echo is not None:
                     echo(line)
-                if not line.startswith(MARKER):
+                at = line.find(MARKER)  # the firmware's last words may share the line
+                if at < 0:
                     continue
-                words = line[len(MARKER) :].split()
+                words = line[at + len(MARKER) :].split()
                 if words[:1] == ["BOOTED"] and not boot:
                     boot = time.monotonic() - started
                 elif words[:1] == ["SCENARIO"] and len(words) >= 3:
@@ -355,6 +365,8 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
             proc.wait()
     if time.monotonic() - started >= timeout:
         raise GuestError(f"the guest did not finish in {timeout:.0f} s:\n" + "\n".join(console[-40:]))
+    if not boot:
+        raise GuestError("the guest did not boot:\n" + "\n".join(console[-40:]))
     for name in scenarios:
         passed.setdefault(name, False)
     return Result(passed, console, boot, accelerator)

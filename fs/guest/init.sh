@@ -8,7 +8,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
-echo 3 > /proc/sys/kernel/printk  # kernel warnings still reach the console, chatter does not
+echo 4 > /proc/sys/kernel/printk  # kernel errors still reach the console, chatter does not
 
 while read -r module; do
     insmod "/lib/modules/$module" || echo "@@ WARN cannot load $module"

@@ -10,7 +10,13 @@ host() { say "HOST $*"; }  # ask the host for something (see fs/guest/guest.py)
 # attach [nbd-client options]: connect /dev/nbd0 to the server's default export.
 attach() {
     nbd-client "$SERVER" "$PORT" "$DEV" "$@" >/tmp/nbd-client.log 2>&1 || { cat /tmp/nbd-client.log; return 1; }
-    [ "$(cat /sys/block/nbd0/size)" -gt 0 ] || { say "ERROR $DEV has no size"; return 1; }
+    # In ioctl mode (-nonetlink) the size appears once the client's background process starts.
+    waited=0
+    until [ "$(cat /sys/block/nbd0/size)" -gt 0 ]; do
+        waited=$((waited + 1))
+        [ $waited -lt 50 ] || { say "ERROR $DEV has no size"; return 1; }
+        sleep 0.1
+    done
 }
 
 detach() { nbd-client -d "$DEV" >/dev/null 2>&1 || true; }

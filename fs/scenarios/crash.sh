@@ -1,7 +1,8 @@
 # The server killed (SIGKILL) in the middle of fsynced writes, then restarted: reattach, the journal
 # replays, e2fsck -fn is clean, and every file whose fsync returned before the kill is intact.
 . /scenarios/_lib.sh
-attach -b 4096
+# A timeout: without one the kernel keeps requests of a dead connection waiting forever.
+attach -b 4096 -t 5
 mkfs.ext4 -q -F "$DEV"
 mount -t ext4 "$DEV" "$MNT"
 mkdir "$MNT/data"
