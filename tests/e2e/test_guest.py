@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import MiB, ServerProcess, make_image, scrape, value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
-import guest  # noqa: E402
+import guest
 
 SCENARIOS = ["ext4", "multiconn", "discard", "crash", "restart"]
 DISK_SIZE = 512 * MiB
