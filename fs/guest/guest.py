@@ -187,6 +187,7 @@ def _initramfs(root: Path, release: str, modules: list[Path]) -> bytes:
         if program != "/bin/busybox":
             archive.file(program.lstrip("/"), Path(program).read_bytes(), 0o755)
     archive.symlink("sbin/mkfs.ext4", "mke2fs")
+    archive.symlink("sbin/fsck.ext4", "e2fsck")  # for busybox's fsck
     for lib in sorted(_libraries(p for p in PROGRAMS if p != "/bin/busybox")):
         real = lib.resolve()
         archive.file(str(lib).lstrip("/"), real.read_bytes(), 0o755)
@@ -294,8 +295,10 @@ def run(
     for name in scenarios:
         if not (SCENARIOS / f"{name}.sh").exists():
             raise GuestError(f"no scenario {name} in {SCENARIOS}")
-    cpus = cpus or min(2, os.cpu_count() or 1)
+    cpus = cpus or min(2, os.cpu_count() or 1)  # never more than the host has
     accelerator = "kvm" if kvm_usable() else "tcg"
+    if accelerator == "tcg":
+        print("guest: no usable KVM (kvm_intel/kvm_amd not loaded): software emulation (TCG)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="nbdserver-guest-") as tmp:
         initrd = Path(tmp) / "initrd"
         initrd.write_bytes(image.initramfs.read_bytes() + scenario_archive(scenarios))

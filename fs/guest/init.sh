@@ -21,9 +21,11 @@ echo "@@ BOOTED $(cat /etc/release) $(nproc) cpu(s)"
 
 for name in $(cat /scenarios/run); do
     echo "@@ START $name"
+    echo "@@ HOST mark start-$name"
     started=$(cut -d' ' -f1 /proc/uptime)
     if sh -e "/scenarios/$name.sh"; then outcome=PASS; else outcome=FAIL; fi
     ended=$(cut -d' ' -f1 /proc/uptime)
+    echo "@@ HOST mark end-$name"
     echo "@@ SCENARIO $name $outcome $(awk "BEGIN { print $ended - $started }") s"
 done
 sync

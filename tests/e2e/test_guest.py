@@ -97,9 +97,30 @@ def test_guest_booted(run):
     assert run.result.lines("@@ BOOTED"), console_tail(run)
 
 
+def traffic(run: Run, scenario: str) -> str:
+    """What the kernel client sent during a scenario, as the server counted it."""
+    start, end = f"start-{scenario}", f"end-{scenario}"
+    parts = []
+    for op in ("read", "write", "flush", "trim"):
+        requests = delta(run, start, end, "nbdserver_requests_total", op=op)
+        if op in ("read", "write"):
+            merged = delta(run, start, end, f"nbdserver_{op}s_merged_total")
+            submissions = delta(run, start, end, f"nbdserver_{op}s_completed_total")
+            moved = delta(run, start, end, f"nbdserver_{'read' if op == 'read' else 'written'}_bytes_total")
+            parts.append(
+                f"{op} {requests:.0f} ({merged:.0f} merged into {submissions:.0f} submissions, {moved / MiB:.1f} MiB)"
+            )
+        else:
+            parts.append(f"{op} {requests:.0f}")
+    return f"{scenario}: " + ", ".join(parts)
+
+
 def test_ext4_one_connection(run):
     assert passed(run, "ext4"), console_tail(run)
     assert run.result.lines("@@ DIRECT-WRITE 16 MiB")
+    for scenario in ("ext4", "multiconn", "discard"):
+        print(traffic(run, scenario))
+    assert delta(run, "start-ext4", "end-ext4", "nbdserver_requests_total", op="flush") >= 1, "sync sent no FLUSH"
 
 
 def test_ext4_four_connections(run):
