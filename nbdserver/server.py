@@ -112,7 +112,7 @@ class Server:
             else:
                 assert self.config.metrics is not None
                 bound = await self._metrics.start(self.config.metrics.host, self.config.metrics.port)
-            self.metrics_addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
+            self.metrics_addresses = [str(Listener(host, port)) for host, port in bound]
             for address in self.metrics_addresses:
                 log.info("metrics on http://%s/metrics", address)
         log.info("ready: %s", self.status())
@@ -229,8 +229,7 @@ def describe_socket(sock: socket.socket) -> str:
         if isinstance(name, bytes):  # abstract
             name = "@" + name[1:].decode(errors="replace")
         return f"unix:{name}"
-    host, port = name[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Listener(*name[:2]))
 
 
 # What a reload cannot change under running connections.

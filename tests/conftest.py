@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,6 +104,13 @@ class ServerProcess:
 
     def kill(self) -> int:
         return self.stop(signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (for servers that must be told one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_image(path: Path, size: int = IMAGE_SIZE) -> Path:

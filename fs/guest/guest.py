@@ -36,6 +36,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -378,8 +379,6 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
 @contextlib.contextmanager
 def _deadline(proc: subprocess.Popen, timeout: float) -> Iterator[None]:
     """Kill ``proc`` once ``timeout`` seconds have passed (the console read then ends)."""
-    import threading
-
     timer = threading.Timer(timeout, proc.kill)
     timer.daemon = True
     timer.start()

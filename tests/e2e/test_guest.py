@@ -7,7 +7,6 @@ One boot runs every scenario against one server; the host side answers the guest
 from __future__ import annotations
 
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, ServerProcess, make_image, scrape, value
+from tests.conftest import MiB, ServerProcess, free_port, make_image, scrape, value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
 import guest
@@ -31,12 +30,6 @@ class Run:
     requests: list[str] = field(default_factory=list)  # what the guest asked the host, in order
     logs: list[str] = field(default_factory=list)  # every server's log, in order
     final: dict = field(default_factory=dict)  # the last server's metrics at the end
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, make_image, scrape, value, wait_for
+from tests.conftest import MiB, free_port, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Closed, Cmd, Err, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +32,6 @@ def run(*cmd: str | os.PathLike[str], timeout: float = 60, **kwargs) -> subproce
 
 def nbdserver(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess:
     return run(sys.executable, "-m", "nbdserver", *args, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def needs(program: str) -> None:

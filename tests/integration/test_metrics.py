@@ -18,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import MiB, make_image, scrape, value, wait_for
+from tests.conftest import MiB, free_port, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,12 +112,6 @@ def test_counters_count_what_clients_did(disk):
 
 
 # A real Prometheus --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
