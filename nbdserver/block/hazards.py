@@ -63,6 +63,10 @@ class HazardTracker:
 
     def _places(self, request: Request) -> list[_Bucket]:
         """The buckets whose requests may overlap ``request``."""
+        first = request.offset >> _BUCKET_SHIFT
+        if (request.offset + request.length - 1) >> _BUCKET_SHIFT == first:  # one bucket: most requests
+            bucket = self._buckets.get(first)
+            return [self._large] if bucket is None else [bucket, self._large]
         if request.length > _LARGE:
             keys = _bucket_keys(request)
             if len(self._buckets) < len(keys):
@@ -70,44 +74,49 @@ class HazardTracker:
             return [*(self._buckets[k] for k in keys if k in self._buckets), self._large]
         return [*(self._buckets[k] for k in _bucket_keys(request) if k in self._buckets), self._large]
 
-    def _homes(self, request: Request, create: bool) -> list[tuple[int | None, list[Request]]]:
-        """(bucket key, list) pairs that hold ``request``: one per bucket it spans, or the large list."""
-        kind = "writers" if request.command in WRITING else "readers"
-        if request.length > _LARGE:
-            return [(None, getattr(self._large, kind))]
-        homes = []
-        for key in _bucket_keys(request):
-            bucket = self._buckets.get(key)
-            if bucket is None and create:
-                bucket = self._buckets[key] = _Bucket()
-            homes.append((key, getattr(bucket, kind)))
-        return homes
-
+    # add() and remove() run for every request: plain loops, no intermediate lists.
     def add(self, request: Request) -> None:
         """Track ``request`` (which arrived after everything tracked so far)."""
         self.count += 1
-        for _, requests in self._homes(request, create=True):
-            requests.append(request)
+        writer = request.command in WRITING
+        if request.length > _LARGE:
+            (self._large.writers if writer else self._large.readers).append(request)
+            return
+        buckets = self._buckets
+        for key in _bucket_keys(request):  # mostly one
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket()
+            (bucket.writers if writer else bucket.readers).append(request)
 
     def remove(self, request: Request) -> None:
         self.count -= 1
-        for key, requests in self._homes(request, create=False):
-            requests.remove(request)
-            if key is not None and not self._buckets[key].writers and not self._buckets[key].readers:
-                del self._buckets[key]
+        writer = request.command in WRITING
+        if request.length > _LARGE:
+            (self._large.writers if writer else self._large.readers).remove(request)
+            return
+        buckets = self._buckets
+        for key in _bucket_keys(request):
+            bucket = buckets[key]
+            (bucket.writers if writer else bucket.readers).remove(request)
+            if not bucket.writers and not bucket.readers:
+                del buckets[key]
 
     def blockers(self, request: Request) -> list[Request]:
         """The tracked requests ``request`` must wait for (call before adding it)."""
+        if not self.count:
+            return []
         found: dict[int, Request] = {}
         horizon = -1  # requests at or before this arrival are ordered behind a covering writer
         places = self._places(request)
+        mask = self._mask
         start, end = self._span(request)
-        span = self._span
         for bucket in places:
             for other in reversed(bucket.writers):
                 if other.seq <= horizon:
                     break
-                other_start, other_end = span(other)
+                other_start = other.offset & mask  # _span(), inline: this is the innermost loop
+                other_end = (other.offset + other.length - mask - 1) & mask
                 if other_start < end and start < other_end:
                     found[id(other)] = other
                     if other_start <= start and end <= other_end:  # covers the request
@@ -118,8 +127,11 @@ class HazardTracker:
                 for other in reversed(bucket.readers):
                     if other.seq <= horizon:
                         break
-                    other_start, other_end = span(other)
+                    other_start = other.offset & mask
+                    other_end = (other.offset + other.length - mask - 1) & mask
                     if other_start < end and start < other_end:
                         found[id(other)] = other
+        if not found:
+            return []
         # A covering writer found late (say in the large list) makes older finds redundant.
         return [r for r in found.values() if r.seq >= horizon]
