@@ -30,6 +30,10 @@ class Server:
     port: int
     lines: list[str]  # its stdout and stderr, appended by `reader`
     reader: threading.Thread
+    pid: int = 0  # the server's own process, where `proc` only supervises it (a forking server)
+
+    def __post_init__(self) -> None:
+        self.pid = self.pid or self.proc.pid
 
     def log(self) -> str:
         return "".join(self.lines)

@@ -72,12 +72,18 @@ class Unsupported(Exception):
 class Variant:
     name: str
     program: str
-    args: tuple[str, ...]  # "{file}" and "{port}" are filled in; nbdserver reports its own port
+    args: tuple[str, ...]  # "{file}", "{port}" and "{config}" are filled in; nbdserver reports its own port
+    config: str = ""  # a configuration file to write (with "{file}" and "{port}" filled in) for "{config}"
+    daemon: bool = False  # forks into the background, writing its PID to "{pidfile}"
+    export: str = ""  # the name clients ask for
 
-    def command(self, image: Path | str, port: int | str) -> list[str]:
+    def command(
+        self, image: Path | str, port: int | str, config: Path | str = "CONFIG", pidfile: Path | str = "PIDFILE"
+    ) -> list[str]:
         if self.program == "nbdserver":
             return nbdserver_command(image, [*self.args, *OWN_METRICS_PORT])
-        return [self.program, *(arg.format(file=image, port=port) for arg in self.args)]
+        args = (arg.format(file=image, port=port, config=config, pidfile=pidfile) for arg in self.args)
+        return [self.program, *args]
 
     def start(self, image: Path) -> Server:
         if self.program == "nbdserver":
@@ -86,13 +92,35 @@ class Variant:
             raise Unsupported(f"{self.program} is not installed")
         for attempt in range(3):
             port = free_port()
+            config = image.with_name(f"{self.name}.conf")  # beside the image, gone with its directory
+            if self.config:
+                config.write_text(self.config.format(file=image, port=port))
+            pidfile = image.with_name(f"{self.name}.pid")
+            command = self.command(image, port, config, pidfile)
+            if self.daemon:
+                command = _foreground(command, pidfile)
             try:
-                return start_server(self.command(image, port), port=port)
+                server = start_server(command, port=port)
+                if self.daemon:
+                    server.pid = int(pidfile.read_text())
+                return server
             except ServerError as exc:
                 # The port was free when picked; something else may have taken it since.
                 if attempt == 2 or "in use" not in str(exc):
                     raise
         raise AssertionError("unreachable")
+
+
+def _foreground(command: list[str], pidfile: Path) -> list[str]:
+    """A shell that starts a forking server and stays until it exits; SIGTERM to it stops the server."""
+    return [
+        "sh",
+        "-c",
+        f'trap \'kill "$(cat {pidfile})"; exit 0\' TERM INT; rm -f {pidfile}; "$@"; '
+        f'while [ ! -s {pidfile} ] || kill -0 "$(cat {pidfile})" 2>/dev/null; do sleep 0.2 & wait $!; done',
+        "sh",
+        *command,
+    ]
 
 
 NBDKIT = ("-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "{port}", "file", "{file}")
@@ -125,6 +153,7 @@ class Workload:
     time_based: bool = True
     fresh: bool = False  # writes blocks not allocated yet: the range is punched before each run
     iops: bool = False
+    jobs: int = 1  # JOBS, for the job files that read it
 
 
 QUEUED = "4k at QD32, 1M at QD4"
@@ -160,16 +189,23 @@ WORKLOADS = [
 class Cell:
     runs: list[FioResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cpu_per_gib: list[float] = field(default_factory=list)  # the server's CPU seconds per GiB moved
 
 
-def fio_args(workload: Workload, port: int, runtime: int) -> tuple[list[str], dict[str, str]]:
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process and its threads (and children it waited for) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def fio_args(workload: Workload, port: int, runtime: int, export: str = "") -> tuple[list[str], dict[str, str]]:
     """Options given before a job file only fill in what the file leaves unset."""
-    uri = f"nbd://127.0.0.1:{port}/"
+    uri = f"nbd://127.0.0.1:{port}/{export}"
     # Jobs as threads: a killed fio then leaves no job process behind.
     args = ["--thread", "--ioengine=nbd", f"--uri={uri}", f"--runtime={runtime}", f"--size={DATA_END}"]
     if workload.time_based:
         args.append("--time_based")
-    return [*args, *workload.fio], {"NBD_URI": uri, "RUNTIME": str(runtime), "JOBS": "1"}
+    return [*args, *workload.fio], {"NBD_URI": uri, "RUNTIME": str(runtime), "JOBS": str(workload.jobs)}
 
 
 def run(cmd: Sequence[str | Path]) -> None:
@@ -313,15 +349,20 @@ def run_cell(
         unavailable[variant.name] = f"{kind}: {exc}"
         return unavailable[variant.name]
     cell: Cell = cells[(workload.name, variant.name)]
-    fio, env = fio_args(workload, server.port, runtime)
+    fio, env = fio_args(workload, server.port, runtime, variant.export)
     try:
+        cpu_before = cpu_seconds(server.pid)
         result = run_fio(fio, timeout=runtime + 120, env=env)
+        cpu = cpu_seconds(server.pid) - cpu_before
     except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         cell.errors.append(f"{exc} (server: {tail(server.stop())})")
         return f"error: {cell.errors[-1]}"
     finally:
         server.stop()
     cell.runs.append(result)
+    moved_gib = result.mibs * runtime / 1024
+    if moved_gib:
+        cell.cpu_per_gib.append(cpu / moved_gib)
     iops = f", {result.iops:.0f} IOPS" if workload.iops else ""
     return f"{result.mibs:.0f} MiB/s{iops}, p99 {result.p99_us:.0f} µs"
 
@@ -329,17 +370,18 @@ def run_cell(
 def render(
     header: str, workloads: list[Workload], variants: list[Variant], cells: dict, unavailable: dict[str, str]
 ) -> str:
-    def table(title: str, rows: list[Workload], value: Callable[[FioResult], float]) -> list[str]:
+    def table(title: str, rows: list[Workload], values: Callable[[Cell], list[float]], fmt: str = ".0f") -> list[str]:
         out = [f"{title}:", "", "| workload | " + " | ".join(v.name for v in variants) + " |"]
         out.append("|---" * (len(variants) + 1) + "|")
         for w in rows:
-            out.append(f"| {w.title} | " + " | ".join(text(cells[(w.name, v.name)], v, value) for v in variants) + " |")
+            row = " | ".join(text(cells[(w.name, v.name)], v, values, fmt) for v in variants)
+            out.append(f"| {w.title} | {row} |")
         return [*out, ""]
 
-    def text(cell: Cell, variant: Variant, value: Callable[[FioResult], float]) -> str:
-        if cell.runs:
+    def text(cell: Cell, variant: Variant, values: Callable[[Cell], list[float]], fmt: str) -> str:
+        if values(cell):
             failed = f", {len(cell.errors)} failed" if cell.errors else ""
-            return spread([value(r) for r in cell.runs], ".0f") + failed
+            return spread(values(cell), fmt) + failed
         if variant.name in unavailable:
             return unavailable[variant.name].split(":")[0]
         return "error" if cell.errors else "-"
@@ -353,10 +395,12 @@ def render(
     for group in dict.fromkeys(w.group for w in workloads):
         rows = [w for w in workloads if w.group == group]
         lines += [f"## {group}", ""]
-        lines += table("MiB/s", rows, lambda r: r.mibs)
+        lines += table("MiB/s", rows, lambda c: [r.mibs for r in c.runs])
         if any(w.iops for w in rows):
-            lines += table("IOPS", [w for w in rows if w.iops], lambda r: r.iops)
-        lines += table("p99 completion latency, µs (of the slower direction; without fsync)", rows, lambda r: r.p99_us)
+            lines += table("IOPS", [w for w in rows if w.iops], lambda c: [r.iops for r in c.runs])
+        latency = "p99 completion latency, µs (of the slower direction; without fsync)"
+        lines += table(latency, rows, lambda c: [r.p99_us for r in c.runs])
+        lines += table("Server CPU seconds per GiB moved", rows, lambda c: c.cpu_per_gib, ".2f")
         if ours and any(v.name == BASELINE for v in variants):
             lines += [f"Median MiB/s relative to {BASELINE}:", ""]
             lines.append("| workload | " + " | ".join(v.name for v in ours) + " |")

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""nbdserver against the NBD servers users choose between, side by side in one run.
+
+    fs/bench/peers.py [--fs tmpfs,ext4] [--servers 'nbdserver*,nbdkit*'] [--workloads 'randwrite-4k*']
+                      [--runtime 5] [--repeat 3] [--out results/peers]
+
+Every server serves the same file (a fresh server process for each fio run), driven by the job
+options below through fio's nbd engine; for each workload the servers alternate within each repeat.
+Per filesystem, the report (results/peers/peers.md) gives the median (min-max) MiB/s, IOPS, p99
+latency, the server's CPU seconds per GiB moved and nbdserver's ratio to nbdkit's file plugin, and
+one PNG per workload group plots the medians.
+
+Servers: nbdserver (defaults, and with merging off), nbdkit's file plugin, nbdkit's Python plugin
+with the minimal file plugin beside this script, qemu-nbd (cache=none with native AIO, and
+cache=writeback), nbd-server.  One that is not installed is reported as unsupported.  The Python
+plugin comes with Debian's nbdkit-plugin-python; the plots need matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import publish
+from engines import (
+    BASELINE,
+    FRESH_START,
+    NBDKIT,
+    QD1,
+    Cell,
+    Variant,
+    Workload,
+    backing_dir,
+    create_image,
+    job,
+    pick,
+    render,
+    run_cell,
+)
+
+HERE = Path(__file__).resolve().parent
+PLUGIN = HERE / "nbdkit_file_plugin.py"
+QEMU = ("-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
+NBD_SERVER_CONFIG = """[generic]
+listenaddr = 127.0.0.1
+port = {port}
+allowlist = false
+[bench]
+exportname = {file}
+flush = true
+fua = true
+trim = true
+multifile = false
+"""
+
+VARIANTS = [
+    Variant("nbdserver", "nbdserver", ()),
+    Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",)),
+    Variant(BASELINE, "nbdkit", NBDKIT),
+    Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),
+    Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU, "--cache=none", "--aio=native", "{file}")),
+    Variant("qemu-nbd-writeback", "qemu-nbd", (*QEMU, "--cache=writeback", "{file}")),
+    # It forks into the background: a shell stays in its place (its CPU time is the daemon's own).
+    Variant(
+        "nbd-server",
+        "nbd-server",
+        ("-C", "{config}", "-p", "{pidfile}"),
+        config=NBD_SERVER_CONFIG,
+        daemon=True,
+        export="bench",
+    ),
+]
+
+QUEUED = "queued"
+WORKLOADS = [
+    Workload("randwrite-4k-qd1", "4k rand write QD1", QD1, ("--name=w", "--rw=randwrite", "--bs=4k"), iops=True),
+    Workload(
+        "randwrite-4k",
+        "4k rand write QD32",
+        QUEUED,
+        ("--name=w", "--rw=randwrite", "--bs=4k", "--iodepth=32"),
+        iops=True,
+    ),
+    Workload(
+        "seqwrite-4k", "4k seq write QD32", QUEUED, ("--name=w", "--rw=write", "--bs=4k", "--iodepth=32"), iops=True
+    ),
+    Workload(
+        "seqwrite-4k-4conn",
+        "4k seq write 4 conns x QD8",
+        QUEUED,
+        ("--name=w", "--rw=write", "--bs=4k", "--iodepth=8", "--numjobs=4", "--offset_increment=128m", "--size=128m"),
+        iops=True,
+    ),
+    Workload("seqwrite-64k", "64k seq write QD8", QUEUED, ("--name=w", "--rw=write", "--bs=64k", "--iodepth=8")),
+    Workload("seqwrite-128k", "128k seq write QD8", QUEUED, ("--name=w", "--rw=write", "--bs=128k", "--iodepth=8")),
+    Workload(
+        "seqwrite-1m-flush",
+        "1M seq write QD4 + flush every 16",
+        QUEUED,
+        ("--name=w", "--rw=write", "--bs=1m", "--iodepth=4", "--fsync=16"),
+    ),
+    Workload(
+        "randread-4k", "4k rand read QD32", QUEUED, ("--name=r", "--rw=randread", "--bs=4k", "--iodepth=32"), iops=True
+    ),
+    Workload("seqread-1m", "1M seq read QD4", QUEUED, ("--name=r", "--rw=read", "--bs=1m", "--iodepth=4")),
+    Workload("randrw-4k", "4k rand 70/30 read/write QD32", QUEUED, job("randrw-4k.fio"), iops=True),
+    # The seed workloads: psync-like, one job.
+    Workload(
+        "write-fsync-1m",
+        "1M write + fsync, new blocks",
+        QD1,
+        (f"--offset={FRESH_START}", *job("write-fsync-1m.fio", "write-fsync-1m")),
+        time_based=False,
+        fresh=True,
+    ),
+    Workload("overwrite-fsync-1m", "1M overwrite + fsync", QD1, job("write-fsync-1m.fio", "overwrite-fsync-1m")),
+    Workload("read-hole-1m", "1M read of a hole", QD1, job("read-1m.fio", "read-hole-1m")),
+    Workload("read-data-1m", "1M read of data", QD1, job("read-1m.fio", "read-data-1m")),
+    *(
+        Workload(
+            f"randwrite-4k-{jobs}jobs",
+            f"4k rand write, {jobs} jobs x QD32",
+            "jobs",
+            job("randwrite-4k.fio"),
+            iops=True,
+            jobs=jobs,
+        )
+        for jobs in (1, 4, 8, 16)
+    ),
+]
+
+
+def plot(report_dir: Path, fs: str, workloads: list[Workload], variants: list[Variant], cells: dict) -> list[Path]:
+    """Per workload group, a bar chart of each server's median MiB/s relative to nbdkit's file plugin
+    (so that 4k and 1M workloads share one scale); none without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    for group in dict.fromkeys(w.group for w in workloads):
+        rows = [w for w in workloads if w.group == group]
+        fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(rows) + 3), 4.5))
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            ratios = []
+            for w in rows:
+                base = _median(cells[(w.name, BASELINE)]) if (w.name, BASELINE) in cells else 0.0
+                ratios.append(_median(cells[(w.name, variant.name)]) / base if base else 0.0)
+            ax.bar([x + i * width for x in range(len(rows))], ratios, width, label=variant.name)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [w.title for w in rows], rotation=20, ha="right")
+        ax.set_ylabel(f"median MiB/s relative to {BASELINE}")
+        ax.set_title(f"{group}, {fs}")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        path = report_dir / f"peers-{fs}-{group.split()[0].lower()}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _median(cell: Cell) -> float:
+    return statistics.median(r.mibs for r in cell.runs) if cell.runs else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = "comma-separated names or shell patterns out of: "
+    parser.add_argument("--servers", help=names + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument("--workloads", help=names + ", ".join(w.name for w in WORKLOADS))
+    parser.add_argument("--fs", default="tmpfs,ext4", help="where the file lives: tmpfs, ext4 or both (default both)")
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results/peers"), help="report folder (default %(default)s)")
+    args = parser.parse_args()
+    variants = pick(VARIANTS, args.servers, lambda v: v.name, "server")
+    workloads = pick(WORKLOADS, args.workloads, lambda w: w.name, "workload")
+    filesystems = [f.strip() for f in args.fs.split(",") if f.strip()]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    total, n = len(filesystems) * len(workloads) * args.repeat * len(variants), 0
+    for fs in filesystems:
+        cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
+        unavailable: dict[str, str] = {}
+        with _where(fs) as (directory, where):
+            image = directory / "bench.img"
+            create_image(image, 1 << 30)
+            for workload in workloads:
+                for _ in range(args.repeat):
+                    for variant in variants:
+                        n += 1
+                        if variant.name not in unavailable:
+                            line = run_cell(image, workload, variant, args.runtime, cells, unavailable)
+                            print(
+                                f"[{n}/{total}] {fs}: {workload.title}, {variant.name}: {line}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+        header = (
+            f"# {where}\n\nfio nbd engine, 1 GiB file, {args.runtime} s runs, median (min-max) of {args.repeat}, "
+            f"{time.strftime('%Y-%m-%d')}"
+        )
+        plots = plot(args.out, fs, workloads, variants, cells)
+        sections.append(render(header, workloads, variants, cells, unavailable))
+        sections.append("".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    publish("\n".join(sections), args.out / "peers.md")
+    return 0
+
+
+def _where(fs: str):
+    if fs == "tmpfs":
+        return backing_dir(Path("/dev/shm"), 0)
+    if fs == "ext4":
+        return backing_dir(None, 2 << 30)
+    raise SystemExit(f"--fs: {fs!r} is not tmpfs or ext4")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
