@@ -124,7 +124,7 @@ def _foreground(command: list[str], pidfile: Path) -> list[str]:
 
 
 NBDKIT = ("-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "{port}", "file", "{file}")
-QEMU_NBD = ("-f", "raw", "--cache=none", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
+QEMU_NBD = ("-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
 VARIANTS = [
     Variant("nbdserver", "nbdserver", ()),  # the defaults, whatever they are
     *(
@@ -135,8 +135,8 @@ VARIANTS = [
     Variant("nbdkit", "nbdkit", NBDKIT),
     # Not O_DIRECT: the plugin evicts what it read or wrote from the page cache afterwards.
     Variant("nbdkit-cache-none", "nbdkit", (*NBDKIT, "cache=none")),
-    Variant("qemu-nbd-native", "qemu-nbd", (*QEMU_NBD, "--aio=native", "{file}")),
-    Variant("qemu-nbd-io_uring", "qemu-nbd", (*QEMU_NBD, "--aio=io_uring", "{file}")),
+    Variant("qemu-nbd-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
+    Variant("qemu-nbd-io_uring", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=io_uring", "{file}")),
 ]
 
 

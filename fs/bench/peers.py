@@ -31,6 +31,7 @@ from engines import (
     FRESH_START,
     NBDKIT,
     QD1,
+    QEMU_NBD,
     Cell,
     Variant,
     Workload,
@@ -44,7 +45,6 @@ from engines import (
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = HERE / "nbdkit_file_plugin.py"
-QEMU = ("-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
 NBD_SERVER_CONFIG = """[generic]
 listenaddr = 127.0.0.1
 port = {port}
@@ -62,8 +62,8 @@ VARIANTS = [
     Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",)),
     Variant(BASELINE, "nbdkit", NBDKIT),
     Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),
-    Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU, "--cache=none", "--aio=native", "{file}")),
-    Variant("qemu-nbd-writeback", "qemu-nbd", (*QEMU, "--cache=writeback", "{file}")),
+    Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
+    Variant("qemu-nbd-writeback", "qemu-nbd", (*QEMU_NBD, "--cache=writeback", "{file}")),
     # It forks into the background: a shell stays in its place (its CPU time is the daemon's own).
     Variant(
         "nbd-server",
