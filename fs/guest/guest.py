@@ -17,6 +17,9 @@ decides what that means).
     fs/guest/guest.py build                      # build the guest (cached)
     fs/guest/guest.py run --port 10809 ext4      # run scenarios against a server on 127.0.0.1:10809
 
+From the command line, ``@@ HOST`` requests are ignored, so the scenarios that need the server killed
+or restarted (crash, restart) fail there; tests/e2e/test_guest.py acts on them.
+
 The guest is built from the Debian packages of this machine's APT sources
 (the kernel is downloaded and unpacked, not installed) and cached in
 ``$NBDSERVER_GUEST_CACHE`` (default ``~/.cache/nbdserver-guest``).
