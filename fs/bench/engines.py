@@ -170,6 +170,9 @@ WORKLOADS = [
     Workload("randrw-4k", "4k rand 70/30 read/write QD32", QUEUED, job("randrw-4k.fio"), iops=True),
     Workload("seqwrite-1m", "1M seq write QD4", QUEUED, ("--name=seqwrite-1m", "--rw=write", "--bs=1m", "--iodepth=4")),
     Workload("seqread-1m", "1M seq read QD4", QUEUED, ("--name=seqread-1m", "--rw=read", "--bs=1m", "--iodepth=4")),
+]
+# The seed workloads, psync-like with one job; peers.py runs them too.
+SEED_WORKLOADS = [
     # Not time-based: a second pass would overwrite. --runtime still caps it.
     Workload(
         "write-fsync-1m",
@@ -183,6 +186,7 @@ WORKLOADS = [
     Workload("read-hole-1m", "1M read of a hole", QD1, job("read-1m.fio", "read-hole-1m")),
     Workload("read-data-1m", "1M read of data", QD1, job("read-1m.fio", "read-data-1m")),
 ]
+WORKLOADS += SEED_WORKLOADS
 
 
 @dataclass
@@ -311,19 +315,10 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so servers stop and the image is unmounted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-    cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
-    unavailable: dict[str, str] = {}  # variant -> why it did not run
     with backing_dir(args.dir, args.size + (1 << 30)) as (directory, where):
         image = directory / "bench.img"
         create_image(image, args.size)
-        total, n = len(workloads) * args.repeat * len(variants), 0
-        for workload in workloads:
-            for _ in range(args.repeat):
-                for variant in variants:
-                    n += 1
-                    if variant.name not in unavailable:
-                        line = run_cell(image, workload, variant, args.runtime, cells, unavailable)
-                        print(f"[{n}/{total}] {workload.title}, {variant.name}: {line}", file=sys.stderr, flush=True)
+        cells, unavailable = run_matrix(image, workloads, variants, args.runtime, args.repeat)
 
     header = (
         f"Server engines: fio nbd engine, {args.size // MiB} MiB file, {where}, {args.runtime} s runs, "
@@ -332,6 +327,33 @@ def main() -> int:
     report = render(header, workloads, variants, cells, unavailable)
     publish(report, args.out)
     return 0
+
+
+def run_matrix(
+    image: Path,
+    workloads: list[Workload],
+    variants: list[Variant],
+    runtime: int,
+    repeat: int,
+    progress: Callable[[str], str] = lambda line: line,
+) -> tuple[dict, dict[str, str]]:
+    """Every workload ``repeat`` times, the servers alternating within each repeat; a progress line per run.
+
+    Returns the cells by (workload, variant) name and, for servers that could not run, why.
+    """
+    cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
+    unavailable: dict[str, str] = {}
+    total, n = len(workloads) * repeat * len(variants), 0
+    for workload in workloads:
+        for _ in range(repeat):
+            for variant in variants:
+                n += 1
+                if variant.name not in unavailable:
+                    line = run_cell(image, workload, variant, runtime, cells, unavailable)
+                    print(
+                        progress(f"[{n}/{total}] {workload.title}, {variant.name}: {line}"), file=sys.stderr, flush=True
+                    )
+    return cells, unavailable
 
 
 def run_cell(

@@ -28,10 +28,10 @@ from pathlib import Path
 from common import publish
 from engines import (
     BASELINE,
-    FRESH_START,
     NBDKIT,
     QD1,
     QEMU_NBD,
+    SEED_WORKLOADS,
     Cell,
     Variant,
     Workload,
@@ -40,7 +40,7 @@ from engines import (
     job,
     pick,
     render,
-    run_cell,
+    run_matrix,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -108,18 +108,7 @@ WORKLOADS = [
     ),
     Workload("seqread-1m", "1M seq read QD4", QUEUED, ("--name=r", "--rw=read", "--bs=1m", "--iodepth=4")),
     Workload("randrw-4k", "4k rand 70/30 read/write QD32", QUEUED, job("randrw-4k.fio"), iops=True),
-    # The seed workloads: psync-like, one job.
-    Workload(
-        "write-fsync-1m",
-        "1M write + fsync, new blocks",
-        QD1,
-        (f"--offset={FRESH_START}", *job("write-fsync-1m.fio", "write-fsync-1m")),
-        time_based=False,
-        fresh=True,
-    ),
-    Workload("overwrite-fsync-1m", "1M overwrite + fsync", QD1, job("write-fsync-1m.fio", "overwrite-fsync-1m")),
-    Workload("read-hole-1m", "1M read of a hole", QD1, job("read-1m.fio", "read-hole-1m")),
-    Workload("read-data-1m", "1M read of data", QD1, job("read-1m.fio", "read-data-1m")),
+    *SEED_WORKLOADS,
     *(
         Workload(
             f"randwrite-4k-{jobs}jobs",
@@ -189,24 +178,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.out.mkdir(parents=True, exist_ok=True)
     sections = []
-    total, n = len(filesystems) * len(workloads) * args.repeat * len(variants), 0
     for fs in filesystems:
-        cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
-        unavailable: dict[str, str] = {}
         with _where(fs) as (directory, where):
             image = directory / "bench.img"
             create_image(image, 1 << 30)
-            for workload in workloads:
-                for _ in range(args.repeat):
-                    for variant in variants:
-                        n += 1
-                        if variant.name not in unavailable:
-                            line = run_cell(image, workload, variant, args.runtime, cells, unavailable)
-                            print(
-                                f"[{n}/{total}] {fs}: {workload.title}, {variant.name}: {line}",
-                                file=sys.stderr,
-                                flush=True,
-                            )
+            cells, unavailable = run_matrix(
+                image, workloads, variants, args.runtime, args.repeat, lambda line, fs=fs: f"{fs}: {line}"
+            )
         header = (
             f"# {where}\n\nfio nbd engine, 1 GiB file, {args.runtime} s runs, median (min-max) of {args.repeat}, "
             f"{time.strftime('%Y-%m-%d')}"
