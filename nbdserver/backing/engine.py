@@ -1,7 +1,10 @@
 """Engines: asynchronous I/O on a :class:`~nbdserver.backing.file.Backing`.
 
-The block layer awaits an engine; the engine decides how the blocking work is
-done.  :class:`ThreadPoolEngine` runs it on a pool of threads (``os.preadv`` and
+The block layer first offers a transfer to the engine's ``*_now`` methods,
+which do it on the event loop's thread if it needs no waiting (a page-cache
+hit, a memory-backed file): that costs a copy, where a hand-off costs a task,
+a future and two thread switches.  Otherwise it awaits the engine, which
+decides how the blocking work is done.  :class:`ThreadPoolEngine` runs it on a pool of threads (``os.preadv`` and
 ``os.pwritev`` release the GIL), which works on any kernel and filesystem; a
 read the page cache can answer at once (``RWF_NOWAIT``) is done in place.
 
@@ -25,6 +28,9 @@ DEFAULT_WORKERS = 16
 class Engine(Protocol):
     backing: Backing
 
+    def readv_now(self, offset: int, segments: Sequence[Segment]) -> bool: ...
+    def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None: ...
+    def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool: ...
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None: ...
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]: ...
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None: ...
@@ -38,7 +44,32 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class ThreadPoolEngine:
+class InPlace:
+    """The transfers an engine does at once, on the caller's thread, when they need no waiting.
+
+    Each returns False (or None) when it would wait; nothing is done then.
+    """
+
+    backing: Backing
+
+    def readv_now(self, offset: int, segments: Sequence[Segment]) -> bool:
+        return self.backing.read_now(offset, segments)
+
+    def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None:
+        # A long read may fall in a hole: one SEEK_DATA (it waits for the inode lock at most as long
+        # as a write holds it) spares reading it, which would fill the page cache with zeroes.
+        length = sum(map(len, segments))
+        if length >= SPARSE_CHECK_MIN and self.backing.is_hole(offset, length):
+            return [(length, True)]
+        if self.backing.read_now(offset, segments):
+            return segments_extents(segments)
+        return None
+
+    def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool:
+        return self.backing.write_now(offset, segments, dsync)
+
+
+class ThreadPoolEngine(InPlace):
     """Blocking calls on a private pool of worker threads.
 
     Lighter than ``loop.run_in_executor``: jobs go through one C ``SimpleQueue``,
@@ -93,17 +124,9 @@ class ThreadPoolEngine:
                 future.set_exception(exc)
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        if not self.backing.read_cached(offset, segments):
-            await self.call(self.backing.readv, offset, segments)
+        await self.call(self.backing.readv, offset, segments)
 
     async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        # A long read may fall in a hole: one SEEK_DATA (it waits for the inode lock at most as long
-        # as a write holds it) spares reading it, which would fill the page cache with zeroes.
-        length = sum(map(len, segments))
-        if length >= SPARSE_CHECK_MIN and self.backing.is_hole(offset, length):
-            return [(length, True)]
-        if self.backing.read_cached(offset, segments):
-            return segments_extents(segments)
         return await self.call(self.backing.read_sparse, offset, segments)
 
     async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:

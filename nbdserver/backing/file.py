@@ -49,8 +49,14 @@ BLKGETSIZE64 = 0x80081272
 AT_EMPTY_PATH = 0x1000
 STATX_DIOALIGN = 0x2000
 _STATX_SIZE = 256
+_STATFS_SIZE = 256  # struct statfs is 120 bytes on 64-bit Linux; room to spare
 _STATX_DIO_OFFSETS = 152  # stx_dio_mem_align, stx_dio_offset_align: two u32
 DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
+# <linux/magic.h>: filesystems whose files live in memory
+MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
+# The longest transfer done on the event loop's thread when it needs no waiting; longer
+# copies go to workers, where they run in parallel and do not hold up other connections.
+INLINE_MAX = 256 * 1024
 
 # Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
 _ZERO_CHUNK = memoryview(mmap.mmap(-1, 1024 * 1024))
@@ -121,6 +127,8 @@ class Backing:
         self._unsupported_modes: set[int] = set()
         self._can_seek_holes = not self.is_block_device
         self._can_read_nowait = not self.direct  # O_DIRECT reads wait for the device even with RWF_NOWAIT
+        # tmpfs and ramfs: every transfer is a copy to or from memory and never waits for a device.
+        self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
 
     @property
     def direct(self) -> bool:
@@ -180,13 +188,22 @@ class Backing:
                 views = _advance(views, done)
                 fd = self.fd  # the rest of a short transfer is no longer aligned
 
-    def read_cached(self, offset: int, segments: Sequence[Segment]) -> bool:
-        """Read only if it needs no waiting (the page cache has it all); False if it would wait.
+    def read_now(self, offset: int, segments: Sequence[Segment]) -> bool:
+        """Read only if it needs no waiting; False if it would wait (then use :meth:`readv`).
 
-        Meant for the event loop's thread: a page-cache hit costs a copy there,
-        where handing the read to a worker costs two thread switches and the GIL.
+        Meant for the event loop's thread: a read that needs no waiting costs a
+        copy there, where handing it to a worker costs two thread switches and
+        the GIL.  A memory-backed file never waits; elsewhere the page cache
+        must have it all (``RWF_NOWAIT``).
         """
-        if not self._can_read_nowait or len(segments) > IOV_MAX:
+        if len(segments) > IOV_MAX:
+            return False
+        if self.in_memory:
+            if sum(map(len, segments)) > INLINE_MAX:
+                return False
+            self.readv(offset, segments)
+            return True
+        if not self._can_read_nowait:
             return False
         views = [memoryview(s).cast("B") for s in segments]
         try:
@@ -196,9 +213,21 @@ class Backing:
         except OSError as exc:
             if not _unsupported(exc):
                 raise
-            self._can_read_nowait = False  # tmpfs, for one
+            self._can_read_nowait = False
             return False
         return done == sum(len(v) for v in views)  # a short read (end of file) is left to readv
+
+    def write_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool:
+        """Write only if it needs no waiting: to a memory-backed file, up to ``INLINE_MAX`` bytes.
+
+        Buffered writes elsewhere may wait for writeback throttling, block
+        allocation or the journal, and no filesystem here takes ``RWF_NOWAIT``
+        on them, so they go to :meth:`writev` on a worker.
+        """
+        if not self.in_memory or len(segments) > IOV_MAX or sum(map(len, segments)) > INLINE_MAX:
+            return False
+        self.writev(offset, segments, dsync)
+        return True
 
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
         """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.
@@ -413,6 +442,17 @@ def _dio_alignment(fd: int) -> tuple[int, int] | None:
     if not mask & STATX_DIOALIGN:
         return None
     return struct.unpack_from("=II", buf, _STATX_DIO_OFFSETS)
+
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def _filesystem_type(fd: int) -> int:
+    """``f_type`` of fstatfs(2), the first word of ``struct statfs``; 0 where it fails."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value
 
 
 def _ioctl_u64(fd: int, request: int) -> int:

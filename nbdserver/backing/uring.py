@@ -28,7 +28,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 
-from .engine import ThreadPoolEngine
+from .engine import InPlace, ThreadPoolEngine
 from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, _advance, _batches, address, segments_extents
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
@@ -139,7 +139,7 @@ class _Transfer:
         self.iovecs: bytes | None = None  # the iovec array the kernel reads, kept alive with the op
 
 
-class UringEngine:
+class UringEngine(InPlace):
     """Reads, writes and flushes through io_uring; the rest on a few threads."""
 
     def __init__(self, backing: Backing, entries: int = DEFAULT_ENTRIES, helper_workers: int = HELPER_WORKERS) -> None:

@@ -17,7 +17,7 @@ import logging
 from bisect import bisect_left
 from time import monotonic
 
-from ..backing import Engine
+from ..backing import Engine, Extent
 from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .buffers import BufferPool
@@ -134,32 +134,56 @@ class RequestQueue:
         self._issue(ready)
 
     def _issue(self, ready: list[Request]) -> None:
-        if self.merge:
-            submissions = build_submissions(ready, self.limits)
-        else:
-            submissions = [Submission.of(r) for r in ready]
+        """Start the submissions of ``ready``; those done at once may unblock more, started in turn
+        (a loop, not recursion: a long chain of overlapping writes must not exhaust the stack)."""
         loop = self.loop
-        for submission in submissions:
-            task = loop.create_task(self._execute(submission))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        while ready:
+            if self.merge:
+                submissions = build_submissions(ready, self.limits)
+            else:
+                submissions = [Submission.of(r) for r in ready]
+            ready = []
+            for submission in submissions:
+                if self._done_now(submission):
+                    ready += self._complete(submission)
+                    continue
+                task = loop.create_task(self._execute(submission))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     # Execution -------------------------------------------------------------------------
+
+    def _done_now(self, submission: Submission) -> bool:
+        """Carry out a READ or WRITE at once if the engine can without waiting (no task then)."""
+        command = submission.command
+        try:
+            if command == Command.WRITE:
+                return self.engine.writev_now(submission.offset, submission.segments, submission.dsync)
+            if command != Command.READ:
+                return False
+            self._take_buffers(submission)
+            if not submission.requests[0].sparse:
+                return self.engine.readv_now(submission.offset, submission.segments)
+            extents = self.engine.read_sparse_now(submission.offset, submission.segments)
+            if extents is None:
+                return False
+            self._give_extents(submission, extents)
+        except Exception as exc:
+            _fail(submission, exc)
+        return True
 
     async def _execute(self, submission: Submission) -> None:
         try:
             if submission.length or submission.command == Command.FLUSH:
                 await self._dispatch(submission)
-        except OSError as exc:
-            for request in submission.requests:
-                request.fail(exc.errno or errno.EIO, exc.strerror or str(exc))
-        except Exception as exc:  # a bug must cost these requests, not the server
-            log.exception("submission %r failed", submission)
-            for request in submission.requests:
-                request.fail(errno.EIO, f"internal error: {exc}")
-        self._complete(submission)
+        except Exception as exc:
+            _fail(submission, exc)
+        unblocked = self._complete(submission)
+        if unblocked:
+            self._issue(unblocked)
 
-    def _complete(self, submission: Submission) -> None:
+    def _complete(self, submission: Submission) -> list[Request]:
+        """Account for a finished submission and complete its requests; returns those it unblocked."""
         stats, command, requests = self.stats, submission.command, submission.requests
         stats.submissions[command] += 1
         stats.merged[command] += len(requests) - 1
@@ -197,21 +221,15 @@ class RequestQueue:
                 request.waiters = None
             request.on_done(request)
         stats.time[command] += waited
-        if unblocked:
-            self._issue(unblocked)
+        return unblocked
 
     async def _dispatch(self, submission: Submission) -> None:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
         if command == Command.READ:
-            requests, take = submission.requests, self.pool.take
-            for request in requests:
-                request.block = take(request.length)
-                request.buffer = request.block[: request.length]
-            if requests[0].sparse:
-                extents = await engine.read_sparse(offset, submission.segments)
-                for request, part in zip(requests, split_extents(extents, [r.length for r in requests]), strict=True):
-                    request.extents = part
+            self._take_buffers(submission)
+            if submission.requests[0].sparse:
+                self._give_extents(submission, await engine.read_sparse(offset, submission.segments))
             else:
                 await engine.readv(offset, submission.segments)
         elif command == Command.WRITE:
@@ -235,3 +253,28 @@ class RequestQueue:
             request.extents = await engine.extents(offset, length)
         else:
             raise OSError(errno.EINVAL, f"command {command} is not an I/O command")
+
+    def _take_buffers(self, submission: Submission) -> None:
+        """Give each READ request of the submission a pooled buffer to read into (once)."""
+        take = self.pool.take
+        for request in submission.requests:
+            if request.block is None:
+                request.block = take(request.length)
+                request.buffer = request.block[: request.length]
+
+    @staticmethod
+    def _give_extents(submission: Submission, extents: list[Extent]) -> None:
+        requests = submission.requests
+        for request, part in zip(requests, split_extents(extents, [r.length for r in requests]), strict=True):
+            request.extents = part
+
+
+def _fail(submission: Submission, exc: Exception) -> None:
+    """Fail every request of a submission: with the errno of an OSError, else as an internal error."""
+    if isinstance(exc, OSError):
+        for request in submission.requests:
+            request.fail(exc.errno or errno.EIO, exc.strerror or str(exc))
+        return
+    log.exception("submission %r failed", submission)  # a bug must cost these requests, not the server
+    for request in submission.requests:
+        request.fail(errno.EIO, f"internal error: {exc}")

@@ -1,4 +1,5 @@
-"""One suite for every engine in every cache mode, on a file in ext4 (where O_DIRECT has real alignment rules)."""
+"""One suite for every engine in every cache mode, on a file in ext4 (where O_DIRECT has real alignment rules),
+and in buffered mode on tmpfs too (where transfers are done on the event loop's thread)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,34 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import MiB
+from tests.conftest import IO_MODES, MiB
 
 SIZE = 64 * MiB
 
 
+# Every engine in every cache mode on ext4; the buffered ones on tmpfs too.
+SETUPS = {f"{mode}-ext4": ("ext4", args) for mode, args in IO_MODES.items()} | {
+    f"{mode}-tmpfs": ("tmpfs", args) for mode, args in IO_MODES.items() if "buffered" in mode
+}
+
+
+@pytest.fixture(params=SETUPS)
+def setup(request: pytest.FixtureRequest) -> tuple[str, list[str]]:
+    """Where the export file lives, and the server arguments choosing engine and cache mode."""
+    if SETUPS[request.param][0] == "tmpfs" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm")
+    return SETUPS[request.param]
+
+
 @pytest.fixture
-def export_file(ext4_dir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = ext4_dir / f"{request.node.name.replace('/', '_')}.img"
+def io_mode(setup: tuple[str, list[str]]) -> list[str]:
+    return setup[1]
+
+
+@pytest.fixture
+def export_file(ext4_dir: Path, setup: tuple[str, list[str]], request: pytest.FixtureRequest) -> Iterator[Path]:
+    folder = Path("/dev/shm") if setup[0] == "tmpfs" else ext4_dir
+    path = folder / f"nbdserver-test-{os.getpid()}-{request.node.name.replace('/', '_')}.img"
     with open(path, "wb") as f:
         f.truncate(SIZE)
     yield path
@@ -231,8 +252,9 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
         h.shutdown()
 
 
-def test_cached_reads_are_done_in_place_where_the_filesystem_allows(ext4_dir):
+def test_transfers_are_done_in_place_only_where_they_need_no_waiting(ext4_dir):
     from nbdserver.backing import Backing
+    from nbdserver.backing.file import INLINE_MAX
 
     data = pattern(7, MiB)
     on_ext4 = ext4_dir / "cached.img"
@@ -240,13 +262,16 @@ def test_cached_reads_are_done_in_place_where_the_filesystem_allows(ext4_dir):
     backing = Backing(on_ext4)
     buffer = bytearray(MiB)
     try:
-        assert backing.read_cached(0, [buffer]) and buffer == data
-        assert not backing.read_cached(MiB - 4096, [bytearray(8192)])  # runs past the end: left to readv
+        assert not backing.in_memory
+        assert backing.read_now(0, [buffer]) and buffer == data
+        assert not backing.read_now(MiB - 4096, [bytearray(8192)])  # runs past the end: left to readv
+        assert not backing.write_now(0, [bytearray(4096)])  # a buffered write may wait: left to a worker
+        assert on_ext4.read_bytes() == data
     finally:
         backing.close()
     direct = Backing(on_ext4, direct=True)
     try:
-        assert not direct.read_cached(0, [buffer])  # O_DIRECT would wait for the device
+        assert not direct.read_now(0, [buffer])  # O_DIRECT would wait for the device
     finally:
         direct.close()
     if os.path.isdir("/dev/shm"):
@@ -254,10 +279,14 @@ def test_cached_reads_are_done_in_place_where_the_filesystem_allows(ext4_dir):
         on_tmpfs.write_bytes(data)
         shm = Backing(on_tmpfs)
         try:
-            assert not shm.read_cached(0, [buffer])  # tmpfs refuses RWF_NOWAIT: learned, then not asked again
-            assert not shm._can_read_nowait
+            assert shm.in_memory  # tmpfs: a copy to or from memory, never a wait
+            small = bytearray(INLINE_MAX)
+            assert shm.read_now(0, [small]) and small == data[:INLINE_MAX]
+            assert shm.write_now(4096, [b"\x5a" * 4096], dsync=True)
+            assert not shm.read_now(0, [buffer])  # longer than INLINE_MAX: a worker copies it
+            assert not shm.write_now(0, [buffer])
             shm.readv(0, [buffer])
-            assert buffer == data
+            assert buffer == data[:4096] + b"\x5a" * 4096 + data[8192:]
         finally:
             shm.close()
             on_tmpfs.unlink()
