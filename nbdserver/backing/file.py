@@ -1,7 +1,9 @@
 """The backing store of an export: a regular file or a block device.
 
-Every method here is blocking and meant to run in an engine's worker thread.
-Nothing here knows about NBD; errors are plain ``OSError``s.
+Every method here is blocking and meant to run in an engine's worker thread, but
+for ``read_now`` and ``write_now``, which do a transfer on the caller's thread
+only when it should need no waiting.  Nothing here knows about NBD; errors are
+plain ``OSError``s.
 
 With ``direct=True`` (cache mode "direct") data goes through a second
 descriptor opened with ``O_DIRECT``, bypassing the page cache, whenever the
@@ -26,6 +28,7 @@ import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from time import monotonic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_M
 # The longest transfer done on the event loop's thread when it needs no waiting; longer
 # copies go to workers, where they run in parallel and do not hold up other connections.
 INLINE_MAX = 256 * 1024
+SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
+INLINE_BACKOFF = 1.0  # seconds of writes on workers after a slow one
 
 # Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
 _ZERO_CHUNK = memoryview(mmap.mmap(-1, 1024 * 1024))
@@ -129,6 +134,8 @@ class Backing:
         self._can_read_nowait = not self.direct  # O_DIRECT reads wait for the device even with RWF_NOWAIT
         # tmpfs and ramfs: every transfer is a copy to or from memory and never waits for a device.
         self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
+        self.slow_write = SLOW_WRITE
+        self._inline_writes_from = 0.0  # monotonic time before which write_now() declines
 
     @property
     def direct(self) -> bool:
@@ -218,15 +225,31 @@ class Backing:
         return done == sum(len(v) for v in views)  # a short read (end of file) is left to readv
 
     def write_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool:
-        """Write only if it needs no waiting: to a memory-backed file, up to ``INLINE_MAX`` bytes.
+        """Write at once if that should need no waiting; False to leave it to :meth:`writev`.
 
-        Buffered writes elsewhere may wait for writeback throttling, block
-        allocation or the journal, and no filesystem here takes ``RWF_NOWAIT``
-        on them, so they go to :meth:`writev` on a worker.
+        A memory-backed file never waits.  A buffered write elsewhere is a copy
+        into the page cache, microseconds, unless the kernel makes it wait
+        (dirty-page throttling, the journal, a page under writeback).  No Linux
+        filesystem here takes ``RWF_NOWAIT`` on buffered writes, so the wait is
+        noticed after the fact: a write slower than ``slow_write`` seconds sends
+        writes to the workers for ``INLINE_BACKOFF`` seconds.  Writes that must
+        reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
-        if not self.in_memory or len(segments) > IOV_MAX or sum(map(len, segments)) > INLINE_MAX:
+        if len(segments) > IOV_MAX or sum(map(len, segments)) > INLINE_MAX:
             return False
-        self.writev(offset, segments, dsync)
+        if self.in_memory:
+            self.writev(offset, segments, dsync)
+            return True
+        if dsync or self.direct:
+            return False
+        started = monotonic()
+        if started < self._inline_writes_from:
+            return False
+        self.writev(offset, segments)
+        took = monotonic() - started
+        if took > self.slow_write:
+            self._inline_writes_from = started + took + INLINE_BACKOFF
+            log.debug("%s: a write took %.1f ms; writes go to workers for a while", self.path, took * 1000)
         return True
 
     def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:

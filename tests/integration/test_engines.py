@@ -252,7 +252,7 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
         h.shutdown()
 
 
-def test_transfers_are_done_in_place_only_where_they_need_no_waiting(ext4_dir):
+def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4_dir):
     from nbdserver.backing import Backing
     from nbdserver.backing.file import INLINE_MAX
 
@@ -265,13 +265,19 @@ def test_transfers_are_done_in_place_only_where_they_need_no_waiting(ext4_dir):
         assert not backing.in_memory
         assert backing.read_now(0, [buffer]) and buffer == data
         assert not backing.read_now(MiB - 4096, [bytearray(8192)])  # runs past the end: left to readv
-        assert not backing.write_now(0, [bytearray(4096)])  # a buffered write may wait: left to a worker
+        assert not backing.write_now(0, [bytearray(4096)], dsync=True)  # FUA waits for the device
         assert on_ext4.read_bytes() == data
+        assert backing.write_now(0, [b"\x11" * 4096])  # into the page cache, at once
+        backing.slow_write = 0.0  # from now on every write counts as one the kernel made wait
+        assert backing.write_now(4096, [b"\x22" * 4096])
+        assert not backing.write_now(8192, [b"\x33" * 4096])  # after a slow one: workers for a while
+        assert on_ext4.read_bytes() == b"\x11" * 4096 + b"\x22" * 4096 + data[8192:]
     finally:
         backing.close()
     direct = Backing(on_ext4, direct=True)
     try:
         assert not direct.read_now(0, [buffer])  # O_DIRECT would wait for the device
+        assert not direct.write_now(0, [buffer[:4096]])
     finally:
         direct.close()
     if os.path.isdir("/dev/shm"):
