@@ -193,10 +193,13 @@ class Connection(asyncio.BufferedProtocol):
         wait in the staging buffer until the pause ends.
         """
         self._consuming = True
+        queue = self.export.queue  # type: ignore[union-attr]
+        queue.start_plug()  # the requests of one receive merge with each other at once
         try:
             self._consume_staged()
         finally:
             self._consuming = False
+            queue.finish_plug()
 
     def _consume_staged(self) -> None:
         view, end, pos = self._staging_view, self._filled, 0

@@ -216,13 +216,22 @@ class Backing:
         try:
             done = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
         except BlockingIOError:
-            return False
+            return self._read_hole_now(offset, views)
         except OSError as exc:
             if not _unsupported(exc):
                 raise
             self._can_read_nowait = False
             return False
         return done == sum(len(v) for v in views)  # a short read (end of file) is left to readv
+
+    def _read_hole_now(self, offset: int, views: list[memoryview]) -> bool:
+        """Not in the page cache: if the range is a hole (one SEEK_DATA), it reads as zeroes."""
+        length = sum(len(v) for v in views)
+        if length > INLINE_MAX or offset + length > self.size or not self.is_hole(offset, length):
+            return False
+        for view in views:
+            view[:] = _ZERO_CHUNK[: len(view)]
+        return True
 
     def write_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool:
         """Write at once if that should need no waiting; False to leave it to :meth:`writev`.

@@ -1,8 +1,10 @@
 """The per-export request queue, shared by every connection of the export.
 
 Like the kernel's plugging: requests that arrive within one event-loop tick
-(from any connection) are held in a plug, then at the end of the tick (or
-when the plug is full) they pass the hazard check, are sorted, and adjacent
+(from any connection), or within one batch a connection marks with
+:meth:`RequestQueue.start_plug` and :meth:`RequestQueue.finish_plug` (the
+requests it cut from one receive), are held in a plug; at the end of the tick
+or batch (or when the plug is full) they pass the hazard check, are sorted, and adjacent
 ones of the same kind are merged into one :class:`Submission` each.  A request
 that overlaps an earlier one still in flight waits for it; everything else
 goes straight to the engine.  Each request leaves through its ``on_done``
@@ -50,6 +52,7 @@ class RequestQueue:
         self._plug: list[Request] = []
         self._plug_bytes = 0
         self._unplug_scheduled = False
+        self._plug_holders = 0  # callers between start_plug() and finish_plug()
         self._hazards = HazardTracker(hazard_granule)
         self._seq = 0
         self._in_flight = 0
@@ -84,7 +87,7 @@ class RequestQueue:
             self._depth_since = now
         self._in_flight += 1
         self.stats.requests[request.command] += 1
-        if not self.merge or (self._in_flight == 1 and not self._plug):
+        if not self.merge or (self._in_flight == 1 and not self._plug and not self._plug_holders):
             # An idle queue has nothing to merge with yet: a lone request goes at once.
             self._admit([request])
             return
@@ -96,9 +99,19 @@ class RequestQueue:
         self._plug_bytes += request.length
         if len(self._plug) >= MAX_PLUG_REQUESTS or self._plug_bytes >= MAX_PLUG_BYTES:
             self.unplug()
-        elif not self._unplug_scheduled:
+        elif not self._unplug_scheduled and not self._plug_holders:
             self._unplug_scheduled = True
             self.loop.call_soon(self.unplug)
+
+    def start_plug(self) -> None:
+        """Hold what is submitted from now until :meth:`finish_plug`: a batch the caller knows
+        about merges without waiting for the end of the tick (the kernel's ``blk_start_plug``)."""
+        self._plug_holders += 1
+
+    def finish_plug(self) -> None:
+        self._plug_holders -= 1
+        if not self._plug_holders:
+            self.unplug()
 
     def unplug(self) -> None:
         """Send everything plugged on its way."""

@@ -265,13 +265,21 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         assert not backing.in_memory
         assert backing.read_now(0, [buffer]) and buffer == data
         assert not backing.read_now(MiB - 4096, [bytearray(8192)])  # runs past the end: left to readv
+    finally:
+        backing.close()
+    with open(on_ext4, "r+b") as f:
+        f.truncate(4 * MiB)  # a hole after the data, in no page cache
+    backing = Backing(on_ext4)
+    try:
+        hole = bytearray(b"\xff" * 8192)
+        assert backing.read_now(2 * MiB, [hole]) and hole == bytes(8192)  # a hole: zeroes without a read
         assert not backing.write_now(0, [bytearray(4096)], dsync=True)  # FUA waits for the device
-        assert on_ext4.read_bytes() == data
+        assert on_ext4.read_bytes()[:MiB] == data
         assert backing.write_now(0, [b"\x11" * 4096])  # into the page cache, at once
         backing.slow_write = 0.0  # from now on every write counts as one the kernel made wait
         assert backing.write_now(4096, [b"\x22" * 4096])
         assert not backing.write_now(8192, [b"\x33" * 4096])  # after a slow one: workers for a while
-        assert on_ext4.read_bytes() == b"\x11" * 4096 + b"\x22" * 4096 + data[8192:]
+        assert on_ext4.read_bytes()[:MiB] == b"\x11" * 4096 + b"\x22" * 4096 + data[8192:]
     finally:
         backing.close()
     direct = Backing(on_ext4, direct=True)
