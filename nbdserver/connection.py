@@ -99,6 +99,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._tx is not None:
+            self.export.queue.submitters -= 1  # type: ignore[union-attr]
         self._out.clear()
         self._abandon_payload()  # it refers back to us through its callback: free it now
         self.server.connection_lost(self)
@@ -174,6 +176,7 @@ class Connection(asyncio.BufferedProtocol):
         self._staging_view = memoryview(self._staging)
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
+        self.export.queue.submitters += 1
         log.info(
             "%s: export %r, structured replies %s",
             self.peer,

@@ -53,6 +53,7 @@ class RequestQueue:
         self._plug_bytes = 0
         self._unplug_scheduled = False
         self._plug_holders = 0  # callers between start_plug() and finish_plug()
+        self.submitters = 0  # connections submitting here, counted by them
         self._hazards = HazardTracker(hazard_granule)
         self._seq = 0
         self._in_flight = 0
@@ -109,9 +110,16 @@ class RequestQueue:
         self._plug_holders += 1
 
     def finish_plug(self) -> None:
+        """Send the batch on its way: at once if one connection submits here, else at the end
+        of the tick, so that what the other connections receive in this tick may join it."""
         self._plug_holders -= 1
-        if not self._plug_holders:
+        if self._plug_holders or not self._plug:
+            return
+        if self.submitters <= 1:
             self.unplug()
+        elif not self._unplug_scheduled:
+            self._unplug_scheduled = True
+            self.loop.call_soon(self.unplug)
 
     def unplug(self) -> None:
         """Send everything plugged on its way."""
