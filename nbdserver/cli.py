@@ -14,6 +14,7 @@ from .backing import DEFAULT_WORKERS, ENGINES
 from .config import (
     CACHE_MODES,
     LOG_LEVELS,
+    TLS_MODES,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -23,6 +24,7 @@ from .config import (
 )
 from .metrics import top
 from .systemd import configure_logging
+from .tls import tls_context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=_arg(parse_export),
         metavar="SPEC",
-        help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,description=TEXT] (repeatable)",
+        help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=require]"
+        "[,description=TEXT] (repeatable)",
     )
     serve.add_argument(
         "--cache",
@@ -134,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="idle request buffers kept for reuse (default 64M)",
     )
+    serve.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        help="off (the default): refuse STARTTLS; on: offer it; require: serve nothing without it",
+    )
+    serve.add_argument("--tls-certificate", type=Path, metavar="PEM", help="the server's certificate (chain)")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    serve.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="accept only clients with a certificate signed by this CA"
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     check = commands.add_parser(
         "check-config",
@@ -187,6 +200,10 @@ _OVERRIDES = {
     "log_level": "log_level",
     "default_export": "default_export",
     "metrics": "metrics",
+    "tls": "tls",
+    "tls_certificate": "tls_certificate",
+    "tls_key": "tls_key",
+    "tls_ca": "tls_ca",
 }
 
 
@@ -226,6 +243,10 @@ def check_config(path: Path) -> int:
         print(f"nbdserver: {exc}", file=sys.stderr)
         return 1
     problems = [f"{path}: export {e.name!r}: {problem}" for e in config.exports if (problem := _backing_problem(e))]
+    try:
+        tls_context(config)
+    except ConfigError as exc:
+        problems.append(f"{path}: {exc}")
     for problem in problems:
         print(f"nbdserver: {problem}", file=sys.stderr)
     if problems:

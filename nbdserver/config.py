@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 
 
 CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
+TLS_MODES = ("off", "on", "require")  # values of TlsMode
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -29,6 +30,10 @@ class ExportConfig:
     create_size: int | None = None  # create a sparse image of this size if ``path`` is missing
     cache: str = "buffered"  # one of CACHE_MODES
     max_inflight_bytes: int | None = None  # across the export's connections; None: the server's default
+    tls: str | None = None  # "require": reachable only through TLS; None: as the server says
+
+    def tls_required(self, server: ServerConfig) -> bool:
+        return (self.tls or server.tls) == "require"
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class ServerConfig:
     log_level: str = "info"  # one of LOG_LEVELS
     max_submission_bytes: int = MergeLimits.max_bytes
     max_segments: int = MergeLimits.max_segments
+    tls: str = "off"  # one of TLS_MODES: STARTTLS refused, offered, or required for everything
+    tls_certificate: Path | None = None  # PEM: the server's certificate (chain)
+    tls_key: Path | None = None  # PEM: its private key
+    tls_ca: Path | None = None  # PEM: with it, clients must present a certificate it signed
 
     @property
     def merge_limits(self) -> MergeLimits:
@@ -88,6 +97,7 @@ class ServerConfig:
                 raise ConfigError(
                     f"export {export.name!r}: cache mode {export.cache!r} is not one of {', '.join(CACHE_MODES)}"
                 )
+        self._validate_tls()
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.default_export is not None and self.default_export not in names:
@@ -104,6 +114,25 @@ class ServerConfig:
             raise ConfigError("in-flight limits must be at least 1 byte")  # a request above them still runs, alone
         if not 1 <= self.max_segments <= IOV_MAX:
             raise ConfigError(f"max segments must be between 1 and {IOV_MAX} (IOV_MAX)")
+
+    def _validate_tls(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ConfigError(f"tls {self.tls!r} is not one of {', '.join(TLS_MODES)}")
+        if self.tls != "off" and (self.tls_certificate is None or self.tls_key is None):
+            raise ConfigError(f"tls = {self.tls!r} needs a TLS certificate and key")
+        if self.tls == "off" and self.tls_ca is not None:
+            raise ConfigError("a TLS CA is given but tls is off")
+        for export in self.exports:
+            if export.tls is None:
+                continue
+            if export.tls not in TLS_MODES:
+                raise ConfigError(f"export {export.name!r}: tls {export.tls!r} is not one of {', '.join(TLS_MODES)}")
+            if export.tls == "require" and self.tls == "off":
+                raise ConfigError(f"export {export.name!r}: tls = 'require' needs the server's tls on")
+            if export.tls != "require" and self.tls == "require":
+                raise ConfigError(
+                    f"export {export.name!r}: tls = {export.tls!r}, but the server requires TLS for every export"
+                )
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
@@ -136,7 +165,7 @@ def parse_listener(text: str) -> Listener:
 
 
 def parse_export(text: str) -> ExportConfig:
-    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,description=TEXT]``.
+    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,description=TEXT]``.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
@@ -150,7 +179,7 @@ def parse_export(text: str) -> ExportConfig:
         key, eq, value = item.partition("=")
         if key in ("read-only", "ro") and not eq:
             fields["read-only"] = "1"
-        elif key in ("name", "path", "size", "cache") and eq:
+        elif key in ("name", "path", "size", "cache", "tls") and eq:
             fields[key] = value
         else:
             raise ConfigError(f"bad export option {item!r} in {text!r}")
@@ -163,4 +192,5 @@ def parse_export(text: str) -> ExportConfig:
         description=fields.get("description", ""),
         create_size=parse_size(fields["size"]) if "size" in fields else None,
         cache=fields.get("cache", "buffered"),
+        tls=fields.get("tls"),
     )

@@ -7,6 +7,10 @@ Keys are spelled like the command-line flags::
     log-level = "info"
     engine = "threads"
     max-inflight = "256M"
+    tls = "require"                   # off, on or require
+    tls-certificate = "server-cert.pem"
+    tls-key = "server-key.pem"
+    tls-ca = "ca-cert.pem"            # clients must present a certificate signed by it
 
     [metrics]
     listen = "127.0.0.1:10810"        # or: enabled = false
@@ -17,6 +21,7 @@ Keys are spelled like the command-line flags::
     size = "1G"                       # create a sparse image if missing
     cache = "direct"
     max-export-inflight = "128M"
+    tls = "require"                   # selective TLS: only this export needs it
 
 Every error names the file, the key and what is wrong with it.
 """
@@ -32,6 +37,7 @@ from .backing import ENGINES
 from .config import (
     CACHE_MODES,
     LOG_LEVELS,
+    TLS_MODES,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -57,6 +63,9 @@ def load(path: Path) -> ServerConfig:
         raise ConfigError(f"{path}: {exc}") from None
     for export in config.exports:  # relative to the file, not to wherever the server was started
         export.path = path.parent / export.path
+    for name in ("tls_certificate", "tls_key", "tls_ca"):
+        if (value := getattr(config, name)) is not None:
+            setattr(config, name, path.parent / value)
     return config
 
 
@@ -67,8 +76,6 @@ def from_dict(data: dict[str, Any]) -> ServerConfig:
             config.exports = [_export(f"export[{i}]", item) for i, item in enumerate(_array_of_tables(key, value))]
         elif key == "metrics":
             config.metrics = _metrics(_table(key, value))
-        elif key == "tls":
-            raise ConfigError("tls: TLS is not supported by this version")
         elif key in _SERVER_KEYS:
             name, parse = _SERVER_KEYS[key]
             setattr(config, name, parse(key, value))
@@ -201,6 +208,10 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max-inflight": ("max_inflight_bytes", _size),
     "max-export-inflight": ("max_export_inflight_bytes", _size),
     "buffer-pool": ("buffer_pool_bytes", _size),
+    "tls": ("tls", _one_of(TLS_MODES)),
+    "tls-certificate": ("tls_certificate", _path),
+    "tls-key": ("tls_key", _path),
+    "tls-ca": ("tls_ca", _path),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),
@@ -210,4 +221,5 @@ _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "size": ("create_size", _size),
     "cache": ("cache", _one_of(CACHE_MODES)),
     "max-export-inflight": ("max_inflight_bytes", _size),
+    "tls": ("tls", _one_of(TLS_MODES)),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -25,11 +26,13 @@ from .protocol import (
     ProtocolViolation,
     RequestHeader,
     ServerHandshake,
+    StartTls,
     Transmission,
     error_from_errno,
 )
 from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
 from .protocol.replies import Buffer, block_status_reply, error_reply, ok_reply, read_reply
+from .tls import peer_subject
 
 if TYPE_CHECKING:
     from .export import Export
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STAGING_SIZE = 256 * 1024  # receive buffer of the transmission phase
 HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds
 DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
 MAX_INFLIGHT_REQUESTS = 4096
 _HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
@@ -54,7 +58,7 @@ class Connection(asyncio.BufferedProtocol):
         self._staging = bytearray(HANDSHAKE_STAGING_SIZE)
         self._staging_view = memoryview(self._staging)
         self._filled = 0  # bytes at the start of the staging buffer not yet consumed
-        self._handshake: ServerHandshake | None = ServerHandshake(server.catalog)
+        self._handshake: ServerHandshake | None = ServerHandshake(server.catalog, server.tls_mode)
         self._tx: Transmission | None = None
         # The WRITE whose payload is arriving, and where it goes.
         self._payload_request: Request | None = None
@@ -82,6 +86,7 @@ class Connection(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._disconnecting = False
         self.closed = asyncio.Event()
+        self._tls_task: asyncio.Task[None] | None = None  # the TLS handshake after STARTTLS
 
     # asyncio callbacks ------------------------------------------------------------
 
@@ -167,8 +172,35 @@ class Connection(asyncio.BufferedProtocol):
         for event in events:
             if isinstance(event, Aborted):
                 self._transport.close()
+            elif isinstance(event, StartTls):
+                self._tls_task = self._loop.create_task(self._start_tls())
             elif isinstance(event, Negotiated):
                 self._start_transmission(event, handshake.trailing_data)
+
+    async def _start_tls(self) -> None:
+        """Run the TLS handshake over the connection (STARTTLS's ACK is on its way), then go on
+        haggling inside it.  A failed handshake closes this connection only."""
+        transport, handshake = self._transport, self._handshake
+        assert transport is not None and handshake is not None and self.server.tls_context is not None
+        try:
+            tls_transport = await self._loop.start_tls(
+                transport,
+                self,
+                self.server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("%s: TLS handshake failed: %s", self.peer, exc)
+            self.server.stats.protocol_errors["tls_handshake"] += 1
+            transport.abort()
+            return
+        if tls_transport is None or self._transport is None:
+            return  # the client left meanwhile
+        self._transport = tls_transport  # type: ignore[assignment]
+        subject = peer_subject(tls_transport.get_extra_info("ssl_object"))
+        log.info("%s: TLS on%s", self.peer, f", client {subject!r}" if subject else "")
+        handshake.tls_started()
 
     def _start_transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
         self._handshake = None

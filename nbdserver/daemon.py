@@ -25,7 +25,11 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     ``reread`` gives the configuration anew (file and command line) for SIGHUP.
     """
     notifier = Notifier()
-    server = Server(config)
+    try:
+        server = Server(config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     # Handlers first: a signal that arrives while starting (or right after "ready:") is not lost.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -57,6 +57,7 @@ class Export:
             # so the minimum is 1 and the preferred size says what is fast.
             min_block=1,
             preferred_block=max(4096, backing.offset_align),
+            tls_required=config.tls_required(server),
         )
 
     @property

@@ -19,9 +19,10 @@ from .config import ConfigError, ExportConfig, Listener, ServerConfig
 from .connection import Connection
 from .export import Export
 from .metrics import MetricsEndpoint, ServerCollector
-from .protocol import Error, ExportCatalog
+from .protocol import Error, ExportCatalog, TlsMode
 from .protocol.errors import VIOLATION_KINDS
 from .systemd import METRICS_FD_NAME
+from .tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Server:
         self.metrics_addresses: list[str] = []
         self._unix_paths: list[str] = []  # sockets we created, removed at shutdown
         self.on_change: Callable[[], None] = lambda: None  # connections came or went
+        self.tls_mode = TlsMode(config.tls)
+        self.tls_context = tls_context(config)  # None when TLS is off
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -244,8 +247,12 @@ _RESTART_FIELDS = (
     "max_inflight_bytes",
     "max_export_inflight_bytes",
     "buffer_pool_bytes",
+    "tls",
+    "tls_certificate",
+    "tls_key",
+    "tls_ca",
 )
-_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes")
+_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls")
 
 
 def _remove_stale_socket(path: str) -> None:

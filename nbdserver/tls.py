@@ -1,27 +1,17 @@
-"""TLS for NBD_OPT_STARTTLS: the policy of each export and the server's SSL context.
+"""TLS for NBD_OPT_STARTTLS: the server's SSL context, made from its X.509 files.
 
 The handshake (sans-I/O) decides what a connection may do before and after
-STARTTLS; the connection upgrades its transport with ``loop.start_tls`` using
-the context made here from X.509 files.
+STARTTLS; the connection upgrades its transport with ``loop.start_tls`` and
+this context.
 """
 
 from __future__ import annotations
 
-import enum
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class TlsMode(enum.Enum):
-    """``off``: no TLS.  ``on``: clients choose.  ``require``: nothing but STARTTLS in the clear."""
-
-    OFF = "off"
-    ON = "on"
-    REQUIRE = "require"
-
-
-TLS_MODES = tuple(mode.value for mode in TlsMode)
+from .config import ConfigError, ServerConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +33,19 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
         context.load_verify_locations(cafile=files.ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's context, None when TLS is off; ConfigError naming the files if they do not load."""
+    if config.tls == "off":
+        return None
+    if config.tls_certificate is None or config.tls_key is None:
+        raise ConfigError(f"tls = {config.tls!r} needs a TLS certificate and key")
+    try:
+        return server_context(TlsFiles(config.tls_certificate, config.tls_key, config.tls_ca))
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(str(p) for p in (config.tls_certificate, config.tls_key, config.tls_ca) if p)
+        raise ConfigError(f"tls: cannot load {files}: {exc.strerror or exc}") from None
 
 
 def peer_subject(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:

@@ -2,7 +2,16 @@
 
 from .constants import Command, CommandFlag, Error, TransmissionFlag
 from .errors import ProtocolViolation, error_from_errno
-from .handshake import Aborted, ExportCatalog, ExportInfo, Negotiated, OptionSeen, ServerHandshake
+from .handshake import (
+    Aborted,
+    ExportCatalog,
+    ExportInfo,
+    Negotiated,
+    OptionSeen,
+    ServerHandshake,
+    StartTls,
+    TlsMode,
+)
 from .transmission import HEADER_SIZE, RequestHeader, Transmission
 
 __all__ = [
@@ -18,6 +27,8 @@ __all__ = [
     "ProtocolViolation",
     "RequestHeader",
     "ServerHandshake",
+    "StartTls",
+    "TlsMode",
     "Transmission",
     "TransmissionFlag",
     "error_from_errno",

@@ -14,6 +14,9 @@ VIOLATION_KINDS = (
     "unknown_export",
     "bad_request_magic",
     "oversized_write",
+    "tls_required",
+    "data_after_starttls",
+    "tls_handshake",
 )
 
 

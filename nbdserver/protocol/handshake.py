@@ -51,6 +51,16 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_payload: int = 32 * 1024 * 1024
+    tls_required: bool = False  # reachable only after STARTTLS (selective TLS)
+
+
+class TlsMode(enum.Enum):
+    """What a server says to STARTTLS: ``off`` refuses it, ``on`` lets clients choose, ``require``
+    answers every other option with ERR_TLS_REQD until TLS is up."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
 
 
 class ExportCatalog:
@@ -97,7 +107,13 @@ class OptionSeen:
     reply: int
 
 
-Event = Negotiated | Aborted | OptionSeen
+@dataclass(frozen=True)
+class StartTls:
+    """STARTTLS was accepted: once its ACK is sent, run the TLS handshake (server side) on the
+    connection, then call :meth:`ServerHandshake.tls_started`.  No bytes go in meanwhile."""
+
+
+Event = Negotiated | Aborted | OptionSeen | StartTls
 
 
 class _State(enum.Enum):
@@ -105,6 +121,7 @@ class _State(enum.Enum):
     OPTION_HEADER = enum.auto()
     OPTION_DATA = enum.auto()
     SKIP = enum.auto()
+    TLS = enum.auto()  # STARTTLS accepted; the I/O layer runs the TLS handshake
     DONE = enum.auto()
 
 
@@ -113,8 +130,10 @@ class _InvalidOption(Exception):
 
 
 class ServerHandshake:
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
         self.catalog = catalog
+        self.tls = tls
+        self.tls_active = False
         self._state = _State.CLIENT_FLAGS
         self._in = bytearray()
         self._out: list[bytes] = [_GREETING]
@@ -144,14 +163,29 @@ class ServerHandshake:
         while self._state is not _State.DONE:
             if not self._step(events):
                 break
+        if self._state is _State.TLS and self._in:
+            # Taken as options from inside TLS, these could be injected by anyone on the path.
+            raise ProtocolViolation("bytes sent in the clear after STARTTLS", "data_after_starttls")
         if self._state is _State.DONE:
             self.trailing_data = bytes(self._in)
             self._in.clear()
         return events
 
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: option haggling starts afresh, inside TLS."""
+        if self._state is not _State.TLS:
+            raise RuntimeError("no STARTTLS is pending")
+        self.tls_active = True
+        # Nothing agreed in the clear carries over.
+        self.structured_replies = False
+        self._meta_export, self._meta_contexts = None, {}
+        self._state = _State.OPTION_HEADER
+
     # One step of the state machine; False when it needs more bytes.
     def _step(self, events: list[Event]) -> bool:
         state = self._state
+        if state is _State.TLS:
+            return False
         if state is _State.CLIENT_FLAGS:
             if len(self._in) < 4:
                 return False
@@ -202,7 +236,12 @@ class ServerHandshake:
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
         handler = self._HANDLERS.get(option)
-        if handler is None:
+        if self.tls is TlsMode.REQUIRE and not self.tls_active and option not in (Option.STARTTLS, Option.ABORT):
+            if option == Option.EXPORT_NAME:  # it has no error reply
+                raise ProtocolViolation("EXPORT_NAME in the clear; this server requires TLS", "tls_required")
+            reply = OptionReply.ERR_TLS_REQD
+            self._reply(reply, message="this server requires TLS: send NBD_OPT_STARTTLS first")
+        elif handler is None:
             reply = OptionReply.ERR_UNSUP
             self._reply(reply, message=f"option {option} is not supported")
         else:
@@ -218,6 +257,8 @@ class ServerHandshake:
         if info is None:
             # This option cannot return an error: the spec asks for a hard disconnect.
             raise ProtocolViolation(f"unknown export {_decode(data)!r} requested by EXPORT_NAME", "unknown_export")
+        if info.tls_required and not self.tls_active:
+            raise ProtocolViolation(f"export {info.name!r} requires TLS; EXPORT_NAME came in the clear", "tls_required")
         flags = self._transmission_flags(info)
         reply = struct.pack(">QH", info.size, flags)
         self._out.append(reply if self.no_zeroes else reply + bytes(124))
@@ -240,8 +281,17 @@ class ServerHandshake:
         return OptionReply.ACK
 
     def _opt_starttls(self, data: bytes, events: list[Event]) -> OptionReply:
-        self._reply(OptionReply.ERR_POLICY, message="TLS is not configured on this server")
-        return OptionReply.ERR_POLICY
+        if data:
+            raise _InvalidOption("NBD_OPT_STARTTLS takes no data")
+        if self.tls_active:
+            raise _InvalidOption("TLS is already on")
+        if self.tls is TlsMode.OFF:
+            self._reply(OptionReply.ERR_POLICY, message="TLS is not configured on this server")
+            return OptionReply.ERR_POLICY
+        self._reply(OptionReply.ACK)
+        self._state = _State.TLS
+        events.append(StartTls())
+        return OptionReply.ACK
 
     def _opt_info_go(self, data: bytes, events: list[Event]) -> OptionReply:
         name, requests = _parse_info_request(data)
@@ -249,6 +299,9 @@ class ServerHandshake:
         if info is None:
             self._reply(OptionReply.ERR_UNKNOWN, message=f"no export named {name!r}")
             return OptionReply.ERR_UNKNOWN
+        if info.tls_required and not self.tls_active:
+            self._reply(OptionReply.ERR_TLS_REQD, message=f"export {info.name!r} requires TLS")
+            return OptionReply.ERR_TLS_REQD
         flags = self._transmission_flags(info)
         self._reply(OptionReply.INFO, struct.pack(">HQH", Info.EXPORT, info.size, flags))
         if Info.NAME in requests or name != info.name:
@@ -281,9 +334,13 @@ class ServerHandshake:
             if not self.structured_replies:
                 raise _InvalidOption("negotiate structured replies before metadata contexts")
         name, queries = _parse_meta_request(data)
-        if self.catalog.lookup(name) is None:
+        info = self.catalog.lookup(name)
+        if info is None:
             self._reply(OptionReply.ERR_UNKNOWN, message=f"no export named {name!r}")
             return OptionReply.ERR_UNKNOWN
+        if info.tls_required and not self.tls_active:
+            self._reply(OptionReply.ERR_TLS_REQD, message=f"export {info.name!r} requires TLS")
+            return OptionReply.ERR_TLS_REQD
         for query in queries:
             if ":" not in query:
                 raise _InvalidOption(f"metadata context query {query!r} has no namespace")

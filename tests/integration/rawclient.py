@@ -51,6 +51,7 @@ class Rep(enum.IntEnum):
     ERR_UNSUP = REP_ERR | 1
     ERR_POLICY = REP_ERR | 2
     ERR_INVALID = REP_ERR | 3
+    ERR_TLS_REQD = REP_ERR | 5
     ERR_UNKNOWN = REP_ERR | 6
     ERR_TOO_BIG = REP_ERR | 9
 
