@@ -20,6 +20,8 @@ from .config import (
     ServerConfig,
     parse_export,
     parse_listener,
+    parse_mode,
+    parse_networks,
     parse_size,
 )
 from .metrics import top
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arg(parse_export),
         metavar="SPEC",
         help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=require]"
-        "[,description=TEXT] (repeatable)",
+        "[,allow=NET+NET][,description=TEXT] (repeatable)",
     )
     serve.add_argument(
         "--cache",
@@ -147,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="accept only clients with a certificate signed by this CA"
     )
+    serve.add_argument(
+        "--allow",
+        type=_arg(parse_networks),
+        metavar="NET[+NET...]",
+        help="serve only TCP clients in these networks, e.g. 10.0.0.0/8+::1 (exports may set their own allow=)",
+    )
+    serve.add_argument(
+        "--unix-socket-mode", type=_arg(parse_mode), metavar="MODE", help="of created Unix sockets (default 0660)"
+    )
+    serve.add_argument("--max-connections", type=int, metavar="N", help="open at once (default 1024)")
+    serve.add_argument(
+        "--max-server-inflight",
+        type=_arg(parse_size),
+        metavar="SIZE",
+        help="READ/WRITE bytes in flight across all exports (default 1G)",
+    )
+    serve.add_argument(
+        "--handshake-timeout", type=float, metavar="SECONDS", help="to finish option haggling (default 30)"
+    )
+    serve.add_argument(
+        "--idle-timeout", type=float, metavar="SECONDS", help="close connections idle this long (default 0: never)"
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     check = commands.add_parser(
         "check-config",
@@ -204,6 +228,12 @@ _OVERRIDES = {
     "tls_certificate": "tls_certificate",
     "tls_key": "tls_key",
     "tls_ca": "tls_ca",
+    "allow": "allow",
+    "unix_socket_mode": "unix_socket_mode",
+    "max_connections": "max_connections",
+    "max_server_inflight": "max_server_inflight_bytes",
+    "handshake_timeout": "handshake_timeout",
+    "idle_timeout": "idle_timeout",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ class ConfigError(ValueError):
 CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
 TLS_MODES = ("off", "on", "require")  # values of TlsMode
 LOG_LEVELS = ("debug", "info", "warning", "error")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -31,9 +33,20 @@ class ExportConfig:
     cache: str = "buffered"  # one of CACHE_MODES
     max_inflight_bytes: int | None = None  # across the export's connections; None: the server's default
     tls: str | None = None  # "require": reachable only through TLS; None: as the server says
+    allow: tuple[Network, ...] | None = None  # TCP clients it serves; None: as the server says
 
     def tls_required(self, server: ServerConfig) -> bool:
         return (self.tls or server.tls) == "require"
+
+    def allows(self, server: ServerConfig, address: str | None) -> bool:
+        """May a client at ``address`` (None: over a Unix socket, which its file mode guards) use it?"""
+        networks = self.allow if self.allow is not None else server.allow
+        if networks is None or address is None:
+            return True
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local address may carry a zone
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d
+        return any(ip in network for network in networks)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,12 @@ class ServerConfig:
     tls_certificate: Path | None = None  # PEM: the server's certificate (chain)
     tls_key: Path | None = None  # PEM: its private key
     tls_ca: Path | None = None  # PEM: with it, clients must present a certificate it signed
+    allow: tuple[Network, ...] | None = None  # TCP clients served by exports without their own list
+    unix_socket_mode: int = 0o660  # of the Unix sockets the server creates
+    max_connections: int = 1024  # open at once; more are closed at once
+    max_server_inflight_bytes: int = 1024 * 1024 * 1024  # across every export
+    handshake_timeout: float = 30.0  # seconds from accept to the end of option haggling
+    idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
 
     @property
     def merge_limits(self) -> MergeLimits:
@@ -110,7 +129,13 @@ class ServerConfig:
             raise ConfigError("workers must be at least 1")
         if self.max_submission_bytes < 4096:
             raise ConfigError("max submission bytes must be at least 4096")
-        if self.max_inflight_bytes < 1 or self.max_export_inflight_bytes < 1:
+        if self.max_connections < 1:
+            raise ConfigError("max connections must be at least 1")
+        if self.handshake_timeout <= 0 or self.idle_timeout < 0:
+            raise ConfigError("the handshake timeout must be positive and the idle timeout not negative")
+        if not 0 <= self.unix_socket_mode <= 0o777:
+            raise ConfigError(f"unix socket mode {self.unix_socket_mode:o} is not a file mode")
+        if self.max_inflight_bytes < 1 or self.max_export_inflight_bytes < 1 or self.max_server_inflight_bytes < 1:
             raise ConfigError("in-flight limits must be at least 1 byte")  # a request above them still runs, alone
         if not 1 <= self.max_segments <= IOV_MAX:
             raise ConfigError(f"max segments must be between 1 and {IOV_MAX} (IOV_MAX)")
@@ -147,6 +172,28 @@ def parse_size(text: str) -> int:
     return number << (10 * " kmgtpe".index(unit)) if unit else number
 
 
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """'10.0.0.0/8+192.168.1.7+::1' -> networks (an address alone is a network of one)."""
+    networks = []
+    for item in text.split("+"):
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"bad network {item!r}: expected an address or ADDRESS/PREFIX") from None
+    return tuple(networks)
+
+
+def parse_mode(text: str) -> int:
+    """'0660' -> 0o660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"bad file mode {text!r}: expected octal digits such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"bad file mode {text!r}: expected at most 0777")
+    return mode
+
+
 def parse_listener(text: str) -> Listener:
     """'HOST:PORT', '[V6HOST]:PORT' or 'unix:PATH'."""
     if text.startswith("unix:"):
@@ -165,7 +212,7 @@ def parse_listener(text: str) -> Listener:
 
 
 def parse_export(text: str) -> ExportConfig:
-    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,description=TEXT]``.
+    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,allow=NET+NET][,description=TEXT]``.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
@@ -179,7 +226,7 @@ def parse_export(text: str) -> ExportConfig:
         key, eq, value = item.partition("=")
         if key in ("read-only", "ro") and not eq:
             fields["read-only"] = "1"
-        elif key in ("name", "path", "size", "cache", "tls") and eq:
+        elif key in ("name", "path", "size", "cache", "tls", "allow") and eq:
             fields[key] = value
         else:
             raise ConfigError(f"bad export option {item!r} in {text!r}")
@@ -193,4 +240,5 @@ def parse_export(text: str) -> ExportConfig:
         create_size=parse_size(fields["size"]) if "size" in fields else None,
         cache=fields.get("cache", "buffered"),
         tls=fields.get("tls"),
+        allow=parse_networks(fields["allow"]) if "allow" in fields else None,
     )

@@ -42,6 +42,8 @@ from .config import (
     ExportConfig,
     ServerConfig,
     parse_listener,
+    parse_mode,
+    parse_networks,
     parse_size,
 )
 
@@ -169,6 +171,33 @@ def _listeners(key: str, value: Any):
     return [_listener(f"{key}[{i}]", item) for i, item in enumerate(value)]
 
 
+def _networks(key: str, value: Any):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of networks, got {_kind(value)}")
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            networks += parse_networks(_str(f"{key}[{i}]", item))
+        except ConfigError as exc:
+            raise ConfigError(f"{key}[{i}]: {exc}") from None
+    return tuple(networks)
+
+
+def _seconds(key: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key}: expected a number of seconds, got {_kind(value)}")
+    return float(value)
+
+
+def _mode(key: str, value: Any) -> int:
+    try:
+        return parse_mode(_str(key, value))
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc} (a string: TOML has no octal numbers but 0o660)") from None
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def parse(key: str, value: Any) -> str:
         text = _str(key, value)
@@ -212,6 +241,12 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "tls-certificate": ("tls_certificate", _path),
     "tls-key": ("tls_key", _path),
     "tls-ca": ("tls_ca", _path),
+    "allow": ("allow", _networks),
+    "unix-socket-mode": ("unix_socket_mode", _mode),
+    "max-connections": ("max_connections", _int),
+    "max-server-inflight": ("max_server_inflight_bytes", _size),
+    "handshake-timeout": ("handshake_timeout", _seconds),
+    "idle-timeout": ("idle_timeout", _seconds),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),
@@ -222,4 +257,5 @@ _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cache": ("cache", _one_of(CACHE_MODES)),
     "max-export-inflight": ("max_inflight_bytes", _size),
     "tls": ("tls", _one_of(TLS_MODES)),
+    "allow": ("allow", _networks),
 }

@@ -48,6 +48,15 @@ MAX_INFLIGHT_REQUESTS = 4096
 _HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
 
 
+def _tune_tcp(sock: socket.socket) -> None:
+    """No Nagle delay on replies; keepalive probes that find a vanished peer in about two minutes."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -58,7 +67,8 @@ class Connection(asyncio.BufferedProtocol):
         self._staging = bytearray(HANDSHAKE_STAGING_SIZE)
         self._staging_view = memoryview(self._staging)
         self._filled = 0  # bytes at the start of the staging buffer not yet consumed
-        self._handshake: ServerHandshake | None = ServerHandshake(server.catalog, server.tls_mode)
+        self._handshake: ServerHandshake | None = None  # made once the peer is known
+        self._timer: asyncio.TimerHandle | None = None  # the handshake's deadline, then the idle check
         self._tx: Transmission | None = None
         # The WRITE whose payload is arriving, and where it goes.
         self._payload_request: Request | None = None
@@ -94,16 +104,26 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            _tune_tcp(sock)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.server.connection_made(self)
-        assert self._handshake is not None
+        address = peer[0] if isinstance(peer, tuple) else None
+        self.peer = f"{address}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if not self.server.admit(self):
+            transport.abort()
+            return
+        catalog = self.server.catalog_for(address)
+        refusal = ""
+        if not any(True for _ in catalog) and self.server.exports:
+            refusal = "no export is open to this client's address"
+            self.server.turn_away(self, "not_allowed", refusal)
+        self._handshake = ServerHandshake(catalog, self.server.tls_mode, refusal)
         transport.write(self._handshake.data_to_send())
+        self._timer = self._loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
         if self._tx is not None:
             self.export.queue.submitters -= 1  # type: ignore[union-attr]
         self._out.clear()
@@ -202,8 +222,33 @@ class Connection(asyncio.BufferedProtocol):
         log.info("%s: TLS on%s", self.peer, f", client {subject!r}" if subject else "")
         handshake.tls_started()
 
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self._handshake is not None and self._transport is not None:
+            timeout = self.server.config.handshake_timeout
+            self.server.turn_away(self, "handshake_timeout", f"no export chosen within {timeout:g} s")
+            self._transport.abort()
+
+    def _check_idle(self) -> None:
+        """Close the connection once it has had nothing in flight and sent nothing for the idle timeout."""
+        self._timer = None
+        if self._transport is None or self._disconnecting:
+            return
+        timeout = self.server.config.idle_timeout
+        quiet = monotonic() - self._received_at
+        if self._in_flight or quiet < timeout:
+            self._timer = self._loop.call_later(max(timeout - quiet, 1.0), self._check_idle)
+            return
+        self.server.turn_away(self, "idle_timeout", f"no request for {quiet:.0f} s")
+        self._begin_disconnect()
+
     def _start_transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
         self._handshake = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.server.config.idle_timeout:
+            self._timer = self._loop.call_later(self.server.config.idle_timeout, self._check_idle)
         self._staging = bytearray(STAGING_SIZE)
         self._staging_view = memoryview(self._staging)
         self._tx = Transmission(negotiated)

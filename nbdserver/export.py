@@ -31,10 +31,13 @@ MAX_HAZARD_GRANULE = 1 << 20
 
 
 class Export:
-    def __init__(self, config: ExportConfig, server: ServerConfig, pool: BufferPool) -> None:
+    def __init__(
+        self, config: ExportConfig, server: ServerConfig, pool: BufferPool, budget: ByteBudget | None = None
+    ) -> None:
         self.config = config
         self.pool = pool
-        self.budget = ByteBudget(config.max_inflight_bytes or server.max_export_inflight_bytes)
+        # Its own in-flight budget, within the server's (``budget``).
+        self.budget = ByteBudget(config.max_inflight_bytes or server.max_export_inflight_bytes, budget)
         self.backing = backing = Backing(
             config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
 
-from .block.buffers import BufferPool
+from .block.buffers import BufferPool, ByteBudget
 from .config import ConfigError, ExportConfig, Listener, ServerConfig
 from .connection import Connection
 from .export import Export
@@ -27,6 +27,10 @@ from .tls import tls_context
 log = logging.getLogger(__name__)
 
 
+# Why connections are closed by the server without a protocol violation.
+TURNED_AWAY = ("max_connections", "not_allowed", "handshake_timeout", "idle_timeout")
+
+
 @dataclass
 class ServerStats:
     """Counters of the server as a whole, kept by the connections."""
@@ -35,6 +39,8 @@ class ServerStats:
     # Disconnects by the rule broken, and (export, NBD error) of refused requests: counted from zero.
     protocol_errors: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(VIOLATION_KINDS, 0)))
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Connections closed on arrival or in the handshake, by reason: counted from zero.
+    turned_away: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(TURNED_AWAY, 0)))
 
 
 class Server:
@@ -47,6 +53,7 @@ class Server:
         self.addresses: list[str] = []
         self.catalog = ExportCatalog([], None)
         self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
+        self.budget = ByteBudget(config.max_server_inflight_bytes)  # in flight across every export
         self.stats = ServerStats()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(self))
@@ -69,7 +76,7 @@ class Server:
         self._update_catalog()
 
     def _open_export(self, config: ExportConfig) -> None:
-        export = Export(config, self.config, self.pool)
+        export = Export(config, self.config, self.pool, self.budget)
         self.exports[export.name] = export
         for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
             self.stats.refused[export.name, error.name] += 0  # shown from zero
@@ -85,6 +92,14 @@ class Server:
     def _update_catalog(self) -> None:
         """What handshakes from now on offer."""
         self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
+
+    def catalog_for(self, address: str | None) -> ExportCatalog:
+        """The exports a client at ``address`` (None: a Unix socket) may see and use."""
+        if self.config.allow is None and all(e.config.allow is None for e in self.exports.values()):
+            return self.catalog
+        infos = [e.info for e in self.exports.values() if e.config.allows(self.config, address)]
+        default = self.catalog.default if any(i.name == self.catalog.default for i in infos) else ""
+        return ExportCatalog(infos, default)
 
     async def start(self, inherited: Sequence[tuple[str, socket.socket]] = ()) -> None:
         """Listen on the inherited sockets (socket activation) if any, else on every configured address.
@@ -126,6 +141,7 @@ class Server:
             _remove_stale_socket(listener.path)
             srv = await loop.create_unix_server(lambda: Connection(self), listener.path)
             self._unix_paths.append(listener.path)
+            os.chmod(listener.path, self.config.unix_socket_mode)
         else:
             srv = await loop.create_server(lambda: Connection(self), listener.host, listener.port, reuse_address=True)
         self._listeners.append(srv)
@@ -191,6 +207,18 @@ class Server:
                 refused.append(f"export {export.name!r}: {name.replace('_', ' ')} changed: needs a restart")
         return changed
 
+    def admit(self, connection: Connection) -> bool:
+        """Take a new connection, unless the server is full: then it is counted and should be closed."""
+        if len(self.connections) >= self.config.max_connections:
+            self.turn_away(connection, "max_connections", f"{len(self.connections)} connections are open already")
+            return False
+        self.connection_made(connection)
+        return True
+
+    def turn_away(self, connection: Connection, reason: str, why: str) -> None:
+        self.stats.turned_away[reason] += 1
+        log.warning("%s: turned away (%s): %s", connection.peer, reason.replace("_", " "), why)
+
     def connection_made(self, connection: Connection) -> None:
         self.connections.add(connection)
         self.stats.connections += 1
@@ -198,6 +226,8 @@ class Server:
         self.on_change()
 
     def connection_lost(self, connection: Connection) -> None:
+        if connection not in self.connections:
+            return  # turned away on arrival
         self.connections.discard(connection)
         export = f"export {connection.export.name!r}" if connection.export is not None else "in the handshake"
         log.info("%s: disconnected (%s)", connection.peer, export)
@@ -251,8 +281,14 @@ _RESTART_FIELDS = (
     "tls_certificate",
     "tls_key",
     "tls_ca",
+    "allow",
+    "unix_socket_mode",
+    "max_connections",
+    "max_server_inflight_bytes",
+    "handshake_timeout",
+    "idle_timeout",
 )
-_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls")
+_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow")
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -64,20 +64,25 @@ class ByteBudget:
     (and submitting what it had staged) never runs inside another one's completion.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, parent: ByteBudget | None = None) -> None:
         self.limit = limit
         self.used = 0
+        self.parent = parent  # a wider budget (the server's) charged with the same bytes
         self._waiters: set[Callable[[], None]] = set()
 
     @property
     def exhausted(self) -> bool:
-        return self.used > self.limit
+        return self.used > self.limit or (self.parent is not None and self.parent.exhausted)
 
     def charge(self, nbytes: int) -> None:
         self.used += nbytes
+        if self.parent is not None:
+            self.parent.charge(nbytes)
 
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
+        if self.parent is not None:
+            self.parent.release(nbytes)
         if self._waiters and self.used <= self.limit:
             waiters, self._waiters = self._waiters, set()
             loop = asyncio.get_running_loop()
@@ -85,5 +90,8 @@ class ByteBudget:
                 loop.call_soon(wake)
 
     def wait(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` once the budget is no longer exhausted."""
-        self._waiters.add(wake)
+        """Call ``wake`` once the budget is no longer exhausted (it may then wait again, on the parent)."""
+        if self.used <= self.limit and self.parent is not None:
+            self.parent.wait(wake)
+        else:
+            self._waiters.add(wake)

@@ -68,6 +68,14 @@ class ServerCollector(Collector):
         for kind, count in sorted(stats.protocol_errors.items()):
             violations.add_metric([kind], count)
         yield violations
+        turned_away = CounterMetricFamily(
+            f"{PREFIX}_connections_turned_away",
+            "Connections closed by the server without a protocol violation, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.turned_away.items()):
+            turned_away.add_metric([reason], count)
+        yield turned_away
         refused = CounterMetricFamily(
             f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
         )

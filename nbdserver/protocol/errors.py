@@ -17,6 +17,7 @@ VIOLATION_KINDS = (
     "tls_required",
     "data_after_starttls",
     "tls_handshake",
+    "not_allowed",
 )
 
 

@@ -130,9 +130,10 @@ class _InvalidOption(Exception):
 
 
 class ServerHandshake:
-    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF, refusal: str = "") -> None:
         self.catalog = catalog
         self.tls = tls
+        self.refusal = refusal  # if set: this client may use nothing; every option gets ERR_POLICY with it
         self.tls_active = False
         self._state = _State.CLIENT_FLAGS
         self._in = bytearray()
@@ -236,7 +237,12 @@ class ServerHandshake:
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
         handler = self._HANDLERS.get(option)
-        if self.tls is TlsMode.REQUIRE and not self.tls_active and option not in (Option.STARTTLS, Option.ABORT):
+        if self.refusal and option != Option.ABORT:
+            if option == Option.EXPORT_NAME:
+                raise ProtocolViolation(f"EXPORT_NAME refused: {self.refusal}", "not_allowed")
+            reply = OptionReply.ERR_POLICY
+            self._reply(reply, message=self.refusal)
+        elif self.tls is TlsMode.REQUIRE and not self.tls_active and option not in (Option.STARTTLS, Option.ABORT):
             if option == Option.EXPORT_NAME:  # it has no error reply
                 raise ProtocolViolation("EXPORT_NAME in the clear; this server requires TLS", "tls_required")
             reply = OptionReply.ERR_TLS_REQD
