@@ -1,0 +1,138 @@
+"""Fuzzing the sans-I/O core with hypothesis: raw byte streams into the handshake (every TLS mode,
+a refused client) and the transmission phase's header parser and checks.
+
+Invariants: the only exception is ProtocolViolation; every byte the server sends parses as
+option replies; the handshake never holds more than one option's worth of input; a header is
+either refused with an NBD error or accepted within the export and the payload limit.
+
+CI runs FUZZ_EXAMPLES examples per test (a few seconds in all); set NBDSERVER_FUZZ_EXAMPLES for
+a longer run, e.g. NBDSERVER_FUZZ_EXAMPLES=200000 pytest tests/unit/test_fuzz.py
+--hypothesis-show-statistics.  Failing inputs are kept in .hypothesis/ and replayed first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdserver.protocol import (
+    ExportCatalog,
+    ExportInfo,
+    Negotiated,
+    ProtocolViolation,
+    ServerHandshake,
+    StartTls,
+    TlsMode,
+    Transmission,
+)
+from nbdserver.protocol.constants import REQUEST_MAGIC, Error, Option
+from nbdserver.protocol.constants import TransmissionFlag as TF
+from nbdserver.protocol.handshake import MAX_OPTION_DATA
+from nbdserver.protocol.transmission import HEADER_SIZE, MAX_DISCARDED_PAYLOAD
+
+from .wire import client_flags, info_request, option, parse_option_replies
+
+FUZZ_EXAMPLES = int(os.environ.get("NBDSERVER_FUZZ_EXAMPLES", "1500"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+
+DISK = ExportInfo("disk", 1 << 30, TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM, max_payload=1 << 25)
+SECRET = ExportInfo("secret", 1 << 20, TF.HAS_FLAGS | TF.READ_ONLY, tls_required=True)
+CATALOG = ExportCatalog([DISK, SECRET])
+
+# Pieces a client stream is made of: real options (some mangled), raw bytes, and option headers
+# that announce more data than follows.
+PIECES = st.one_of(
+    st.binary(max_size=64),
+    st.builds(option, st.sampled_from(list(Option)) | st.integers(0, 2**32 - 1), st.binary(max_size=64)),
+    st.sampled_from(["disk", "secret", "", "x" * 300]).map(lambda n: option(Option.GO, info_request(n))),
+    st.sampled_from([b"disk", b"secret", b""]).map(lambda n: option(Option.EXPORT_NAME, n)),
+    st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">QII", 0x49484156454F5054, Option.LIST, n)),
+)
+STREAMS = st.builds(
+    lambda flags, pieces: flags + b"".join(pieces),
+    st.sampled_from([client_flags(1), client_flags(3), client_flags(0), b"\xff\xff\xff\xff", b""]),
+    st.lists(PIECES, max_size=12),
+)
+
+
+@FUZZ
+@given(
+    stream=STREAMS,
+    cuts=st.lists(st.integers(0, 2000), max_size=8),
+    tls=st.sampled_from(list(TlsMode)),
+    refused=st.booleans(),
+)
+def test_handshake_takes_any_byte_stream(stream: bytes, cuts: list[int], tls: TlsMode, refused: bool) -> None:
+    hs = ServerHandshake(CATALOG, tls, "not for you" if refused else "")
+    out = hs.data_to_send()[18:]  # after the greeting
+    bounds = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
+    try:
+        for start, end in itertools.pairwise(bounds):
+            if hs.done:
+                break
+            events = hs.receive_data(stream[start:end])
+            out += hs.data_to_send()
+            assert len(hs._in) <= MAX_OPTION_DATA + 16, "the handshake holds more than one option"
+            for event in events:
+                if isinstance(event, StartTls):
+                    assert tls is not TlsMode.OFF and not refused
+                    hs.tls_started()  # as if the TLS handshake had succeeded
+                if isinstance(event, Negotiated):
+                    assert not refused
+                    assert not event.export.tls_required or hs.tls_active
+                    assert tls is not TlsMode.REQUIRE or hs.tls_active
+    except ProtocolViolation:
+        out += hs.data_to_send()
+    replies = parse_option_replies(_strip_export_name_reply(out))
+    if refused:
+        assert all(r.type & (1 << 31) or r.option == Option.ABORT for r in replies)
+
+
+def _strip_export_name_reply(out: bytes) -> bytes:
+    """EXPORT_NAME's success reply (size and flags, maybe 124 zero bytes) has no option-reply header."""
+    pos, end = 0, len(out)
+    while pos < end:
+        if end - pos < 20 or out[pos : pos + 8] != b"\x00\x03\xe8\x89\x04\x55\x65\xa9":
+            return out[:pos]
+        (length,) = struct.unpack_from(">I", out, pos + 16)
+        pos += 20 + length
+    return out
+
+
+HEADERS = st.one_of(
+    st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE),
+    st.builds(
+        lambda flags, command, cookie, offset, length: struct.pack(
+            ">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset, length
+        ),
+        st.integers(0, 0xFFFF),
+        st.integers(0, 12) | st.integers(0, 0xFFFF),
+        st.integers(0, 2**64 - 1),
+        st.sampled_from([0, 512, 4096, DISK.size - 4096, DISK.size, 2**63]) | st.integers(0, 2**64 - 1),
+        st.sampled_from([0, 1, 4096, 1 << 25, (1 << 25) + 1, 2**32 - 1]) | st.integers(0, 2**32 - 1),
+    ),
+)
+
+
+@FUZZ
+@given(raw=HEADERS, structured=st.booleans(), read_only=st.booleans())
+def test_transmission_headers_are_refused_or_within_bounds(raw: bytes, structured: bool, read_only: bool) -> None:
+    flags = DISK.flags | (TF.READ_ONLY if read_only else 0)
+    tx = Transmission(Negotiated(DISK, flags, structured, {1: "base:allocation"} if structured else {}))
+    try:
+        header = tx.parse_header(raw)
+        payload = tx.payload_length(header)
+    except ProtocolViolation:
+        return
+    assert 0 <= payload <= MAX_DISCARDED_PAYLOAD
+    error, message = tx.check(header)
+    if error == Error.OK:
+        assert header.offset + header.length <= DISK.size or header.command in (2, 3)
+        assert header.length <= DISK.max_payload or header.command not in (0, 1)
+        assert not (read_only and header.command in (1, 4, 6))
+    else:
+        assert message
