@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import time
 
 import nbd
@@ -169,3 +170,14 @@ def test_server_budget_pauses_connections_of_every_export(start_server, image, t
     finally:
         for raw in (a, b, c):
             raw.close()
+
+
+def test_tcp_connections_carry_keepalive_probes(start_server, image):
+    """A peer that vanishes without a FIN is found by keepalive after a minute idle, not never."""
+    server = start_server(image)
+    with RawClient(server.host, server.port) as c:
+        c.greeting()
+        out = subprocess.run(
+            ["ss", "-tnoH", "state", "established", f"( sport = :{server.port} )"], capture_output=True, text=True
+        ).stdout
+    assert "timer:(keepalive,59sec" in out or "timer:(keepalive,1min" in out, out
