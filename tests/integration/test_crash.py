@@ -26,7 +26,7 @@ from tests.conftest import MiB
 
 SIZE = 256 * MiB
 SLOT = 64 * 1024  # one write per slot per round: no two writes in a round overlap
-ROUNDS = 6
+ROUNDS = int(os.environ.get("NBDSERVER_CRASH_ROUNDS", "6"))  # kills per cache mode; more on demand
 QUEUE_DEPTH = 16
 FS_IOC_FIEMAP = 0xC020660B
 _FIEMAP = struct.Struct("=QQIIII")  # start, length, flags, mapped extents, extent count, reserved
