@@ -19,6 +19,7 @@ plugin comes with Debian's nbdkit-plugin-python; the plots need matplotlib.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import statistics
 import sys
@@ -151,7 +152,8 @@ def plot(report_dir: Path, fs: str, workloads: list[Workload], variants: list[Va
         ax.set_title(f"{group}, {fs}")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        path = report_dir / f"peers-{fs}-{group.split()[0].lower()}.png"
+        slug = re.sub(r"[^a-z0-9]+", "-", group.split()[0].lower()).strip("-")
+        path = report_dir / f"peers-{fs}-{slug}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
