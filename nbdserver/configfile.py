@@ -163,25 +163,26 @@ def _listener(key: str, value: Any):
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _listeners(key: str, value: Any):
+def _items(key: str, value: Any, what: str) -> list[tuple[str, Any]]:
+    """A list (or one string standing for a list of one), each item with its key for messages."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of addresses, got {_kind(value)}")
-    return [_listener(f"{key}[{i}]", item) for i, item in enumerate(value)]
+        raise ConfigError(f"{key}: expected a list of {what}, got {_kind(value)}")
+    return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _listeners(key: str, value: Any):
+    return [_listener(item_key, item) for item_key, item in _items(key, value, "addresses")]
 
 
 def _networks(key: str, value: Any):
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of networks, got {_kind(value)}")
     networks = []
-    for i, item in enumerate(value):
+    for item_key, item in _items(key, value, "networks"):
         try:
-            networks += parse_networks(_str(f"{key}[{i}]", item))
+            networks += parse_networks(_str(item_key, item))
         except ConfigError as exc:
-            raise ConfigError(f"{key}[{i}]: {exc}") from None
+            raise ConfigError(f"{item_key}: {exc}") from None
     return tuple(networks)
 
 

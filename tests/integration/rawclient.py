@@ -217,6 +217,17 @@ class RawClient:
         self.send(option_bytes(option, data, length))
         return self.option_replies(option)
 
+    def expect_only_errors(self, error: int, name: str = "", hidden: tuple[bytes, ...] = ()) -> None:
+        """LIST, INFO and GO each get ``error``, telling none of ``hidden``; then EXPORT_NAME,
+        which has no error reply, makes the server hang up."""
+        for opt, data in [(Opt.LIST, b""), (Opt.INFO, info_request(name)), (Opt.GO, info_request(name))]:
+            self.send(option_bytes(opt, data))
+            reply = self.read_option_reply()
+            assert (reply.option, reply.type) == (opt, error), reply
+            assert not any(secret in reply.data for secret in hidden), reply.data
+        self.send(option_bytes(Opt.EXPORT_NAME, name.encode()))
+        assert self.wait_closed()
+
     def go(self, name: str = "", structured: bool = False) -> RawClient:
         if structured:
             assert self.option(Opt.STRUCTURED_REPLY)[-1].type == Rep.ACK

@@ -124,6 +124,9 @@ def test_serves_what_the_config_file_says(start_server, config_file, tmp_path):
         ("[[export]]\npath = 'x.img'\nread-only = 'yes'", "export[0].read-only: expected true or false"),
         ("listen = ['localhost']", "listen[0]: bad listen address 'localhost'"),
         ("[metrics]\nport = 1", "metrics.port: unknown key"),
+        ("allow = ['10.0.0.0/8', '10.0.0.0/33']", "allow[1]: bad network '10.0.0.0/33'"),
+        ("allow = 7", "allow: expected a list of networks, got an integer"),
+        ("unix-socket-mode = 660", "unix-socket-mode: expected a string"),
         ("tls = 'maybe'", "tls: 'maybe' is not one of off, on, require"),
         ("tls = 'require'\n[[export]]\npath = 'x.img'\nsize = '1M'", "needs a TLS certificate and key"),
         (
