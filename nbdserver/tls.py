@@ -39,8 +39,7 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The server's context, None when TLS is off; ConfigError naming the files if they do not load."""
     if config.tls == "off":
         return None
-    if config.tls_certificate is None or config.tls_key is None:
-        raise ConfigError(f"tls = {config.tls!r} needs a TLS certificate and key")
+    assert config.tls_certificate is not None and config.tls_key is not None  # ServerConfig.validate() saw to it
     try:
         return server_context(TlsFiles(config.tls_certificate, config.tls_key, config.tls_ca))
     except (OSError, ssl.SSLError) as exc:
