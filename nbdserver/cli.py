@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--engine",
         choices=ENGINES,
-        help="how I/O is issued: threads (a thread pool, the default) or uring (io_uring)",
+        help="how I/O that must wait is issued: uring (io_uring), threads (a thread pool), "
+        "or auto (uring where it works, else threads; the default)",
     )
     serve.add_argument(
         "--default-export", help='export chosen by the empty name (default: the export named "", else the first)'

@@ -78,7 +78,7 @@ class ServerConfig:
     listeners: list[Listener] = field(default_factory=lambda: [DEFAULT_LISTENER])
     default_export: str | None = None  # what the empty export name selects; the first export if unset
     metrics: Listener | None = DEFAULT_METRICS  # where /metrics is served; None: nowhere
-    engine: str = "threads"  # one of ENGINES
+    engine: str = "auto"  # one of ENGINES
     workers: int = DEFAULT_WORKERS
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
     max_export_inflight_bytes: int = 512 * 1024 * 1024  # across an export's connections

@@ -5,7 +5,7 @@ Keys are spelled like the command-line flags::
     listen = ["127.0.0.1:10809", "unix:/run/nbdserver/nbd.sock"]
     default-export = "disk"
     log-level = "info"
-    engine = "threads"
+    engine = "auto"                   # auto, threads or uring
     max-inflight = "256M"
     tls = "require"                   # off, on or require
     tls-certificate = "server-cert.pem"

@@ -81,11 +81,12 @@ class Server:
         for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
             self.stats.refused[export.name, error.name] += 0  # shown from zero
         log.info(
-            "export %r: %s, %d bytes, cache %s%s",
+            "export %r: %s, %d bytes, cache %s, engine %s%s",
             export.name,
             config.path,
             export.info.size,
             config.cache,
+            export.engine.name,
             ", read-only" if config.read_only else "",
         )
 

@@ -2,11 +2,18 @@
 
 The block layer first offers a transfer to the engine's ``*_now`` methods,
 which do it on the event loop's thread if it needs no waiting (a page-cache
-hit, a memory-backed file): that costs a copy, where a hand-off costs a task,
-a future and two thread switches.  Otherwise it awaits the engine, which
-decides how the blocking work is done.  :class:`ThreadPoolEngine` runs it on a pool of threads (``os.preadv`` and
-``os.pwritev`` release the GIL), which works on any kernel and filesystem; a
-read the page cache can answer at once (``RWF_NOWAIT``) is done in place.
+hit, a memory-backed file): that costs a copy, where a hand-off costs two
+thread switches or a trip through the kernel's ring.  Otherwise it starts the
+transfer with one of the ``start_*`` methods, whose callback runs on the
+loop's thread when the transfer ends: no task or future per transfer, as
+every READ and WRITE passes here.  The rarer operations (flush, trim, zeroing,
+extents) are awaited.
+
+:class:`ThreadPoolEngine` runs the blocking calls on a pool of threads
+(``os.preadv`` and ``os.pwritev`` release the GIL), which works on any kernel
+and filesystem; :class:`~nbdserver.backing.uring.UringEngine` puts reads,
+writes and flushes through io_uring.  ``auto`` takes io_uring where it passes
+its self-test and the thread pool elsewhere.
 
 Submitted I/O is never cancelled: the kernel cannot cancel regular-file I/O,
 and the segments must stay alive until it ends.  Callers shield it.
@@ -15,25 +22,35 @@ and the segments must stay alive until it ends.  Callers shield it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Protocol
 
 from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, segments_extents
 
+log = logging.getLogger(__name__)
+
 DEFAULT_WORKERS = 16
+
+# An operation's completion: called on the event loop's thread, never from within the call that
+# started the operation, with (result, None) on success and (None, exception) on failure.
+Done = Callable[[object, BaseException | None], None]
 
 
 class Engine(Protocol):
+    name: str  # as ENGINES spells it
     backing: Backing
 
     def readv_now(self, offset: int, segments: Sequence[Segment]) -> bool: ...
     def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None: ...
     def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool: ...
-    async def readv(self, offset: int, segments: Sequence[Segment]) -> None: ...
-    async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]: ...
-    async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None: ...
+    def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None: ...
+    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None: ...
+    def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None: ...
     async def flush(self) -> None: ...
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None: ...
     async def write_zeroes(
@@ -69,6 +86,16 @@ class InPlace:
         return self.backing.write_now(offset, segments, dsync)
 
 
+def resolve(future: asyncio.Future, result: object, exc: BaseException | None) -> None:
+    """A :data:`Done` that settles ``future`` (bound with functools.partial)."""
+    if future.cancelled():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
+
+
 class ThreadPoolEngine(InPlace):
     """Blocking calls on a private pool of worker threads.
 
@@ -77,32 +104,37 @@ class ThreadPoolEngine(InPlace):
     once for many finished operations rather than once for each.
     """
 
+    name = "threads"
+
     def __init__(self, backing: Backing, workers: int = DEFAULT_WORKERS) -> None:
         self.backing = backing
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: list[tuple[asyncio.Future, object, BaseException | None]] = []
+        self._done: list[tuple[Done, object, BaseException | None]] = []
         self._done_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads = [threading.Thread(target=self._work, name=f"nbd-io-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
+    def call_then(self, done: Done, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on a worker; ``done`` gets its outcome on the loop's thread."""
+        if self._loop is None:  # asked once: get_running_loop() costs a getpid() system call
+            self._loop = asyncio.get_running_loop()
+        self._jobs.put((done, fn, args))
+
     def call(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
         """Run ``fn(*args)`` on a worker; the future has its result."""
-        loop = self._loop
-        if loop is None:  # asked once: get_running_loop() costs a getpid() system call
-            loop = self._loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put((future, fn, args))
+        future = (self._loop or asyncio.get_running_loop()).create_future()
+        self.call_then(partial(resolve, future), fn, *args)
         return future
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, fn, args = job
+            done, fn, args = job
             try:
-                outcome = (future, fn(*args), None)
+                outcome = (done, fn(*args), None)
             except BaseException as exc:
-                outcome = (future, None, exc)
+                outcome = (done, None, exc)
             with self._done_lock:
                 self._done.append(outcome)
                 first = len(self._done) == 1
@@ -110,27 +142,25 @@ class ThreadPoolEngine(InPlace):
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._deliver)
             # An idle worker must not keep its last job's buffers alive.
-            del job, future, fn, args, outcome
+            del job, done, fn, args, outcome
 
     def _deliver(self) -> None:
         with self._done_lock:
-            done, self._done = self._done, []
-        for future, result, exc in done:
-            if future.cancelled():
-                continue
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
+            batch, self._done = self._done, []
+        for done, result, exc in batch:
+            try:
+                done(result, exc)
+            except Exception:  # one caller's bug must not cost the completions after it
+                log.exception("completion %r failed", done)
 
-    async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        await self.call(self.backing.readv, offset, segments)
+    def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
+        self.call_then(done, self.backing.readv, offset, segments)
 
-    async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        return await self.call(self.backing.read_sparse, offset, segments)
+    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
+        self.call_then(done, self.backing.read_sparse, offset, segments)
 
-    async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
-        await self.call(self.backing.writev, offset, segments, dsync)
+    def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
+        self.call_then(done, self.backing.writev, offset, segments, dsync)
 
     async def flush(self) -> None:
         await self.call(self.backing.flush)
@@ -167,15 +197,22 @@ class ThreadPoolEngine(InPlace):
         self.backing.close()
 
 
-ENGINES = ("threads", "uring")
+ENGINES = ("auto", "threads", "uring")
 
 
 def open_engine(name: str, backing: Backing, workers: int = DEFAULT_WORKERS) -> Engine:
     """The engine called ``name`` (one of ENGINES) on ``backing``."""
     if name == "threads":
         return ThreadPoolEngine(backing, workers)
-    if name == "uring":
+    if name in ("uring", "auto"):
         from .uring import UringEngine  # its ctypes set-up is only wanted when chosen
 
-        return UringEngine(backing)
+        try:
+            return UringEngine(backing)
+        except OSError as exc:
+            if name == "uring":
+                raise
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            log.info("%s: io_uring is not usable here (%s); using the thread pool", backing.path, reason)
+            return ThreadPoolEngine(backing, workers)
     raise ValueError(f"unknown engine {name!r}")

@@ -62,6 +62,7 @@ MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_M
 INLINE_MAX = 256 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
 INLINE_BACKOFF = 1.0  # seconds of writes on workers after a slow one
+HOLE_SKIP_MAX = 64  # page-cache misses that may skip the hole check after it kept finding data
 
 # Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
 _ZERO_CHUNK = memoryview(mmap.mmap(-1, 1024 * 1024))
@@ -88,6 +89,28 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def _unsupported(exc: OSError) -> bool:
     return exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
+
+
+class Backoff:
+    """An attempt that may fail, skipped after failures: after each, a doubling number of calls
+    (up to ``limit``; 0 never skips) skip it; a success starts over."""
+
+    __slots__ = ("left", "limit", "skips")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.skips, self.left = limit, 0, 0
+
+    def skip(self) -> bool:
+        if not self.left:
+            return False
+        self.left -= 1
+        return True
+
+    def failed(self) -> None:
+        self.skips = self.left = min(2 * self.skips or 1, self.limit)
+
+    def worked(self) -> None:
+        self.skips = 0
 
 
 class Backing:
@@ -136,6 +159,9 @@ class Backing:
         self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
         self.slow_write = SLOW_WRITE
         self._inline_writes_from = 0.0  # monotonic time before which write_now() declines
+        # read_now()'s attempts that keep failing are skipped for a while (see Backoff).
+        self.hole_checks = Backoff(HOLE_SKIP_MAX)  # SEEK_DATA after a miss, where misses keep finding data
+        self.cache_reads = Backoff(0)  # RWF_NOWAIT: never skipped unless an engine has better to do
 
     @property
     def direct(self) -> bool:
@@ -210,25 +236,36 @@ class Backing:
                 return False
             self.readv(offset, segments)
             return True
-        if not self._can_read_nowait:
+        if not self._can_read_nowait or self.cache_reads.skip():
             return False
         views = [memoryview(s).cast("B") for s in segments]
         try:
             done = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
         except BlockingIOError:
+            self.cache_reads.failed()
             return self._read_hole_now(offset, views)
         except OSError as exc:
             if not _unsupported(exc):
                 raise
             self._can_read_nowait = False
             return False
+        self.cache_reads.worked()
         return done == sum(len(v) for v in views)  # a short read (end of file) is left to readv
 
     def _read_hole_now(self, offset: int, views: list[memoryview]) -> bool:
-        """Not in the page cache: if the range is a hole (one SEEK_DATA), it reads as zeroes."""
+        """Not in the page cache: if the range is a hole (one SEEK_DATA), it reads as zeroes.
+
+        Where the checks keep finding data (cold reads of a written file), some are
+        skipped: a hole missed that way is read by the engine, which costs a
+        hand-off, not a wrong answer.
+        """
         length = sum(len(v) for v in views)
-        if length > INLINE_MAX or offset + length > self.size or not self.is_hole(offset, length):
+        if length > INLINE_MAX or offset + length > self.size or self.hole_checks.skip():
             return False
+        if not self.is_hole(offset, length):
+            self.hole_checks.failed()
+            return False
+        self.hole_checks.worked()
         for view in views:
             view[:] = _ZERO_CHUNK[: len(view)]
         return True

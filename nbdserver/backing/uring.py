@@ -21,14 +21,16 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import platform
 import struct
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 
-from .engine import InPlace, ThreadPoolEngine
+from .engine import Done, InPlace, ThreadPoolEngine, resolve
 from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, _advance, _batches, address, segments_extents
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
@@ -48,6 +50,9 @@ _U32 = struct.Struct("=I")
 
 DEFAULT_ENTRIES = 256
 HELPER_WORKERS = 4
+COLD_READ_SKIP_MAX = 64  # reads sent straight to the ring after in-place attempts kept missing
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -132,20 +137,25 @@ class _Ring:
 class _Transfer:
     """One read or write of a list of buffers, continued after short transfers."""
 
-    __slots__ = ("dsync", "fd", "future", "iovecs", "offset", "views", "write")
+    __slots__ = ("done", "dsync", "fd", "iovecs", "offset", "views", "write")
 
-    def __init__(self, future: asyncio.Future, write: bool, fd: int, offset: int, views: list[memoryview], dsync: bool):
-        self.future, self.write, self.fd, self.offset, self.views, self.dsync = future, write, fd, offset, views, dsync
+    def __init__(self, done: Done, write: bool, fd: int, offset: int, views: list[memoryview], dsync: bool):
+        self.done, self.write, self.fd, self.offset, self.views, self.dsync = done, write, fd, offset, views, dsync
         self.iovecs: bytes | None = None  # the iovec array the kernel reads, kept alive with the op
 
 
 class UringEngine(InPlace):
     """Reads, writes and flushes through io_uring; the rest on a few threads."""
 
+    name = "uring"
+
     def __init__(self, backing: Backing, entries: int = DEFAULT_ENTRIES, helper_workers: int = HELPER_WORKERS) -> None:
         if platform.machine() != "x86_64":
             raise OSError(errno.ENOSYS, "the io_uring engine runs on x86-64 only")
         self.backing = backing
+        # The ring tries the page cache itself before it waits, so a read that keeps missing
+        # (cold data) need not be tried in place first; hits start the in-place attempts again.
+        backing.cache_reads.limit = COLD_READ_SKIP_MAX
         self._ring = _Ring(entries)
         self._event_fd = -1
         self._helpers: ThreadPoolEngine | None = None
@@ -158,7 +168,7 @@ class UringEngine(InPlace):
         except BaseException:
             self._close_ring()
             raise
-        self._ops: dict[int, object] = {}  # user_data -> _Transfer or Future, until its completion
+        self._ops: dict[int, _Transfer | Done] = {}  # user_data -> what completes it, until it does
         self._next_id = 1
         self._backlog: deque[tuple[int, ...]] = deque()  # entries waiting for room in the ring
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +190,9 @@ class UringEngine(InPlace):
 
     # Submission ------------------------------------------------------------------------
 
-    def _start(self, key: object, opcode: int, fd: int, offset: int, address: int, length: int, flags: int) -> None:
+    def _start(
+        self, key: _Transfer | Done, opcode: int, fd: int, offset: int, address: int, length: int, flags: int
+    ) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._event_fd, self._reap)
@@ -235,77 +247,99 @@ class UringEngine(InPlace):
             ring.enter(get_events=True)  # have the kernel post them
         for user_data, result in ring.completions():
             key = self._ops.pop(user_data)
-            if not isinstance(key, _Transfer):
-                _settle(key, result)  # type: ignore[arg-type]
-                continue
             try:
-                self._transfer_done(key, result)
-            except Exception as exc:  # fail this operation, not the completions after it
-                if not key.future.done():
-                    key.future.set_exception(exc)
+                if isinstance(key, _Transfer):
+                    self._transfer_done(key, result)
+                else:
+                    _settle(key, result)
+            except Exception:  # one caller's bug must not cost the completions after it
+                log.exception("completion %r failed", key)
         while self._backlog and len(self._ops) - len(self._backlog) < ring.sq_entries:
             ring.push(*self._backlog.popleft())
         if ring.queued:
             ring.enter()
 
     def _transfer_done(self, transfer: _Transfer, result: int) -> None:
+        try:
+            result = self._continue(transfer, result)
+        except Exception as exc:  # the rest of a transfer could not be submitted
+            transfer.done(None, exc)
+            return
+        if result <= 0:
+            _settle(transfer.done, result)
+
+    def _continue(self, transfer: _Transfer, result: int) -> int:
+        """Submit what is left of a transfer after ``result``: 1 if something was, else the final result."""
         if result == 0 and transfer.write:
-            result = -errno.EIO  # no progress: never retry forever
+            return -errno.EIO  # no progress: never retry forever
         if result < 0:
             if result == -errno.EINVAL and transfer.fd == self.backing.direct_fd:
                 transfer.fd = self.backing.fd  # an alignment O_DIRECT refused: the page cache takes it
                 self._submit_transfer(transfer)
-                return
-            _settle(transfer.future, result)
-            return
-        if result == 0 and not transfer.write:  # end of file: the file shrank under us
+                return 1
+            return result
+        if result == 0:  # a read at the end of the file: the file shrank under us
             for view in transfer.views:
                 view[:] = bytes(len(view))
-            transfer.views = []
-        else:
-            transfer.views = _advance(transfer.views, result)
+            return 0
+        transfer.views = _advance(transfer.views, result)
         if not transfer.views:
-            _settle(transfer.future, 0)
-            return
+            return 0
         transfer.offset += result
         transfer.fd = self.backing.fd  # the rest of a short transfer is no longer aligned
         self._submit_transfer(transfer)
+        return 1
 
     # The engine interface ------------------------------------------------------------------
 
-    def _transfers(self, write: bool, offset: int, segments: Sequence[Segment], dsync: bool) -> list[asyncio.Future]:
-        loop = self._loop or asyncio.get_running_loop()
-        futures = []
+    def _start_transfers(self, write: bool, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
+        """One transfer per batch of at most IOV_MAX segments; ``done`` once all have ended."""
+        transfers = []
         for batch_offset, batch in _batches(offset, segments):
             views = [memoryview(s).cast("B") for s in batch if len(s)]
-            if not views:
-                continue
-            future = loop.create_future()
-            fd = self.backing.descriptor(batch_offset, views)
-            self._submit_transfer(_Transfer(future, write, fd, batch_offset, views, dsync))
-            futures.append(future)
-        return futures
+            if views:
+                fd = self.backing.descriptor(batch_offset, views)
+                transfers.append(_Transfer(done, write, fd, batch_offset, views, dsync))
+        if not transfers:
+            (self._loop or asyncio.get_running_loop()).call_soon(done, None, None)
+            return
+        if len(transfers) > 1:
+            joined = _Joined(done, len(transfers))
+            for transfer in transfers:
+                transfer.done = joined
+        for transfer in transfers:
+            self._submit_transfer(transfer)
 
-    async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        for future in self._transfers(False, offset, segments, False):
-            await future
+    def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
+        self._start_transfers(False, offset, segments, False, done)
 
-    async def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
+    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
         """As :meth:`Backing.read_sparse`; SEEK_DATA may wait for the inode lock, so not on the loop."""
         length = sum(len(s) for s in segments)
-        assert self._helpers is not None
-        if length >= SPARSE_CHECK_MIN and await self._helpers.call(self.backing.is_hole, offset, length):
-            return [(length, True)]
-        await self.readv(offset, segments)
-        return segments_extents(segments)
 
-    async def writev(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> None:
-        for future in self._transfers(True, offset, segments, dsync):
-            await future
+        def read(hole: object, exc: BaseException | None = None) -> None:
+            if exc is not None:
+                done(None, exc)
+            elif hole:
+                done([(length, True)], None)
+            else:
+                self.start_readv(offset, segments, extents)
+
+        def extents(_: object, exc: BaseException | None) -> None:
+            done(None if exc else segments_extents(segments), exc)
+
+        if length >= SPARSE_CHECK_MIN:
+            assert self._helpers is not None
+            self._helpers.call_then(read, self.backing.is_hole, offset, length)
+        else:
+            read(False)
+
+    def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
+        self._start_transfers(True, offset, segments, dsync, done)
 
     async def flush(self) -> None:
         future = asyncio.get_running_loop().create_future()
-        self._start(future, _OP_FSYNC, self.backing.fd, 0, 0, 0, _FSYNC_DATASYNC)
+        self._start(partial(resolve, future), _OP_FSYNC, self.backing.fd, 0, 0, 0, _FSYNC_DATASYNC)
         await future
 
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None:
@@ -346,13 +380,27 @@ class UringEngine(InPlace):
         self._helpers.close()  # closes the backing
 
 
-def _settle(future: asyncio.Future, result: int) -> None:
-    if future.done():
-        return
+def _settle(done: Done, result: int) -> None:
+    """Complete an operation with the result the kernel posted for it."""
     if result < 0:
-        future.set_exception(OSError(-result, os.strerror(-result)))
+        done(None, OSError(-result, os.strerror(-result)))
     else:
-        future.set_result(result)
+        done(result, None)
+
+
+class _Joined:
+    """A :data:`Done` for several transfers: calls ``done`` once, after the last (with the first error)."""
+
+    __slots__ = ("done", "error", "left")
+
+    def __init__(self, done: Done, count: int) -> None:
+        self.done, self.left, self.error = done, count, None
+
+    def __call__(self, result: object, exc: BaseException | None) -> None:
+        self.left -= 1
+        self.error = self.error or exc
+        if not self.left:
+            self.done(None, self.error)
 
 
 def _clear(event_fd: int) -> None:

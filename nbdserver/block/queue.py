@@ -17,6 +17,7 @@ import asyncio
 import errno
 import logging
 from bisect import bisect_left
+from functools import partial
 from time import monotonic
 
 from ..backing import Engine, Extent
@@ -59,6 +60,7 @@ class RequestQueue:
         self._in_flight = 0
         self._depth_since = monotonic()  # when the queue depth last changed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Future[None] | None = None  # what drain() waits on
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -131,8 +133,10 @@ class RequestQueue:
     async def drain(self) -> None:
         """Wait until every submitted request has completed."""
         self.unplug()
-        while self._tasks:  # a completing submission issues the requests that waited for it
-            await asyncio.wait(list(self._tasks))
+        while self._in_flight:  # a completing submission issues the requests that waited for it
+            if self._idle is None or self._idle.done():
+                self._idle = self.loop.create_future()
+            await asyncio.shield(self._idle)
 
     # Admission: hazards, then merging ------------------------------------------------
 
@@ -168,6 +172,8 @@ class RequestQueue:
                 if self._done_now(submission):
                     ready += self._complete(submission)
                     continue
+                if self._start(submission):
+                    continue
                 task = loop.create_task(self._execute(submission))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -192,6 +198,35 @@ class RequestQueue:
         except Exception as exc:
             _fail(submission, exc)
         return True
+
+    def _start(self, submission: Submission) -> bool:
+        """Hand a READ or WRITE to the engine, to complete through :meth:`_finished` (no task)."""
+        command, engine = submission.command, self.engine
+        done = partial(self._finished, submission)
+        try:
+            if command == Command.WRITE:
+                engine.start_writev(submission.offset, submission.segments, submission.dsync, done)
+            elif command != Command.READ:
+                return False
+            elif submission.requests[0].sparse:
+                engine.start_read_sparse(submission.offset, submission.segments, done)
+            else:
+                engine.start_readv(submission.offset, submission.segments, done)
+        except Exception as exc:
+            self.loop.call_soon(done, None, exc)  # as the engine would: never from within _issue
+        return True
+
+    def _finished(self, submission: Submission, result: object, exc: BaseException | None) -> None:
+        if exc is None and submission.requests[0].sparse and submission.command == Command.READ:
+            try:
+                self._give_extents(submission, result)  # type: ignore[arg-type]
+            except Exception as error:
+                exc = error
+        if exc is not None:
+            _fail(submission, exc)
+        unblocked = self._complete(submission)
+        if unblocked:
+            self._issue(unblocked)
 
     async def _execute(self, submission: Submission) -> None:
         try:
@@ -220,6 +255,8 @@ class RequestQueue:
             stats.io_time_weighted += elapsed * self._in_flight
         self._depth_since = now
         self._in_flight -= len(requests)
+        if not self._in_flight and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
         latency = stats.latency[command]
         counts, bounds, waited = latency.counts, latency.bounds, 0.0
         arrival, bucket = -1.0, 0
@@ -247,15 +284,7 @@ class RequestQueue:
     async def _dispatch(self, submission: Submission) -> None:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
-        if command == Command.READ:
-            self._take_buffers(submission)
-            if submission.requests[0].sparse:
-                self._give_extents(submission, await engine.read_sparse(offset, submission.segments))
-            else:
-                await engine.readv(offset, submission.segments)
-        elif command == Command.WRITE:
-            await engine.writev(offset, submission.segments, dsync=submission.dsync)
-        elif command == Command.FLUSH:
+        if command == Command.FLUSH:
             await engine.flush()
         elif command == Command.TRIM:
             await engine.discard(offset, length, dsync=submission.dsync)
@@ -290,12 +319,12 @@ class RequestQueue:
             request.extents = part
 
 
-def _fail(submission: Submission, exc: Exception) -> None:
+def _fail(submission: Submission, exc: BaseException) -> None:
     """Fail every request of a submission: with the errno of an OSError, else as an internal error."""
     if isinstance(exc, OSError):
         for request in submission.requests:
             request.fail(exc.errno or errno.EIO, exc.strerror or str(exc))
         return
-    log.exception("submission %r failed", submission)  # a bug must cost these requests, not the server
+    log.error("submission %r failed", submission, exc_info=exc)  # a bug must cost these requests, not the server
     for request in submission.requests:
         request.fail(errno.EIO, f"internal error: {exc}")

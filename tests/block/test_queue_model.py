@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdserver.backing import Backing
+from nbdserver.backing.engine import Done, resolve
 from nbdserver.block import Request, RequestQueue
 from nbdserver.block.merge import MergeLimits
 from nbdserver.protocol import Command, CommandFlag
@@ -33,21 +35,26 @@ class ReorderingEngine:
 
     def __init__(self, backing: Backing) -> None:
         self.backing = backing
-        self.pending: list[tuple[asyncio.Future, Callable[[], object]]] = []
+        self.pending: list[tuple[Done, Callable[[], object]]] = []
         self.calls: list[tuple[str, int, int]] = []
 
-    async def _hold(self, name: str, offset: int, length: int, op: Callable[[], object]):
+    def _hold(self, name: str, offset: int, length: int, op: Callable[[], object], done: Done) -> None:
         self.calls.append((name, offset, length))
+        self.pending.append((done, op))
+
+    async def _wait(self, name: str, offset: int, length: int, op: Callable[[], object]):
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((future, op))
+        self._hold(name, offset, length, op, partial(resolve, future))
         return await future
 
     def release(self, index: int) -> None:
-        future, op = self.pending.pop(index % len(self.pending))
+        done, op = self.pending.pop(index % len(self.pending))
         try:
-            future.set_result(op())
+            result = op()
         except OSError as exc:
-            future.set_exception(exc)
+            done(None, exc)
+        else:
+            done(result, None)
 
     # Nothing is done at once: every operation waits for the test to release it.
     def readv_now(self, offset, segments):
@@ -59,29 +66,29 @@ class ReorderingEngine:
     def writev_now(self, offset, segments, dsync=False):
         return False
 
-    async def readv(self, offset, segments):
-        return await self._hold("readv", offset, _total(segments), lambda: self.backing.readv(offset, segments))
+    def start_readv(self, offset, segments, done):
+        self._hold("readv", offset, _total(segments), lambda: self.backing.readv(offset, segments), done)
 
-    async def read_sparse(self, offset, segments):
-        return await self._hold("readv", offset, _total(segments), lambda: self.backing.read_sparse(offset, segments))
+    def start_read_sparse(self, offset, segments, done):
+        self._hold("readv", offset, _total(segments), lambda: self.backing.read_sparse(offset, segments), done)
 
-    async def writev(self, offset, segments, dsync=False):
-        return await self._hold("writev", offset, _total(segments), lambda: self.backing.writev(offset, segments))
+    def start_writev(self, offset, segments, dsync, done):
+        self._hold("writev", offset, _total(segments), lambda: self.backing.writev(offset, segments), done)
 
     async def flush(self):
-        return await self._hold("flush", 0, 0, self.backing.flush)
+        return await self._wait("flush", 0, 0, self.backing.flush)
 
     async def discard(self, offset, length, dsync=False):
-        return await self._hold("discard", offset, length, lambda: self.backing.discard(offset, length))
+        return await self._wait("discard", offset, length, lambda: self.backing.discard(offset, length))
 
     async def write_zeroes(self, offset, length, *, may_trim, fast_only, dsync=False):
         def zero():
             self.backing.write_zeroes(offset, length, may_trim=may_trim, fast_only=fast_only)
 
-        return await self._hold("write_zeroes", offset, length, zero)
+        return await self._wait("write_zeroes", offset, length, zero)
 
     async def extents(self, offset, length):
-        return await self._hold("extents", offset, length, lambda: self.backing.extents(offset, length))
+        return await self._wait("extents", offset, length, lambda: self.backing.extents(offset, length))
 
     async def cache(self, offset, length):
         return None
@@ -311,8 +318,8 @@ def test_failed_submission_fails_each_of_its_requests_only(tmp_path: Path) -> No
         for _ in range(3):
             await asyncio.sleep(0)
         assert [call[1:] for call in engine.calls] == [(61440, 4096), (0, 16384), (40960, 4096)]
-        future, _ = engine.pending.pop(1)
-        future.set_exception(OSError(28, "No space left on device"))
+        complete, _ = engine.pending.pop(1)
+        complete(None, OSError(28, "No space left on device"))
         while engine.pending:
             engine.release(0)
         await queue.drain()

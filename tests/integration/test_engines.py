@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import IO_MODES, MiB
+from tests.conftest import IO_MODES, START_TIMEOUT, MiB
 
 SIZE = 64 * MiB
 
@@ -273,6 +275,10 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
     try:
         hole = bytearray(b"\xff" * 8192)
         assert backing.read_now(2 * MiB, [hole]) and hole == bytes(8192)  # a hole: zeroes without a read
+        os.fsync(backing.fd)
+        os.posix_fadvise(backing.fd, 0, MiB, os.POSIX_FADV_DONTNEED)  # the data leaves the page cache
+        assert not backing.read_now(0, [bytearray(4096)])  # cold data: the engine reads it
+        assert backing.hole_checks.skip()  # SEEK_DATA found data: the next miss does not ask it
         assert not backing.write_now(0, [bytearray(4096)], dsync=True)  # FUA waits for the device
         assert on_ext4.read_bytes()[:MiB] == data
         assert backing.write_now(0, [b"\x11" * 4096])  # into the page cache, at once
@@ -430,3 +436,36 @@ def test_zeroes_are_written_where_the_filesystem_cannot_deallocate(ext4_dir, dir
         data = path.read_bytes()
         path.unlink()
     assert data == b"\xff" * 4096 + bytes(3 * MiB) + b"\xff" * (MiB - 4096)
+
+
+NO_IO_URING = [sys.executable, str(Path(__file__).with_name("no_io_uring.py"))]
+
+
+def test_the_default_engine_is_io_uring_where_it_works_and_the_thread_pool_where_it_is_refused(start_server, image):
+    """``auto`` (the default) takes io_uring where it passes its self-test; under a seccomp profile that
+    refuses io_uring, as container runtimes' often do, it says so and serves through the thread pool."""
+    with_uring = start_server(image)
+    assert re.search(r"export '': .*engine uring", with_uring.log_text())
+    data = pattern(3, 3 * MiB)
+    h = connect(with_uring)
+    try:
+        h.pwrite(data, MiB, nbd.CMD_FLAG_FUA)  # longer than in-place transfers: through the ring
+    finally:
+        h.shutdown()
+    with_uring.stop()
+
+    refused = start_server(image, wrapper=NO_IO_URING)
+    log = refused.log_text()
+    assert "io_uring is not usable here (Operation not permitted); using the thread pool" in log
+    assert re.search(r"export '': .*engine threads", log)
+    h = connect(refused)
+    try:
+        assert h.pread(3 * MiB, MiB) == data
+        h.pwrite(data[::-1], MiB, nbd.CMD_FLAG_FUA)
+        assert h.pread(3 * MiB, MiB) == data[::-1]
+    finally:
+        h.shutdown()
+
+    chosen = start_server(image, "--engine", "uring", wrapper=NO_IO_URING, wait=False)
+    assert chosen.proc.wait(START_TIMEOUT) != 0  # asked for by name, it is not replaced
+    assert "Operation not permitted" in chosen.log_text()
