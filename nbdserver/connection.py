@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGING_SIZE = 256 * 1024  # receive buffer of the transmission phase
+STAGING_SIZE = 256 * 1024  # receive buffer of the transmission phase, at first
+STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
 HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds
 DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
@@ -147,11 +148,14 @@ class Connection(asyncio.BufferedProtocol):
                 if self._payload is not None and self._payload_got == len(self._payload):
                     self._payload_complete()
                 return
+            full = self._filled + nbytes == len(self._staging)
             self._filled += nbytes
             if self._handshake is not None:
                 self._consume_handshake()
-            else:
-                self._consume()
+                return
+            self._consume()
+            if full and len(self._staging) < STAGING_MAX and self._transport is not None:
+                self._grow_staging()
         except ProtocolViolation as exc:
             self._violation(exc)
         except Exception:  # a bug must cost this connection only
@@ -280,6 +284,12 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._consuming = False
             queue.finish_plug()
+
+    def _grow_staging(self) -> None:
+        """The client sends faster than one receive takes: receive more at once (up to STAGING_MAX)."""
+        staging = bytearray(min(2 * len(self._staging), STAGING_MAX))
+        staging[: self._filled] = self._staging_view[: self._filled]
+        self._staging, self._staging_view = staging, memoryview(staging)
 
     def _consume_staged(self) -> None:
         view, end, pos = self._staging_view, self._filled, 0

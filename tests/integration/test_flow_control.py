@@ -1,6 +1,10 @@
-"""Bytes in flight are bounded per export: over the budget, every connection of the export stops taking requests."""
+"""The flow of request bytes: a burst longer than the receive buffer arrives whole, and bytes in flight are bounded
+per export (over the budget, every connection of the export stops taking requests)."""
 
 from __future__ import annotations
+
+import random
+import threading
 
 import pytest
 
@@ -10,6 +14,27 @@ from tests.integration.rawclient import Cmd, RawClient
 
 def client(server) -> RawClient:
     return RawClient(server.host, server.port, timeout=10).handshake().go()
+
+
+def test_bursts_longer_than_the_receive_buffer_arrive_whole(server):
+    """Pipelined WRITEs sent in one go, then on another connection 20 000 pipelined READs (headers only, so that
+    receives end inside headers): the receive buffers grow under them, and every byte is where it was written."""
+    rng = random.Random(5)
+    sizes = [rng.choice((512, 4096, 65536, 65536 + 7, 300_000)) for _ in range(120)]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    payloads = [rng.randbytes(size) for size in sizes]
+    written = b"".join(payloads)
+    with client(server) as c:
+        c.send(b"".join(c.request_bytes(Cmd.WRITE, o, len(p)) + p for o, p in zip(offsets, payloads, strict=True)))
+        assert [c.read_reply().error for _ in sizes] == [0] * len(sizes)
+    with client(server) as c:  # a new connection: its receive buffer starts small again
+        reads = [rng.randrange(len(written) - 512) for _ in range(20_000)]
+        headers = b"".join(c.request_bytes(Cmd.READ, offset, 512) for offset in reads)
+        sender = threading.Thread(target=c.send, args=(headers,))  # replies are read meanwhile
+        sender.start()
+        replies = {reply.cookie: reply.data for reply in (c.read_reply() for _ in reads)}
+        sender.join()
+    assert [data for _, data in sorted(replies.items())] == [written[o : o + 512] for o in reads]
 
 
 def test_export_budget_pauses_every_connection_until_it_frees(start_server, image):
