@@ -40,11 +40,16 @@ def _bucket_keys(request: Request) -> range:
 
 
 class _Bucket:
-    __slots__ = ("readers", "writers")
+    __slots__ = ("readers", "readers_end", "writers", "writers_end")
 
     def __init__(self) -> None:
         self.writers: list[Request] = []  # in arrival order
         self.readers: list[Request] = []
+        # No writer (reader) here ends after this (rounded out): a request that starts at or past it
+        # overlaps none of them, found without a scan, as every request of a sequential stream is.
+        # Never lowered while the bucket lives, so it may be larger than it has to be: more scans, no misses.
+        self.writers_end = 0
+        self.readers_end = 0
 
 
 class HazardTracker:
@@ -79,26 +84,27 @@ class HazardTracker:
         """Track ``request`` (which arrived after everything tracked so far)."""
         self.count += 1
         writer = request.command in WRITING
+        end = self._span(request)[1]
         if request.length > _LARGE:
-            (self._large.writers if writer else self._large.readers).append(request)
+            _place(self._large, request, writer, end)
             return
         buckets = self._buckets
         for key in _bucket_keys(request):  # mostly one
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket()
-            (bucket.writers if writer else bucket.readers).append(request)
+            _place(bucket, request, writer, end)
 
     def remove(self, request: Request) -> None:
         self.count -= 1
         writer = request.command in WRITING
         if request.length > _LARGE:
-            (self._large.writers if writer else self._large.readers).remove(request)
+            _take(self._large, request, writer)
             return
         buckets = self._buckets
         for key in _bucket_keys(request):
             bucket = buckets[key]
-            (bucket.writers if writer else bucket.readers).remove(request)
+            _take(bucket, request, writer)
             if not bucket.writers and not bucket.readers:
                 del buckets[key]
 
@@ -112,6 +118,8 @@ class HazardTracker:
         mask = self._mask
         start, end = self._span(request)
         for bucket in places:
+            if start >= bucket.writers_end:
+                continue
             for other in reversed(bucket.writers):
                 if other.seq <= horizon:
                     break
@@ -124,6 +132,8 @@ class HazardTracker:
                         break
         if request.command in WRITING:
             for bucket in places:
+                if start >= bucket.readers_end:
+                    continue
                 for other in reversed(bucket.readers):
                     if other.seq <= horizon:
                         break
@@ -135,3 +145,25 @@ class HazardTracker:
             return []
         # A covering writer found late (say in the large list) makes older finds redundant.
         return [r for r in found.values() if r.seq >= horizon]
+
+
+def _place(bucket: _Bucket, request: Request, writer: bool, end: int) -> None:
+    if writer:
+        bucket.writers.append(request)
+        if end > bucket.writers_end:
+            bucket.writers_end = end
+    else:
+        bucket.readers.append(request)
+        if end > bucket.readers_end:
+            bucket.readers_end = end
+
+
+def _take(bucket: _Bucket, request: Request, writer: bool) -> None:
+    if writer:
+        bucket.writers.remove(request)
+        if not bucket.writers:
+            bucket.writers_end = 0
+    else:
+        bucket.readers.remove(request)
+        if not bucket.readers:
+            bucket.readers_end = 0
