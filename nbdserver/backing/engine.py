@@ -49,7 +49,6 @@ class Engine(Protocol):
     def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None: ...
     def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool: ...
     def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None: ...
-    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None: ...
     def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None: ...
     async def flush(self) -> None: ...
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None: ...
@@ -73,8 +72,16 @@ class InPlace:
         return self.backing.read_now(offset, segments)
 
     def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None:
-        # A long read may fall in a hole: one SEEK_DATA (it waits for the inode lock at most as long
-        # as a write holds it) spares reading it, which would fill the page cache with zeroes.
+        """As :meth:`readv_now`, with the extents that read as zeroes (a reply may send them without
+        their bytes); or None, the read not done.  A range that is one hole is not read at all: the
+        segments are left as they were, and must not be sent.
+
+        A long read may fall in a hole: one SEEK_DATA (it waits for the inode lock at most as long as
+        a write holds it) spares reading it, which would fill the page cache with zeroes; it is asked
+        here, once, whether the read is then done in place or by the engine.  Other zeroes are found in
+        the data read (:func:`segments_extents`), not with SEEK_HOLE: in a well-filled file SEEK_HOLE
+        may walk every page up to its end (tmpfs does), which made each read cost O(file size).
+        """
         length = sum(map(len, segments))
         if length >= SPARSE_CHECK_MIN and self.backing.is_hole(offset, length):
             return [(length, True)]
@@ -155,9 +162,6 @@ class ThreadPoolEngine(InPlace):
 
     def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
         self.call_then(done, self.backing.readv, offset, segments)
-
-    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
-        self.call_then(done, self.backing.read_sparse, offset, segments)
 
     def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
         self.call_then(done, self.backing.writev, offset, segments, dsync)

@@ -58,8 +58,11 @@ DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
 # <linux/magic.h>: filesystems whose files live in memory
 MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
 # The longest transfer done on the event loop's thread when it needs no waiting; longer
-# copies go to workers, where they run in parallel and do not hold up other connections.
+# copies go to the engine, where they run in parallel and do not hold up other connections.
 INLINE_MAX = 256 * 1024
+# On tmpfs and ramfs a transfer is one memcpy of known cost: up to a whole merged submission
+# (1 MiB by default) is cheaper copied at once than handed to a worker and back.
+MEMORY_INLINE_MAX = 1024 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
 INLINE_BACKOFF = 1.0  # seconds of writes on workers after a slow one
 HOLE_SKIP_MAX = 64  # page-cache misses that may skip the hole check after it kept finding data
@@ -157,6 +160,7 @@ class Backing:
         self._can_read_nowait = not self.direct  # O_DIRECT reads wait for the device even with RWF_NOWAIT
         # tmpfs and ramfs: every transfer is a copy to or from memory and never waits for a device.
         self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
+        self.inline_max = MEMORY_INLINE_MAX if self.in_memory else INLINE_MAX
         self.slow_write = SLOW_WRITE
         self._inline_writes_from = 0.0  # monotonic time before which write_now() declines
         # read_now()'s attempts that keep failing are skipped for a while (see Backoff).
@@ -232,7 +236,7 @@ class Backing:
         if len(segments) > IOV_MAX:
             return False
         if self.in_memory:
-            if sum(map(len, segments)) > INLINE_MAX:
+            if sum(map(len, segments)) > self.inline_max:
                 return False
             self.readv(offset, segments)
             return True
@@ -281,7 +285,7 @@ class Backing:
         writes to the workers for ``INLINE_BACKOFF`` seconds.  Writes that must
         reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
-        if len(segments) > IOV_MAX or sum(map(len, segments)) > INLINE_MAX:
+        if len(segments) > IOV_MAX or sum(map(len, segments)) > self.inline_max:
             return False
         if self.in_memory:
             self.writev(offset, segments, dsync)
@@ -297,22 +301,6 @@ class Backing:
             self._inline_writes_from = started + took + INLINE_BACKOFF
             log.debug("%s: a write took %.1f ms; writes go to workers for a while", self.path, took * 1000)
         return True
-
-    def read_sparse(self, offset: int, segments: Sequence[Segment]) -> list[Extent]:
-        """Read into ``segments`` from ``offset``; returns the extents that read as zeroes.
-
-        A caller may send such extents without their bytes.  A range that is one
-        hole (asked of SEEK_DATA, for reads of ``SPARSE_CHECK_MIN`` and more) is
-        not read at all: ``segments`` are left as they were, and the caller must
-        not send them.  Otherwise zeroes are found in the data just read, not
-        with SEEK_HOLE: SEEK_HOLE in a well-filled file may walk every page up
-        to its end (tmpfs does), which made each read cost O(file size).
-        """
-        length = sum(len(s) for s in segments)
-        if length >= SPARSE_CHECK_MIN and self.is_hole(offset, length):
-            return [(length, True)]
-        self.readv(offset, segments)
-        return segments_extents(segments)
 
     def is_hole(self, offset: int, length: int) -> bool:
         """Is [offset, offset+length) unallocated?  False where the filesystem cannot tell."""

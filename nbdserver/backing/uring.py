@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from .engine import Done, InPlace, ThreadPoolEngine, resolve
-from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, _advance, _batches, address, segments_extents
+from .file import Backing, Extent, Segment, _advance, _batches, address
 
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
@@ -312,27 +312,6 @@ class UringEngine(InPlace):
 
     def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
         self._start_transfers(False, offset, segments, False, done)
-
-    def start_read_sparse(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
-        """As :meth:`Backing.read_sparse`; SEEK_DATA may wait for the inode lock, so not on the loop."""
-        length = sum(len(s) for s in segments)
-
-        def read(hole: object, exc: BaseException | None = None) -> None:
-            if exc is not None:
-                done(None, exc)
-            elif hole:
-                done([(length, True)], None)
-            else:
-                self.start_readv(offset, segments, extents)
-
-        def extents(_: object, exc: BaseException | None) -> None:
-            done(None if exc else segments_extents(segments), exc)
-
-        if length >= SPARSE_CHECK_MIN:
-            assert self._helpers is not None
-            self._helpers.call_then(read, self.backing.is_hole, offset, length)
-        else:
-            read(False)
 
     def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
         self._start_transfers(True, offset, segments, dsync, done)

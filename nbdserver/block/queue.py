@@ -21,6 +21,7 @@ from functools import partial
 from time import monotonic
 
 from ..backing import Engine, Extent
+from ..backing.file import segments_extents
 from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .buffers import BufferPool
@@ -206,12 +207,10 @@ class RequestQueue:
         try:
             if command == Command.WRITE:
                 engine.start_writev(submission.offset, submission.segments, submission.dsync, done)
-            elif command != Command.READ:
-                return False
-            elif submission.requests[0].sparse:
-                engine.start_read_sparse(submission.offset, submission.segments, done)
-            else:
+            elif command == Command.READ:  # read_sparse_now() has ruled out a hole already
                 engine.start_readv(submission.offset, submission.segments, done)
+            else:
+                return False
         except Exception as exc:
             self.loop.call_soon(done, None, exc)  # as the engine would: never from within _issue
         return True
@@ -219,7 +218,7 @@ class RequestQueue:
     def _finished(self, submission: Submission, result: object, exc: BaseException | None) -> None:
         if exc is None and submission.requests[0].sparse and submission.command == Command.READ:
             try:
-                self._give_extents(submission, result)  # type: ignore[arg-type]
+                self._give_extents(submission, segments_extents(submission.segments))
             except Exception as error:
                 exc = error
         if exc is not None:

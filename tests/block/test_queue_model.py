@@ -69,9 +69,6 @@ class ReorderingEngine:
     def start_readv(self, offset, segments, done):
         self._hold("readv", offset, _total(segments), lambda: self.backing.readv(offset, segments), done)
 
-    def start_read_sparse(self, offset, segments, done):
-        self._hold("readv", offset, _total(segments), lambda: self.backing.read_sparse(offset, segments), done)
-
     def start_writev(self, offset, segments, dsync, done):
         self._hold("writev", offset, _total(segments), lambda: self.backing.writev(offset, segments), done)
 

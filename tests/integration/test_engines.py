@@ -256,7 +256,7 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
 
 def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4_dir):
     from nbdserver.backing import Backing
-    from nbdserver.backing.file import INLINE_MAX
+    from nbdserver.backing.file import MEMORY_INLINE_MAX
 
     data = pattern(7, MiB)
     on_ext4 = ext4_dir / "cached.img"
@@ -300,11 +300,12 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         shm = Backing(on_tmpfs)
         try:
             assert shm.in_memory  # tmpfs: a copy to or from memory, never a wait
-            small = bytearray(INLINE_MAX)
-            assert shm.read_now(0, [small]) and small == data[:INLINE_MAX]
+            whole = bytearray(MEMORY_INLINE_MAX)
+            assert shm.read_now(0, [whole]) and whole == data[:MEMORY_INLINE_MAX]
             assert shm.write_now(4096, [b"\x5a" * 4096], dsync=True)
-            assert not shm.read_now(0, [buffer])  # longer than INLINE_MAX: a worker copies it
-            assert not shm.write_now(0, [buffer])
+            longer = bytearray(MEMORY_INLINE_MAX + 4096)
+            assert not shm.read_now(0, [longer])  # longer than MEMORY_INLINE_MAX: the engine copies it
+            assert not shm.write_now(0, [longer])
             shm.readv(0, [buffer])
             assert buffer == data[:4096] + b"\x5a" * 4096 + data[8192:]
         finally:
