@@ -10,10 +10,10 @@ Per filesystem, the report (results/peers/peers.md) gives the median (min-max) M
 latency, the server's CPU seconds per GiB moved and nbdserver's ratio to nbdkit's file plugin, and
 one PNG per workload group plots the medians.
 
-Servers: nbdserver (defaults, and with merging off), nbdkit's file plugin, nbdkit's Python plugin
-with the minimal file plugin beside this script, qemu-nbd (cache=none with native AIO, and
-cache=writeback), nbd-server.  One that is not installed is reported as unsupported.  The Python
-plugin comes with Debian's nbdkit-plugin-python; the plots need matplotlib.
+Servers: nbdserver (defaults, with merging off, and with the thread-pool engine), nbdkit's file
+plugin, nbdkit's Python plugin with the minimal file plugin beside this script, qemu-nbd (cache=none
+with native AIO, and cache=writeback), nbd-server.  One that is not installed is reported as
+unsupported.  The Python plugin comes with Debian's nbdkit-plugin-python; the plots need matplotlib.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ multifile = false
 VARIANTS = [
     Variant("nbdserver", "nbdserver", ()),
     Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",)),
+    Variant("nbdserver-threads", "nbdserver", ("--engine", "threads")),  # where io_uring is not to be had
     Variant(BASELINE, "nbdkit", NBDKIT),
     Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),
     Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
