@@ -236,9 +236,13 @@ class Backing:
         if len(segments) > IOV_MAX:
             return False
         if self.in_memory:
-            if sum(map(len, segments)) > self.inline_max:
+            length = sum(map(len, segments))
+            if length > self.inline_max:
                 return False
-            self.readv(offset, segments)
+            # One preadv, as readv() would do it, without its bookkeeping; a short read (the end
+            # of the file) is read again by readv(), which fills what lies past the end with zeroes.
+            if os.preadv(self.fd, segments, offset) != length:
+                self.readv(offset, segments)
             return True
         if not self._can_read_nowait or self.cache_reads.skip():
             return False
@@ -285,10 +289,12 @@ class Backing:
         writes to the workers for ``INLINE_BACKOFF`` seconds.  Writes that must
         reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
-        if len(segments) > IOV_MAX or sum(map(len, segments)) > self.inline_max:
+        length = sum(map(len, segments))
+        if len(segments) > IOV_MAX or length > self.inline_max:
             return False
-        if self.in_memory:
-            self.writev(offset, segments, dsync)
+        if self.in_memory:  # one pwritev; should it write less, writev() writes it all again
+            if os.pwritev(self.fd, segments, offset, os.RWF_DSYNC if dsync else 0) != length:
+                self.writev(offset, segments, dsync)
             return True
         if dsync or self.direct:
             return False
