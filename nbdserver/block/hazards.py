@@ -47,7 +47,7 @@ class _Bucket:
         self.readers: list[Request] = []
         # No writer (reader) here ends after this (rounded out): a request that starts at or past it
         # overlaps none of them, found without a scan, as every request of a sequential stream is.
-        # Never lowered while the bucket lives, so it may be larger than it has to be: more scans, no misses.
+        # Lowered only when its list empties, so it may be larger than it has to be: more scans, no misses.
         self.writers_end = 0
         self.readers_end = 0
 
