@@ -2,8 +2,9 @@
 
 Bytes arrive in a staging buffer (or, for the rest of a large WRITE payload,
 straight into that request's own buffer), are cut into requests with the
-protocol core, and handed to the export's request queue.  Replies completed in
-one event-loop tick leave together in one ``writelines``.
+protocol core, and handed to the export's request queue.  Replies completed
+while one receive is handled (requests done in place), or else in one
+event-loop tick, leave together in one ``writelines``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Connection(asyncio.BufferedProtocol):
         self._reading_paused = False  # no new request is taken
         self._transport_paused = False  # no bytes are received
         self._consuming = False
+        self._receiving = False  # within buffer_updated(), which flushes what it completes
         self._writing_paused = False
         self._disconnecting = False
         self.closed = asyncio.Event()
@@ -153,7 +155,13 @@ class Connection(asyncio.BufferedProtocol):
             if self._handshake is not None:
                 self._consume_handshake()
                 return
-            self._consume()
+            self._receiving = True
+            try:
+                self._consume()
+            finally:
+                self._receiving = False
+            if self._out:
+                self._flush()  # the replies of requests done in place leave now, not a tick later
             if full and len(self._staging) < STAGING_MAX and self._transport is not None:
                 self._grow_staging()
         except ProtocolViolation as exc:
@@ -293,6 +301,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _consume_staged(self) -> None:
         view, end, pos = self._staging_view, self._filled, 0
+        budget = self.export.budget  # type: ignore[union-attr]
         while pos < end and not self._disconnecting:
             if self._payload is not None:
                 n = min(end - pos, len(self._payload) - self._payload_got)
@@ -307,11 +316,11 @@ class Connection(asyncio.BufferedProtocol):
                 pos += n
                 if not self._discard_left:
                     self._refuse_now()
-            elif self._reading_paused or self.export.budget.exhausted:  # type: ignore[union-attr]
+            elif self._reading_paused or budget.exhausted:
                 self._update_reading()  # pause (if not yet) until the export's budget frees
                 break
             elif end - pos >= HEADER_SIZE:
-                header = Transmission.parse_header(view[pos : pos + HEADER_SIZE])
+                header = Transmission.parse_header(view, pos)
                 pos += HEADER_SIZE
                 self._on_header(header)
             else:
@@ -324,7 +333,7 @@ class Connection(asyncio.BufferedProtocol):
     def _on_header(self, header: RequestHeader) -> None:
         tx = self._tx
         assert tx is not None
-        payload = tx.payload_length(header)
+        payload = tx.payload_length(header) if header.command == Command.WRITE else 0
         if header.command == Command.DISC:
             self._begin_disconnect()
             return
@@ -342,7 +351,8 @@ class Connection(asyncio.BufferedProtocol):
         self._in_flight += 1
         if header.command in (Command.READ, Command.WRITE):
             self._charge(header.length)
-        self._update_reading()
+        if self._over_limits():
+            self._update_reading()
         if payload:
             assert self.export is not None
             request.block = self.export.pool.take(payload)
@@ -389,8 +399,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.export.pool.give(block)  # type: ignore[union-attr]
         if self._transport is None:
             return  # the client is gone; the I/O itself was still carried out
-        self._send(self._encode_reply(request), request.length if sending else 0)
-        self._update_reading()
+        self._send(self._encode_reply(request), request.length if sending else 0)  # resumes reading
         if self._disconnecting and not self._in_flight:
             self._close_after_flush()
 
@@ -413,12 +422,17 @@ class Connection(asyncio.BufferedProtocol):
     def _send(self, buffers: list[Buffer], data_bytes: int = 0) -> None:
         self._out.extend(buffers)
         self._reply_bytes += data_bytes
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._receiving:  # buffer_updated() flushes after receiving
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Send the replies of this tick, then see whether reading may resume."""
         self._flush_scheduled = False
+        self._write_out()
+        self._update_reading()
+
+    def _write_out(self) -> None:
         transport = self._transport
         if self._out and transport is not None:
             transport.writelines(self._out)
@@ -429,7 +443,6 @@ class Connection(asyncio.BufferedProtocol):
         self._out = []
         self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
-        self._update_reading()
 
     def _give_back_sent(self) -> None:
         """Return to the pool the READ blocks whose replies have left the transport."""
@@ -442,13 +455,20 @@ class Connection(asyncio.BufferedProtocol):
 
     # Flow control and shutdown ---------------------------------------------------------
 
+    def _over_limits(self) -> bool:
+        """Too much in flight or unsent on this connection (the export's budget is asked apart)."""
+        transport = self._transport
+        held = self._in_flight_bytes + self._reply_bytes
+        if transport is not None:
+            held += transport.get_write_buffer_size()
+        return held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS
+
     def _update_reading(self) -> None:
         """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""
         transport = self._transport
         if transport is None or self._disconnecting:
             return
-        held = self._in_flight_bytes + self._reply_bytes + transport.get_write_buffer_size()
-        pause = self._writing_paused or held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS
+        pause = self._writing_paused or self._over_limits()
         budget = self.export.budget if self.export is not None else None
         if budget is not None and budget.exhausted:
             pause = True
@@ -490,7 +510,7 @@ class Connection(asyncio.BufferedProtocol):
             self._close_after_flush()
 
     def _close_after_flush(self) -> None:
-        self._flush()
+        self._write_out()
         if self._transport is not None:
             self._transport.close()
 
@@ -506,7 +526,7 @@ class Connection(asyncio.BufferedProtocol):
     def refuse_writes(self) -> None:
         """The export became read-only: writes from now on get EPERM (those in flight complete)."""
         if self._tx is not None:
-            self._tx.read_only = True
+            self._tx.refuse_writes()
 
     def shutdown(self) -> None:
         """Server shutdown: answer what is in flight, then close."""

@@ -43,6 +43,9 @@ _COMMAND_ADVERTISED = {
 }
 
 
+_OK = (Error.OK, "")
+
+
 @dataclass(slots=True)
 class RequestHeader:
     flags: int
@@ -73,10 +76,20 @@ class Transmission:
         fua = int(CommandFlag.FUA) if self.flags & TransmissionFlag.SEND_FUA else 0
         self._allowed_flags = {int(c): int(f) & negotiated_flags | fua for c, f in _COMMAND_FLAGS.items()}
         self._not_advertised = frozenset(int(c) for c, f in _COMMAND_ADVERTISED.items() if not self.flags & f)
+        # READ and WRITE (if writable) with their flags, for the common case's few comparisons.
+        transfers = (Command.READ,) if self.read_only else (Command.READ, Command.WRITE)
+        self._transfer_flags = {int(c): self._allowed_flags[c] for c in transfers}
+        self._transfer_max = min(self.max_payload, self.size)
+
+    def refuse_writes(self) -> None:
+        """From now on, requests that change data get EPERM (the export became read-only)."""
+        self.read_only = True
+        self._transfer_flags.pop(int(Command.WRITE), None)
 
     @staticmethod
-    def parse_header(raw: bytes | bytearray | memoryview) -> RequestHeader:
-        magic, flags, command, cookie, offset, length = _HEADER.unpack(raw)
+    def parse_header(raw: bytes | bytearray | memoryview, pos: int = 0) -> RequestHeader:
+        """The header at ``pos`` of ``raw`` (which holds at least HEADER_SIZE bytes from there)."""
+        magic, flags, command, cookie, offset, length = _HEADER.unpack_from(raw, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolViolation(f"bad request magic {magic:#x}", "bad_request_magic")
         return RequestHeader(flags, command, cookie, offset, length)
@@ -93,6 +106,18 @@ class Transmission:
     def check(self, header: RequestHeader) -> tuple[Error, str]:
         """The error this request must get before any I/O, or (OK, "")."""
         command, flags, offset, length = header.command, header.flags, header.offset, header.length
+        allowed = self._transfer_flags.get(command)
+        if (
+            allowed is not None  # a READ or WRITE that may be sent: most requests pass here
+            and not flags & ~allowed
+            and length <= self._transfer_max
+            and offset <= self.size - length
+            and not (offset | length) & (self.min_block - 1)
+        ):
+            return _OK
+        return self._check_slowly(command, flags, offset, length)
+
+    def _check_slowly(self, command: int, flags: int, offset: int, length: int) -> tuple[Error, str]:
         allowed = self._allowed_flags.get(command)
         if allowed is None:
             return Error.EINVAL, f"unknown command {command}"

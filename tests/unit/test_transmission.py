@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdserver.protocol import (
     HEADER_SIZE,
@@ -258,3 +260,30 @@ def test_terms_come_from_the_negotiation() -> None:
     assert tx.max_payload == MAX_PAYLOAD
     assert tx.meta_contexts == {1: BASE_ALLOCATION}
     assert not transmission(EVERYTHING, structured=False).read_only
+
+
+def test_refuse_writes_turns_a_writable_connection_read_only() -> None:
+    tx = transmission()
+    assert check(tx, Command.WRITE) == Error.OK
+    tx.refuse_writes()
+    for command in WRITING:
+        assert check(tx, command) == Error.EPERM
+    assert check(tx, Command.READ) == Error.OK
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    command=st.sampled_from([Command.READ, Command.WRITE]) | st.integers(0, 12),
+    flags=st.sampled_from([0, int(FUA), int(DF), int(FUA | DF)]) | st.integers(0, 0xFFFF),
+    offset=st.sampled_from([0, 512, 4096, SIZE - 4096, SIZE, SIZE + 4096, 2**64 - 4096]) | st.integers(0, 2**64 - 1),
+    length=st.sampled_from([0, 1, 512, 4096, MAX_PAYLOAD, MAX_PAYLOAD + 4096, SIZE]) | st.integers(0, 2**32 - 1),
+    read_only=st.booleans(),
+    min_block=st.sampled_from([1, 512, 4096]),
+)
+def test_the_quick_check_of_reads_and_writes_agrees_with_the_full_one(
+    command: int, flags: int, offset: int, length: int, read_only: bool, min_block: int
+) -> None:
+    tx = transmission(EVERYTHING | TF.READ_ONLY if read_only else EVERYTHING, min_block=min_block)
+    quick, _ = tx.check(RequestHeader(flags, command, 1, offset, length))
+    full, _ = tx._check_slowly(command, flags, offset, length)
+    assert quick == full
