@@ -4,7 +4,9 @@ A request conflicts with an earlier one when their ranges overlap and at
 least one of them changes data.  The tracker holds every request that is in
 flight or still waiting, indexed by 1 MiB buckets (writers and readers apart),
 so a lookup costs a few comparisons however deep the queue is, and
-non-overlapping requests never wait.
+non-overlapping requests never wait.  A batch that arrives while nothing is
+tracked, and whose requests are :meth:`~HazardTracker.disjoint`, skips the
+lookups: the queue tracks only those of it that do not complete at once.
 
 Ranges are compared after rounding out to a *granule*: 1 byte normally, a
 page where the backing mixes O_DIRECT and page-cache I/O on one file, since
@@ -20,6 +22,8 @@ costs one blocker each, not one per request in flight.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from ..protocol import Command
 from .request import Request
 
@@ -29,9 +33,11 @@ TRACKED = WRITING | {Command.READ, Command.BLOCK_STATUS}
 
 _BUCKET_SHIFT = 20
 _LARGE = 64 << _BUCKET_SHIFT  # longer ranges go in one list that every lookup scans
+_offset = attrgetter("offset")
 
 
-def tracked(request: Request) -> bool:
+def ordered(request: Request) -> bool:
+    """Does this request keep its order against overlapping ones (so it may need tracking)?"""
     return request.command in TRACKED and request.length > 0
 
 
@@ -79,9 +85,25 @@ class HazardTracker:
             return [*(self._buckets[k] for k in keys if k in self._buckets), self._large]
         return [*(self._buckets[k] for k in _bucket_keys(request) if k in self._buckets), self._large]
 
+    def disjoint(self, requests: list[Request]) -> bool:
+        """Do no two of ``requests`` overlap (rounded out to the granule), so that none need wait
+        for another?  Reads that overlap count too: a cheap test for the common case, not exact."""
+        if len(requests) < 2:
+            return True
+        mask, end = self._mask, -1
+        for request in sorted(requests, key=_offset):
+            if request.command in TRACKED and request.length:  # ordered(), inline
+                start = request.offset & mask
+                if start < end:
+                    return False
+                end = max(end, (request.offset + request.length - mask - 1) & mask)
+        return True
+
     # add() and remove() run for every request: plain loops, no intermediate lists.
     def add(self, request: Request) -> None:
-        """Track ``request`` (which arrived after everything tracked so far)."""
+        """Track ``request`` (which arrived after everything tracked so far, or overlaps none of
+        what did not arrive before it)."""
+        request.tracked = True
         self.count += 1
         writer = request.command in WRITING
         end = self._span(request)[1]
@@ -96,6 +118,7 @@ class HazardTracker:
             _place(bucket, request, writer, end)
 
     def remove(self, request: Request) -> None:
+        request.tracked = False
         self.count -= 1
         writer = request.command in WRITING
         if request.length > _LARGE:

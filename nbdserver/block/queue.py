@@ -25,7 +25,7 @@ from ..backing.file import segments_extents
 from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .buffers import BufferPool
-from .hazards import HazardTracker, tracked
+from .hazards import HazardTracker, ordered
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
 from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
@@ -142,10 +142,15 @@ class RequestQueue:
     # Admission: hazards, then merging ------------------------------------------------
 
     def _admit(self, batch: list[Request]) -> None:
-        ready = []
         hazards = self._hazards
+        if not hazards.count and hazards.disjoint(batch):
+            # Nothing earlier is in flight and no two of these overlap: none waits.  Only those
+            # that do not complete at once are tracked (as they start), for later ones to find.
+            self._issue(batch, untracked=True)
+            return
+        ready = []
         for request in batch:
-            if tracked(request):
+            if ordered(request):
                 blockers = hazards.blockers(request)
                 hazards.add(request)
                 if blockers:
@@ -159,10 +164,14 @@ class RequestQueue:
             ready.append(request)
         self._issue(ready)
 
-    def _issue(self, ready: list[Request]) -> None:
+    def _issue(self, ready: list[Request], untracked: bool = False) -> None:
         """Start the submissions of ``ready``; those done at once may unblock more, started in turn
-        (a loop, not recursion: a long chain of overlapping writes must not exhaust the stack)."""
-        loop = self.loop
+        (a loop, not recursion: a long chain of overlapping writes must not exhaust the stack).
+
+        ``untracked``: ``ready`` is a batch :meth:`_admit` did not track; what of it does not
+        complete at once is tracked before it starts.
+        """
+        loop, hazards = self.loop, self._hazards
         while ready:
             if self.merge:
                 submissions = build_submissions(ready, self.limits)
@@ -173,11 +182,16 @@ class RequestQueue:
                 if self._done_now(submission):
                     ready += self._complete(submission)
                     continue
+                if untracked:
+                    for request in submission.requests:
+                        if ordered(request):
+                            hazards.add(request)
                 if self._start(submission):
                     continue
                 task = loop.create_task(self._execute(submission))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            untracked = False  # requests unblocked by those done at once were tracked on arrival
 
     # Execution -------------------------------------------------------------------------
 
@@ -268,7 +282,7 @@ class RequestQueue:
             waited += now - arrival
             if request.errno:
                 stats.errors[request.errno] += 1
-            if tracked(request):
+            if request.tracked:
                 self._hazards.remove(request)
             if request.waiters:
                 for waiter in request.waiters:

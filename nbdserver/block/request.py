@@ -33,6 +33,7 @@ class Request:
         "on_done",
         "seq",
         "sparse",
+        "tracked",
         "waiters",
     )
 
@@ -61,6 +62,7 @@ class Request:
         self.extents: list[Extent] | None = None
         self.seq = 0  # arrival order at the queue
         self.arrival = 0.0  # time.monotonic() when the queue took it
+        self.tracked = False  # in the hazard tracker: later requests may wait for it
         self.blocked_by = 0  # earlier overlapping requests still to complete
         self.waiters: list[Request] | None = None  # later requests blocked by this one
 
