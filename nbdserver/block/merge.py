@@ -7,8 +7,7 @@ segments are the requests' own buffers (a multipage bvec).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..backing import Extent
 from ..protocol import Command
@@ -28,32 +27,36 @@ class MergeLimits:
     max_range_bytes: int = 1 << 30  # of a TRIM or WRITE_ZEROES submission (no buffers)
 
 
-@dataclass
 class Submission:
     """One I/O on the backing, completing every request in ``requests``."""
 
-    command: int
-    offset: int
-    length: int
-    requests: list[Request] = field(default_factory=list)
-    flags: int = 0  # of the first request; merged requests share the flags that matter
+    __slots__ = ("command", "dsync", "flags", "length", "offset", "requests")
+
+    def __init__(self, request: Request) -> None:
+        self.command = request.command
+        self.offset = request.offset
+        self.length = request.length
+        self.requests = [request]
+        self.flags = request.flags  # of the first request; merged requests share the flags that matter
+        self.dsync = bool(request.flags & FLAG_FUA)  # durable before completion: any FUA request makes it so
+
+    def add(self, request: Request) -> None:
+        """Append a request that starts where this submission ends (see :func:`can_back_merge`)."""
+        self.requests.append(request)
+        self.length += request.length
+        if request.flags & FLAG_FUA:
+            self.dsync = True
 
     @property
     def end(self) -> int:
         return self.offset + self.length
 
     @property
-    def dsync(self) -> bool:
-        """Durable before completion: any FUA request makes the whole submission FUA."""
-        return any(r.flags & FLAG_FUA for r in self.requests)
-
-    @property
     def segments(self) -> list[bytearray | memoryview]:
         return [r.buffer for r in self.requests]  # type: ignore[misc]
 
-    @classmethod
-    def of(cls, request: Request) -> Submission:
-        return cls(request.command, request.offset, request.length, [request], request.flags)
+    def __repr__(self) -> str:
+        return f"<Submission cmd={self.command} {self.offset}+{self.length} of {len(self.requests)}>"
 
 
 def could_merge(request: Request, limits: MergeLimits) -> bool:
@@ -90,7 +93,7 @@ def can_back_merge(submission: Submission, request: Request, limits: MergeLimits
     return request.offset == submission.end and same_kind(submission, request) and fits(submission, request, limits)
 
 
-def build_submissions(requests: Iterable[Request], limits: MergeLimits) -> list[Submission]:
+def build_submissions(requests: list[Request], limits: MergeLimits) -> list[Submission]:
     """Sort requests by kind and offset, and merge the adjacent ones.
 
     Sorting first turns every front merge (a request ending where a later-arrived
@@ -99,21 +102,22 @@ def build_submissions(requests: Iterable[Request], limits: MergeLimits) -> list[
     The requests must not conflict with each other (the hazard check comes first).
     Zero-length requests and commands that never merge get a submission of their own.
     """
+    if len(requests) == 1:
+        return [Submission(requests[0])]
     mergeable = []
     submissions = []
     for request in requests:
         if request.command in MERGEABLE and request.length:
             mergeable.append(request)
         else:
-            submissions.append(Submission.of(request))
+            submissions.append(Submission(request))
     mergeable.sort(key=lambda r: (r.command, r.offset))
     current: Submission | None = None
     for request in mergeable:
         if current is not None and can_back_merge(current, request, limits):
-            current.requests.append(request)
-            current.length += request.length
+            current.add(request)
         else:
-            current = Submission.of(request)
+            current = Submission(request)
             submissions.append(current)
     return submissions
 

@@ -176,7 +176,7 @@ class RequestQueue:
             if self.merge:
                 submissions = build_submissions(ready, self.limits)
             else:
-                submissions = [Submission.of(r) for r in ready]
+                submissions = [Submission(r) for r in ready]
             ready = []
             for submission in submissions:
                 if self._done_now(submission):

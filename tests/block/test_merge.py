@@ -26,10 +26,9 @@ def req(command: int, offset: int, length: int, flags: int = 0, seq: int = 0, sp
 
 
 def sub(*requests: Request) -> Submission:
-    submission = Submission.of(requests[0])
+    submission = Submission(requests[0])
     for request in requests[1:]:
-        submission.requests.append(request)
-        submission.length += request.length
+        submission.add(request)
     return submission
 
 
