@@ -8,6 +8,7 @@ segments are the requests' own buffers (a multipage bvec).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from ..backing import Extent
 from ..protocol import Command
@@ -18,6 +19,7 @@ from .request import Request
 MERGEABLE = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 # Commands whose requests carry a buffer, one segment each.
 WITH_SEGMENTS = frozenset({Command.READ, Command.WRITE})
+_KIND_AND_OFFSET = attrgetter("command", "offset")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def build_submissions(requests: list[Request], limits: MergeLimits) -> list[Subm
             mergeable.append(request)
         else:
             submissions.append(Submission(request))
-    mergeable.sort(key=lambda r: (r.command, r.offset))
+    mergeable.sort(key=_KIND_AND_OFFSET)
     current: Submission | None = None
     for request in mergeable:
         if current is not None and can_back_merge(current, request, limits):

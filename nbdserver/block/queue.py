@@ -21,7 +21,7 @@ from functools import partial
 from time import monotonic
 
 from ..backing import Engine, Extent
-from ..backing.file import segments_extents
+from ..backing.file import Backoff, segments_extents
 from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .buffers import BufferPool
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_PLUG_REQUESTS = 1024
 MAX_PLUG_BYTES = 16 * 1024 * 1024
+MERGE_SKIP_MAX = 64  # batches issued unsorted after merging kept finding nothing (random I/O)
 
 
 class RequestQueue:
@@ -57,6 +58,7 @@ class RequestQueue:
         self._plug_holders = 0  # callers between start_plug() and finish_plug()
         self.submitters = 0  # connections submitting here, counted by them
         self._hazards = HazardTracker(hazard_granule)
+        self._merging = Backoff(MERGE_SKIP_MAX)
         self._seq = 0
         self._in_flight = 0
         self._depth_since = monotonic()  # when the queue depth last changed
@@ -173,10 +175,7 @@ class RequestQueue:
         """
         loop, hazards = self.loop, self._hazards
         while ready:
-            if self.merge:
-                submissions = build_submissions(ready, self.limits)
-            else:
-                submissions = [Submission(r) for r in ready]
+            submissions = self._build(ready)
             ready = []
             for submission in submissions:
                 if self._done_now(submission):
@@ -192,6 +191,19 @@ class RequestQueue:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             untracked = False  # requests unblocked by those done at once were tracked on arrival
+
+    def _build(self, ready: list[Request]) -> list[Submission]:
+        """Merge ``ready`` into submissions.  While batches keep merging into nothing (random I/O),
+        most of them skip the sort and go as they came: merging them finds nothing anyway."""
+        if not self.merge or (len(ready) > 1 and self._merging.skip()):
+            return [Submission(r) for r in ready]
+        submissions = build_submissions(ready, self.limits)
+        if len(ready) > 1:
+            if len(submissions) == len(ready):
+                self._merging.failed()
+            else:
+                self._merging.worked()
+        return submissions
 
     # Execution -------------------------------------------------------------------------
 

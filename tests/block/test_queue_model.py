@@ -29,6 +29,7 @@ from nbdserver.backing import Backing
 from nbdserver.backing.engine import Done, resolve
 from nbdserver.block import Request, RequestQueue
 from nbdserver.block.merge import MergeLimits
+from nbdserver.block.queue import MERGE_SKIP_MAX
 from nbdserver.protocol import Command, CommandFlag
 
 SIZE = 16 * 1024
@@ -347,3 +348,42 @@ def test_failed_submission_fails_each_of_its_requests_only(tmp_path: Path) -> No
 
     done = asyncio.run(scenario())
     assert {r.cookie: r.errno for r in done} == {8: 0, 0: 28, 1: 28, 2: 28, 3: 28, 9: 0}
+
+
+def test_batches_that_never_merge_skip_the_sort_until_merging_pays_again(tmp_path: Path) -> None:
+    """Random I/O: after batches that merged into nothing, most go unsorted (in arrival order);
+    an adjacent stream is merged again within MERGE_SKIP_MAX batches."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1024 * 4096))
+
+    async def scenario() -> tuple[list[bool], list[int]]:
+        engine = ReorderingEngine(Backing(path))
+        queue = RequestQueue(engine)
+        done: list[Request] = []
+
+        def batch(*offsets: int) -> list[int]:
+            """Submit one batch; the offsets of the submissions it made, in issue order."""
+            before = len(engine.calls)
+            queue.start_plug()
+            for offset in offsets:
+                queue.submit(Request(Command.WRITE, 0, offset, offset, 4096, done.append, bytearray(4096)))
+            queue.finish_plug()
+            return [offset for _, offset, _ in engine.calls[before:]]
+
+        sorted_ = []
+        for i in range(40):  # two writes far apart, the higher one first: sorting swaps them
+            low = i * 8192
+            sorted_.append(batch(low + 2048 * 1024, low) == [low, low + 2048 * 1024])
+        merged = []
+        for i in range(MERGE_SKIP_MAX + 2):  # now two adjacent writes each time
+            start = (600 + 2 * i) * 4096
+            merged.append(len(batch(start, start + 4096)) == 1)
+        while engine.pending:
+            engine.release(0)
+        await queue.drain()
+        return sorted_, merged
+
+    sorted_, merged = asyncio.run(scenario())
+    assert sorted_[0], "the first batch is sorted"
+    assert sorted_.count(False) > 30, "most later ones go in arrival order"
+    assert not merged[0] and merged[-1], "merging resumed"
