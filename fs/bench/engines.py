@@ -2,7 +2,8 @@
 """nbdserver's engines and cache modes against nbdkit and qemu-nbd, side by side in one run.
 
 Every server serves the same file on ext4, driven by fio's nbd engine. For each workload the
-servers alternate within each repeat (A, B, C, then A, B, C again) and every run gets a fresh
+servers alternate within each repeat, each repeat starting one server later (A, B, C, then
+B, C, A: no server always runs first, or right after the same one), and every run gets a fresh
 server process. The tables give the median (min-max) MiB/s, IOPS for 4k, the p99 completion
 latency, and each nbdserver variant's median MiB/s relative to nbdkit's file plugin.
 
@@ -337,7 +338,8 @@ def run_matrix(
     repeat: int,
     progress: Callable[[str], str] = lambda line: line,
 ) -> tuple[dict, dict[str, str]]:
-    """Every workload ``repeat`` times, the servers alternating within each repeat; a progress line per run.
+    """Every workload ``repeat`` times, the servers alternating within each repeat (rotated by one
+    per repeat); a progress line per run.
 
     Returns the cells by (workload, variant) name and, for servers that could not run, why.
     """
@@ -345,8 +347,8 @@ def run_matrix(
     unavailable: dict[str, str] = {}
     total, n = len(workloads) * repeat * len(variants), 0
     for workload in workloads:
-        for _ in range(repeat):
-            for variant in variants:
+        for turn in range(repeat):
+            for variant in variants[turn % len(variants) :] + variants[: turn % len(variants)]:
                 n += 1
                 if variant.name not in unavailable:
                     line = run_cell(image, workload, variant, runtime, cells, unavailable)

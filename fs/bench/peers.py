@@ -5,7 +5,8 @@
                       [--runtime 5] [--repeat 3] [--out results/peers]
 
 Every server serves the same file (a fresh server process for each fio run), driven by the job
-options below through fio's nbd engine; for each workload the servers alternate within each repeat.
+options below through fio's nbd engine; for each workload the servers alternate within each repeat,
+each repeat starting one server later.
 Per filesystem, the report (results/peers/peers.md) gives the median (min-max) MiB/s, IOPS, p99
 latency, the server's CPU seconds per GiB moved and nbdserver's ratio to nbdkit's file plugin, and
 one PNG per workload group plots the medians.
