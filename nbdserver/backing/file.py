@@ -57,12 +57,11 @@ _STATX_DIO_OFFSETS = 152  # stx_dio_mem_align, stx_dio_offset_align: two u32
 DEFAULT_DIRECT_ALIGN = 4096  # where statx cannot tell: safe for every device
 # <linux/magic.h>: filesystems whose files live in memory
 MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
-# The longest transfer done on the event loop's thread when it needs no waiting; longer
-# copies go to the engine, where they run in parallel and do not hold up other connections.
-INLINE_MAX = 256 * 1024
-# On tmpfs and ramfs a transfer is one memcpy of known cost: up to a whole merged submission
-# (1 MiB by default) is cheaper copied at once than handed to a worker and back.
-MEMORY_INLINE_MAX = 1024 * 1024
+# The longest transfer done on the event loop's thread when it needs no waiting: up to a whole
+# merged submission (1 MiB by default), a copy to or from memory that costs less than handing
+# it to the engine and back.  Longer ones go to the engine, where they do not hold up other
+# connections; so do writes for a while after one the kernel made wait (``slow_write``).
+INLINE_MAX = 1024 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
 INLINE_BACKOFF = 1.0  # seconds of writes on workers after a slow one
 HOLE_SKIP_MAX = 64  # page-cache misses that may skip the hole check after it kept finding data
@@ -160,7 +159,6 @@ class Backing:
         self._can_read_nowait = not self.direct  # O_DIRECT reads wait for the device even with RWF_NOWAIT
         # tmpfs and ramfs: every transfer is a copy to or from memory and never waits for a device.
         self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
-        self.inline_max = MEMORY_INLINE_MAX if self.in_memory else INLINE_MAX
         self.slow_write = SLOW_WRITE
         self._inline_writes_from = 0.0  # monotonic time before which write_now() declines
         # read_now()'s attempts that keep failing are skipped for a while (see Backoff).
@@ -237,7 +235,7 @@ class Backing:
             return False
         if self.in_memory:
             length = sum(map(len, segments))
-            if length > self.inline_max:
+            if length > INLINE_MAX:
                 return False
             # One preadv, as readv() would do it, without its bookkeeping; a short read (the end
             # of the file) is read again by readv(), which fills what lies past the end with zeroes.
@@ -290,7 +288,7 @@ class Backing:
         reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
         length = sum(map(len, segments))
-        if len(segments) > IOV_MAX or length > self.inline_max:
+        if len(segments) > IOV_MAX or length > INLINE_MAX:
             return False
         if self.in_memory:  # one pwritev; should it write less, writev() writes it all again
             if os.pwritev(self.fd, segments, offset, os.RWF_DSYNC if dsync else 0) != length:

@@ -256,7 +256,7 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
 
 def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4_dir):
     from nbdserver.backing import Backing
-    from nbdserver.backing.file import MEMORY_INLINE_MAX
+    from nbdserver.backing.file import INLINE_MAX
 
     data = pattern(7, MiB)
     on_ext4 = ext4_dir / "cached.img"
@@ -288,6 +288,14 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         assert on_ext4.read_bytes()[:MiB] == b"\x11" * 4096 + b"\x22" * 4096 + data[8192:]
     finally:
         backing.close()
+    backing = Backing(on_ext4)
+    try:
+        backing.slow_write = 60.0  # however busy the machine: only the length decides here
+        assert backing.write_now(MiB, [b"\x44" * INLINE_MAX])  # a whole merged submission, at once
+        assert not backing.write_now(MiB, [bytearray(INLINE_MAX + 4096)])  # longer: the engine writes it
+        assert on_ext4.read_bytes()[MiB : 2 * MiB] == b"\x44" * INLINE_MAX
+    finally:
+        backing.close()
     direct = Backing(on_ext4, direct=True)
     try:
         assert not direct.read_now(0, [buffer])  # O_DIRECT would wait for the device
@@ -300,11 +308,11 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         shm = Backing(on_tmpfs)
         try:
             assert shm.in_memory  # tmpfs: a copy to or from memory, never a wait
-            whole = bytearray(MEMORY_INLINE_MAX)
-            assert shm.read_now(0, [whole]) and whole == data[:MEMORY_INLINE_MAX]
+            whole = bytearray(INLINE_MAX)
+            assert shm.read_now(0, [whole]) and whole == data[:INLINE_MAX]
             assert shm.write_now(4096, [b"\x5a" * 4096], dsync=True)
-            longer = bytearray(MEMORY_INLINE_MAX + 4096)
-            assert not shm.read_now(0, [longer])  # longer than MEMORY_INLINE_MAX: the engine copies it
+            longer = bytearray(INLINE_MAX + 4096)
+            assert not shm.read_now(0, [longer])  # longer than INLINE_MAX: the engine copies it
             assert not shm.write_now(0, [longer])
             shm.readv(0, [buffer])
             assert buffer == data[:4096] + b"\x5a" * 4096 + data[8192:]
