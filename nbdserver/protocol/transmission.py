@@ -130,9 +130,9 @@ class Transmission:
         if command == Command.FLUSH:
             if offset or length:
                 return Error.EINVAL, "FLUSH must have zero offset and length"
-            return Error.OK, ""
+            return _OK
         if command == Command.DISC:
-            return Error.OK, ""
+            return _OK
         if command == Command.BLOCK_STATUS:
             if not self.meta_contexts:
                 return Error.EINVAL, "no metadata context was negotiated"
@@ -147,4 +147,4 @@ class Transmission:
                 return error, f"length {length} exceeds the maximum payload {self.max_payload}"
             if (offset | length) & (self.min_block - 1):
                 return Error.EINVAL, f"request not aligned to {self.min_block} bytes"
-        return Error.OK, ""
+        return _OK
