@@ -13,6 +13,7 @@ from . import __version__, configfile, daemon
 from .backing import DEFAULT_WORKERS, ENGINES
 from .config import (
     CACHE_MODES,
+    DEFAULT_METRICS,
     LOG_LEVELS,
     TLS_MODES,
     ConfigError,
@@ -186,17 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="default %(default)s",
     )
-    top = commands.add_parser(
+    live = commands.add_parser(
         "top",
         help="iostat -x for a running server's exports",
         description="A live view of a server's exports with the columns of iostat -x, from its /metrics.",
     )
-    top.add_argument(
-        "url", nargs="?", default="http://127.0.0.1:10810/metrics", help="the server's metrics (default %(default)s)"
+    live.add_argument(
+        "url",
+        nargs="?",
+        default=str(DEFAULT_METRICS),
+        type=_arg(top.metrics_url),
+        metavar="ADDR|URL",
+        help="the server's metrics: HOST:PORT or [IPV6]:PORT as serve --metrics takes it, or a URL "
+        "(default %(default)s)",
     )
-    top.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between reports (default 1)")
-    top.add_argument("--once", action="store_true", help="print one report (over one interval) and exit")
-    top.add_argument("--count", "-c", type=int, help="stop after this many reports")
+    live.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between reports (default 1)")
+    live.add_argument("--once", action="store_true", help="print one report (over one interval) and exit")
+    live.add_argument("--count", "-c", type=int, help="stop after this many reports")
     return parser
 
 

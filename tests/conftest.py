@@ -113,6 +113,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def have_ipv6_loopback() -> bool:
+    """Can ::1 be bound here (some containers have IPv6 off)?"""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6_loopback = pytest.mark.skipif(not have_ipv6_loopback(), reason="::1 cannot be bound here")
+
+
 def make_image(path: Path, size: int = IMAGE_SIZE) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..config import ConfigError, parse_listener
+
 COLUMNS = (
     "r/s", "w/s", "rMB/s", "wMB/s", "rrqm/s", "wrqm/s", "%rrqm", "%wrqm", "r_await", "w_await", "aqu-sz", "%util",
 )  # fmt: skip
@@ -35,6 +37,19 @@ MiB = 1024 * 1024
 class Sample:
     at: float  # time.monotonic() when taken
     exports: dict[str, dict[str, float]]  # export -> counter stem -> value
+
+
+def metrics_url(target: str) -> str:
+    """A URL as given, or the page of a ``serve --metrics`` address (``HOST:PORT``, ``[IPV6]:PORT``)."""
+    if "://" in target:
+        return target
+    try:
+        listener = parse_listener(target)
+    except ConfigError:
+        listener = None
+    if listener is None or listener.is_unix:
+        raise ConfigError(f"bad metrics address {target!r}: expected HOST:PORT, [IPV6]:PORT or a URL")
+    return f"http://{listener}/metrics"
 
 
 def fetch(url: str, timeout: float = 5.0) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nbdserver
-from tests.conftest import IMAGE_SIZE, make_image, wait_for
+from tests.conftest import IMAGE_SIZE, make_image, needs_ipv6_loopback, wait_for
 
 MiB = 1024 * 1024
 QUICK = 10.0  # seconds to exit after an error or a signal, on a busy machine too
@@ -159,12 +159,8 @@ def test_port_in_use(image, listening, first_ok):
     assert "ready:" not in result.stderr
 
 
+@needs_ipv6_loopback
 def test_ipv6_listener(start_server, image):
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"::1 cannot be bound here: {exc}")
     server = start_server(image, "--listen", "[::1]:0")
     assert server.host == "[::1]"
     assert server.uri().startswith("nbd://[::1]:")

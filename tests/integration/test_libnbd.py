@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import IMAGE_SIZE, make_image
+from tests.conftest import IMAGE_SIZE, make_image, needs_ipv6_loopback
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -622,16 +621,7 @@ def test_unix_socket_listener(start_server, tmp_path, image, connect):
     assert not sock.exists()
 
 
-def _have_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+@needs_ipv6_loopback
 def test_one_export_over_tcp_ipv6_and_unix_socket(start_server, tmp_path, image, connect):
     sock = tmp_path / "nbd.sock"
     server = start_server(image, "--listen", "127.0.0.1:0", "--listen", "[::1]:0", "--listen", f"unix:{sock}")

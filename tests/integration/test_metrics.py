@@ -18,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import MiB, free_port, make_image, scrape, value, wait_for
+from tests.conftest import MiB, free_port, make_image, needs_ipv6_loopback, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -307,6 +307,23 @@ def test_top_of_an_idle_server_shows_zeroes(disk):
     result = top("--once", "--interval", "0.5", disk.metrics_url)
     assert result.returncode == 0, result.stderr
     assert [float(x) for x in result.stdout.splitlines()[1].split()[1:]] == [0.0] * 12
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("[::1]", marks=needs_ipv6_loopback)])
+def test_top_takes_the_address_as_serve_metrics_takes_it(start_server, image, host):
+    server = start_server(image, "--name", "disk", "--metrics", f"{host}:0")
+    address = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    assert address.startswith(f"{host}:"), server.metrics_url
+    result = top("--once", "--interval", "0.2", address)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[0] == "disk"
+
+
+@pytest.mark.parametrize("address", ["unix:/run/nbd.sock", "localhost", "[::1]"])
+def test_top_refuses_what_is_no_metrics_address(address):
+    result = top("--once", address)
+    assert result.returncode == 2
+    assert f"bad metrics address {address!r}" in result.stderr
 
 
 def test_top_of_no_server_fails_clearly():
