@@ -34,19 +34,29 @@ IO_MODES = {
 class ServerProcess:
     """``nbdserver serve`` in a child process; its log is collected from stderr."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+        program: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        """``program`` is the server's command (default: this interpreter's ``-m nbdserver``)."""
         self.args = args
         self.log: list[str] = []
         self.addresses: list[str] = []
         self.metrics_url = ""
         self._ready = threading.Event()
+        self.said_ready = False
         self.proc = subprocess.Popen(
-            [*(wrapper or []), sys.executable, "-m", "nbdserver", "serve", *args],
+            [*(wrapper or []), *(program or [sys.executable, "-m", "nbdserver"]), "serve", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -62,17 +72,22 @@ class ServerProcess:
             if match and not self.metrics_url:
                 self.metrics_url = match.group(1)
             if "ready:" in line:
+                self.said_ready = True
                 self._ready.set()
-        self._ready.set()  # exited: wake the waiter
+        self._ready.set()  # its stderr closed (it exited, most likely): wake the waiter
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> ServerProcess:
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        if not self._ready.wait(timeout) or not self.said_ready or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log_text())
         return self
 
     def log_text(self) -> str:
         return "\n".join(self.log)
+
+    def logged(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` lines of the log hold ``text`` (the log is read by another thread)."""
+        return wait_for(lambda: sum(text in line for line in list(self.log)) >= count, timeout)
 
     @property
     def port(self) -> int:

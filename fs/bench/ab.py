@@ -7,10 +7,14 @@ itself stands for ``--head`` unless given) and served with
 alternate, each cell is repeated, and the table gives the median (min-max)
 MiB/s, IOPS and the head/base ratio.  ``--scrape`` fetches the head server's
 /metrics once a second while fio runs, so that the cost of being scraped is
-in the figures too.
+in the figures too.  ``--base-python`` and ``--head-python`` run the sides on
+other interpreters (each needs the server's dependencies, e.g. a venv's
+python), so that one revision can be compared with itself across builds of
+Python.
 
     fs/bench/ab.py --base HEAD~1 [--head REV] [--only 4k] [--repeat 3] [--runtime 5] [--scrape]
-                   [--base-args '...'] [--head-args '...'] [--dir /dev/shm] [--out results/ab.md]
+                   [--base-args '...'] [--head-args '...'] [--base-python PY] [--head-python PY]
+                   [--dir /dev/shm] [--out results/ab.md]
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ def scrape_while(url: str, stop: threading.Event) -> None:
             urllib.request.urlopen(url, timeout=5).read()
 
 
-def run_cell(tree: Path, image: Path, workload: Workload, extra: list[str], runtime: int, scrape: bool):
+def run_cell(tree: Path, python: str, image: Path, workload: Workload, extra: list[str], runtime: int, scrape: bool):
     # From inside the tree: "python -m" puts the working directory first on sys.path.
-    server = start_server(nbdserver_command(image, extra), env={"PYTHONPATH": str(tree)}, cwd=tree)
+    server = start_server(nbdserver_command(image, extra, python), env={"PYTHONPATH": str(tree)}, cwd=tree)
     stop = threading.Event()
     scraper = None
     if scrape:
@@ -80,6 +84,8 @@ def main() -> int:
     parser.add_argument("--head", help="git revision to measure (default: the working tree)")
     parser.add_argument("--base-args", default="", help="extra server arguments for the base")
     parser.add_argument("--head-args", default="", help="extra server arguments for the head")
+    parser.add_argument("--base-python", default=sys.executable, help="the base's interpreter (default this one)")
+    parser.add_argument("--head-python", default=sys.executable, help="the head's interpreter (default this one)")
     parser.add_argument("--scrape", action="store_true", help="scrape the head's /metrics every second")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
@@ -93,6 +99,7 @@ def main() -> int:
     runs: dict[tuple[str, str], list] = {(w.name, side): [] for w in workloads for side in sides}
     with checkout(args.base) as base, checkout(args.head) as head, tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         trees = {"base": base, "head": head}
+        pythons = {"base": args.base_python, "head": args.head_python}
         image = Path(tmp) / "bench.img"
         fill(image, IMAGE_SIZE)
         total, n = len(workloads) * len(sides) * args.repeat, 0
@@ -100,7 +107,9 @@ def main() -> int:
             for _ in range(args.repeat):
                 for side, extra in sides.items():
                     n += 1
-                    result = run_cell(trees[side], image, workload, extra, args.runtime, args.scrape and side == "head")
+                    result = run_cell(
+                        trees[side], pythons[side], image, workload, extra, args.runtime, args.scrape and side == "head"
+                    )
                     runs[(workload.name, side)].append(result)
                     progress = f"[{n}/{total}] {workload.name}, {side}: {result.mibs:.0f} MiB/s"
                     print(progress, file=sys.stderr, flush=True)
@@ -113,6 +122,7 @@ def render(workloads: list[Workload], runs: dict, args: argparse.Namespace) -> s
     head = args.head or "working tree"
     lines = [
         f"{head} (head) against {args.base} (base): fio nbd engine, backing file in {args.dir}, "
+        f"base on {interpreter(args.base_python)}, head on {interpreter(args.head_python)}, "
         f"{args.runtime} s runs, median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
         + (", head scraped every second" if args.scrape else ""),
         "",
@@ -127,6 +137,17 @@ def render(workloads: list[Workload], runs: dict, args: argparse.Namespace) -> s
             f"| {ratio:.2f}x | {spread([r.iops for r in base], '.0f')} | {spread([r.iops for r in head_runs], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def interpreter(python: str) -> str:
+    """Which Python a path runs, e.g. '/usr/bin/python3 (CPython 3.11.2)'."""
+    version = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_implementation(), platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return f"{python} ({version})"
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ class Server:
 OWN_METRICS_PORT = ("--metrics", "127.0.0.1:0")
 
 
-def nbdserver_command(image: Path | str, extra: Sequence[str] = ()) -> list[str]:
+def nbdserver_command(image: Path | str, extra: Sequence[str] = (), python: str = sys.executable) -> list[str]:
     """The server on a port the kernel picks; `start_server` reads it from the log."""
-    return [sys.executable, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra]
+    return [python, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra]
 
 
 def start_server(

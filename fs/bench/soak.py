@@ -120,8 +120,12 @@ def soak(server, args: argparse.Namespace) -> int:
     fios = [subprocess.Popen(job, **quiet) for job in fio_jobs(uri, args.duration)]
     verifier.start()
     rows, samples = [], []
-    started = last_time = time.monotonic()
     last = scrape(url)
+    arriving = time.monotonic() + 30
+    while last["nbdserver_written_bytes_total"] == 0 and time.monotonic() < arriving:
+        time.sleep(0.05)  # the clock starts once the clients are writing, however slowly they start
+        last = scrape(url)
+    started = last_time = time.monotonic()
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(min(args.interval, max(0.0, args.duration - (time.monotonic() - started))))

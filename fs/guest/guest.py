@@ -12,12 +12,14 @@ A scenario is a shell script from ``fs/scenarios/``, run by the guest's init;
 its output comes back on the serial console, and its last line says how it
 ended (``@@ SCENARIO name PASS`` or ``FAIL``).  Lines starting with ``@@ HOST``
 ask the host for something (``@@ HOST kill``: kill the server; the caller
-decides what that means).
+decides what that means); the guest waits until the host has done it and
+answers with a line on the console's input, so that what the guest does next
+comes after it (a counter snapshot taken at ``@@ HOST mark`` holds none of it).
 
     fs/guest/guest.py build                      # build the guest (cached)
     fs/guest/guest.py run --port 10809 ext4      # run scenarios against a server on 127.0.0.1:10809
 
-From the command line, ``@@ HOST`` requests are ignored, so the scenarios that need the server killed
+From the command line, ``@@ HOST`` requests are answered but not acted on, so the scenarios that need the server killed
 or restarted (crash, restart) fail there; tests/e2e/test_guest.py acts on them.
 
 The guest is built from the Debian packages of this machine's APT sources
@@ -346,7 +348,7 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
     boot = 0.0
     passed: dict[str, bool] = {}
     console: list[str] = []
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with _deadline(proc, timeout):
             assert proc.stdout is not None
@@ -365,6 +367,7 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
                     passed[words[1]] = words[2] == "PASS"
                 elif words[:1] == ["HOST"]:
                     on_request(" ".join(words[1:]))
+                    _answer(proc)
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -377,6 +380,14 @@ def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result
     for name in scenarios:
         passed.setdefault(name, False)
     return Result(passed, console, boot, accelerator)
+
+
+def _answer(proc: subprocess.Popen) -> None:
+    """Tell the guest, through its serial console, that its request is done."""
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # the guest is gone: nobody waits
+        proc.stdin.write(b"done\n")
+        proc.stdin.flush()
 
 
 @contextlib.contextmanager

@@ -21,11 +21,11 @@ echo "@@ BOOTED $(cat /etc/release) $(nproc) cpu(s)"
 
 for name in $(cat /scenarios/run); do
     echo "@@ START $name"
-    echo "@@ HOST mark start-$name"
+    echo "@@ HOST mark start-$name" && read -r _done  # the host answers once it has taken its snapshot
     started=$(cut -d' ' -f1 /proc/uptime)
     if sh -e "/scenarios/$name.sh"; then outcome=PASS; else outcome=FAIL; fi
     ended=$(cut -d' ' -f1 /proc/uptime)
-    echo "@@ HOST mark end-$name"
+    echo "@@ HOST mark end-$name" && read -r _done  # the host answers once it has taken its snapshot
     echo "@@ SCENARIO $name $outcome $(awk "BEGIN { print $ended - $started }") s"
 done
 sync

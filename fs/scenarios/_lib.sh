@@ -5,7 +5,8 @@ DEV=/dev/nbd0
 MNT=/mnt
 
 say() { echo "@@ $*"; }
-host() { say "HOST $*"; }  # ask the host for something (see fs/guest/guest.py)
+# Ask the host for something (see fs/guest/guest.py) and wait until it is done.
+host() { say "HOST $*"; read -r _done; }
 
 # attach [nbd-client options]: connect /dev/nbd0 to the server's default export.
 attach() {

@@ -477,4 +477,5 @@ def test_the_default_engine_is_io_uring_where_it_works_and_the_thread_pool_where
 
     chosen = start_server(image, "--engine", "uring", wrapper=NO_IO_URING, wait=False)
     assert chosen.proc.wait(START_TIMEOUT) != 0  # asked for by name, it is not replaced
+    chosen.stop()  # the log is whole once its reader has joined
     assert "Operation not permitted" in chosen.log_text()

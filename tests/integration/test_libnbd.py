@@ -347,7 +347,7 @@ def test_shutdown_answers_requests_in_flight(server, connect):
         h.pread(1, 0)
     other = connect(server.uri())
     assert other.pread(32 * 64 * KiB, 0) == b"".join(pattern(64 * KiB, i) for i in range(32))
-    assert any("disconnected" in line for line in server.log)
+    assert server.logged("disconnected"), server.log_text()
 
 
 def test_server_stop_flushes_and_exits_cleanly(server, image, connect):

@@ -4,6 +4,7 @@ the connection cap, handshake and idle timeouts, and the server-wide in-flight b
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import struct
@@ -168,9 +169,17 @@ def test_server_budget_pauses_connections_of_every_export(start_server, image, t
 def test_tcp_connections_carry_keepalive_probes(start_server, image):
     """A peer that vanishes without a FIN is found by keepalive after a minute idle, not never."""
     server = start_server(image)
-    with RawClient(server.host, server.port) as c:
-        c.greeting()
+    seen: list[str] = []
+
+    def keepalive_armed() -> bool:
         out = subprocess.run(
             ["ss", "-tnoH", "state", "established", f"( sport = :{server.port} )"], capture_output=True, text=True
         ).stdout
-    assert "timer:(keepalive,59sec" in out or "timer:(keepalive,1min" in out, out
+        seen.append(out)
+        # ss rounds down: a timer of 60 s shows as "1min" or, a moment later, as 59, 58... seconds.
+        match = re.search(r"timer:\(keepalive,(?:(1)min|(\d+)sec)", out)
+        return bool(match) and (match.group(1) is not None or 50 <= int(match.group(2)) <= 59)
+
+    with RawClient(server.host, server.port) as c:
+        c.greeting()
+        assert wait_for(keepalive_armed), seen[-1]

@@ -213,9 +213,16 @@ def start_load(server, tmp_path: Path, seconds: int) -> subprocess.Popen:
     )
 
 
+def load_arrived(server) -> bool:
+    """Have both of start_load's jobs reached the server?"""
+    samples = scrape(server.metrics_url)
+    return all(value(samples, f"nbdserver_{op}_completed_total", export="disk") > 0 for op in ("reads", "writes"))
+
+
 def test_every_dashboard_query_has_data_in_prometheus(disk, prometheus, tmp_path):
     prom = prometheus(disk.metrics_url.removeprefix("http://").removesuffix("/metrics"))
-    load = start_load(disk, tmp_path, seconds=20)
+    assert wait_for(lambda: query(prom, 'up{job="nbdserver"} == 1'), timeout=15), "not scraped"
+    load = start_load(disk, tmp_path, seconds=30)
     try:
         with RawClient(disk.host, disk.port) as raw:  # a protocol error and a refused request, for the error panel
             raw.handshake().go("disk")
@@ -223,7 +230,7 @@ def test_every_dashboard_query_has_data_in_prometheus(disk, prometheus, tmp_path
             assert raw.read_reply().error
             raw.send(raw.request_bytes(Cmd.READ, 0, 512, magic=0))
             assert raw.wait_closed()
-        assert wait_for(lambda: query(prom, 'up{job="nbdserver"} == 1'), timeout=15), "not scraped"
+        assert wait_for(lambda: load_arrived(disk)), "fio's load never reached the server"
         time.sleep(8)  # several scrapes under load
         assert [r["metric"]["export"] for r in query(prom, "nbdserver_export_size_bytes")] == ["disk"]  # the variable
         empty = []
@@ -270,9 +277,9 @@ def top(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_top_once_shows_the_load(disk, tmp_path):
-    load = start_load(disk, tmp_path, seconds=15)
+    load = start_load(disk, tmp_path, seconds=30)
     try:
-        time.sleep(2)
+        assert wait_for(lambda: load_arrived(disk)), "fio's load never reached the server"
         result = top("--once", "--interval", "2", disk.metrics_url)
     finally:
         load.kill()
