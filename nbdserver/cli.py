@@ -9,7 +9,7 @@ from pathlib import Path
 
 import uvloop
 
-from . import __version__, configfile, daemon
+from . import build, configfile, daemon
 from .backing import DEFAULT_WORKERS, ENGINES
 from .config import (
     CACHE_MODES,
@@ -32,7 +32,7 @@ from .tls import tls_context
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbdserver", description="Network Block Device server.")
-    parser.add_argument("--version", action="version", version=f"nbdserver {__version__}")
+    parser.add_argument("--version", action="version", version=build.describe())
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(

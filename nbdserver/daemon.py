@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable
 
+from . import build
 from .config import ConfigError, ServerConfig
 from .server import Server
 from .systemd import Notifier, inherited_sockets, set_log_level
@@ -24,6 +25,7 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
 
     ``reread`` gives the configuration anew (file and command line) for SIGHUP.
     """
+    log.info("%s", build.describe())
     notifier = Notifier()
     try:
         server = Server(config)

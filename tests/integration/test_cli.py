@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import stat
@@ -348,7 +349,15 @@ def test_default_export(start_server, tmp_path, default, size):
 def test_version():
     result = tool(sys.executable, "-m", "nbdserver", "--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"nbdserver {nbdserver.__version__}"
+    interpreter = f"{platform.python_implementation()} {platform.python_version()}"
+    expected = f"nbdserver {nbdserver.__version__} on {interpreter} ({os.path.realpath(sys.executable)})"
+    assert result.stdout.strip() == expected
+
+
+def test_the_log_says_which_interpreter_serves(server):
+    assert server.log[0].endswith(
+        f"on {platform.python_implementation()} {platform.python_version()} ({os.path.realpath(sys.executable)})"
+    ), server.log[0]
 
 
 @pytest.mark.parametrize("script", [False, True], ids=["module", "script"])
