@@ -339,7 +339,9 @@ def test_journal_format_when_stderr_is_the_journal(image):
         [*cmd[:4], "/nonexistent/disk.img"], capture_output=True, text=True, timeout=20, env=os.environ
     )
     assert plain.returncode == 1
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} nbdserver\[ERROR\] cannot open export", plain.stderr)
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} nbdserver\[ERROR\] cannot open export", plain.stderr, re.MULTILINE
+    ), plain.stderr
 
 
 # Stop under load --------------------------------------------------------------------------------
