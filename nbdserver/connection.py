@@ -33,6 +33,7 @@ from .protocol import (
 )
 from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
 from .protocol.replies import Buffer, block_status_reply, error_reply, ok_reply, read_reply
+from .protocol.transmission import encode_request_header
 from .tls import peer_subject
 
 if TYPE_CHECKING:
@@ -60,8 +61,13 @@ def _tune_tcp(sock: socket.socket) -> None:
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, resume: tuple[Negotiated, bytes] | None = None) -> None:
+        """``resume``: a connection taken over from a predecessor, with the terms it negotiated there
+        and the bytes received there but not taken (see handover.py)."""
         self.server = server
+        self._resume = resume
+        self._handing_over = False  # taking no new request: the connection is being handed over
+        self.handed_over = False  # the successor has it
         self.peer = "?"
         self.export: Export | None = None
         self._transport: asyncio.Transport | None = None
@@ -111,6 +117,14 @@ class Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else None
         self.peer = f"{address}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self._resume is not None:
+            negotiated, pending = self._resume
+            self._resume = None
+            self.server.connection_made(self, "taken over")
+            self._start_transmission(negotiated, pending)
+            if self.export is not None and self.export.config.read_only:
+                self.refuse_writes()  # made read-only since the client was told otherwise
+            return
         if not self.server.admit(self):
             transport.abort()
             return
@@ -261,7 +275,8 @@ class Connection(asyncio.BufferedProtocol):
             self._timer = None
         if self.server.config.idle_timeout:
             self._timer = self._loop.call_later(self.server.config.idle_timeout, self._check_idle)
-        self._staging = bytearray(STAGING_SIZE)
+        # Room for what came behind the handshake (or, taken over, every byte not yet taken).
+        self._staging = bytearray(max(STAGING_SIZE, len(trailing)))
         self._staging_view = memoryview(self._staging)
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
@@ -468,7 +483,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._disconnecting:
             return
-        pause = self._writing_paused or self._over_limits()
+        pause = self._writing_paused or self._handing_over or self._over_limits()
         budget = self.export.budget if self.export is not None else None
         if budget is not None and budget.exhausted:
             pause = True
@@ -522,6 +537,65 @@ class Connection(asyncio.BufferedProtocol):
     def _hard_disconnect(self) -> None:
         self._disconnecting = True
         self._close_after_flush()
+
+    # Handover (the protocol is in handover.py) ------------------------------------------
+
+    @property
+    def negotiated(self) -> Negotiated | None:
+        """The terms of the transmission phase; None before it, or over TLS (which cannot be handed over)."""
+        if self._tx is None or self._disconnecting or self._transport is None or self._tls_task is not None:
+            return None
+        return self._tx.negotiated
+
+    @property
+    def transport_socket(self) -> socket.socket | None:
+        return self._transport.get_extra_info("socket") if self._transport is not None else None
+
+    def quiesce(self) -> None:
+        """Take no new request (nor the rest of a WRITE payload); those taken are answered."""
+        self._handing_over = True
+        if self._transport is not None and not self._transport_paused:
+            self._transport.pause_reading()
+            self._transport_paused = True
+
+    def quiet(self) -> bool:
+        """Quiesced, nothing in flight but a WRITE whose payload is partly here, every reply sent out."""
+        transport = self._transport
+        taken = self._in_flight - (self._payload_request is not None)
+        return (
+            transport is not None
+            and not taken
+            and not self._out
+            and not self._discard_left
+            and self._refused is None
+            and transport.get_write_buffer_size() == 0
+        )
+
+    def pending(self) -> bytes:
+        """The bytes received and not taken, as the client sent them: a WRITE whose payload is partly
+        here goes back to its header."""
+        parts = []
+        request = self._payload_request
+        if request is not None and self._payload is not None:
+            header = (request.flags, request.command, request.cookie, request.offset, request.length)
+            parts.append(encode_request_header(*header))
+            parts.append(bytes(self._payload[: self._payload_got]))
+        parts.append(bytes(self._staging_view[: self._filled]))
+        return b"".join(parts)
+
+    def resume(self) -> None:
+        """The handover failed: take requests again."""
+        self._handing_over = False
+        self._update_reading()
+
+    def let_go(self) -> None:
+        """The successor has this connection: close our descriptor without a word to the client
+        (the socket lives on in the successor, so the client sees no end)."""
+        self._abandon_payload()
+        self.handed_over = True
+        self._disconnecting = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def refuse_writes(self) -> None:
         """The export became read-only: writes from now on get EPERM (those in flight complete)."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
+from time import monotonic
 
-from . import build
+from . import build, handover
 from .config import ConfigError, ServerConfig
 from .server import Server
 from .systemd import Notifier, inherited_sockets, set_log_level
@@ -26,6 +29,9 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     ``reread`` gives the configuration anew (file and command line) for SIGHUP.
     """
     log.info("%s", build.describe())
+    channel = handover.inherited_channel()  # started by a predecessor to take over from it
+    # The service manager's variables, for a successor (the notifier takes them out of the environment).
+    successor_env = {k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ}
     notifier = Notifier()
     try:
         server = Server(config)
@@ -45,11 +51,16 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         log.error("cannot open export: %s", exc)
         return 1
     try:
-        await server.start(sockets)
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        if channel is not None:
+            await _take_over(server, channel)
+        else:
+            await server.start(sockets)
+    except (OSError, handover.HandoverError) as exc:
+        log.error("cannot %s: %s", "take over" if channel is not None else "listen", exc)
         await server.shutdown()
         return 1
+    upgrade = _Upgrade(server, notifier, successor_env, stop)
+    loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")
     watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
@@ -78,6 +89,37 @@ class _Watchdog:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+async def _take_over(server: Server, channel: socket.socket) -> None:
+    """Start as a predecessor's successor: its sockets, then its connections."""
+    inherited = await handover.take_over(channel)
+    await server.start(inherited.listeners, inherited.owned_paths)
+    resumed = await handover.resume(server, inherited)
+    server.stats.handover_pause = monotonic() - inherited.quiesced_at
+    log.info("took over %d connection(s); requests waited %.3f s", resumed, server.stats.handover_pause)
+
+
+class _Upgrade:
+    """SIGUSR2: hand everything to a successor started from our command line, then exit."""
+
+    def __init__(self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event) -> None:
+        self._server, self._notifier, self._env, self._stop = server, notifier, env, stop
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("SIGUSR2: an upgrade is under way already")
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        log.info("SIGUSR2: upgrading: starting the successor")
+        self._notifier.notify("STATUS=upgrading: starting the successor")
+        if await handover.hand_over(self._server, self._env, lambda pid: self._notifier.notify(f"MAINPID={pid}")):
+            self._stop.set()
+        else:
+            self._notifier.notify(f"STATUS={self._server.status()}")
 
 
 def _reload(server: Server, notifier: Notifier, reread: Callable[[], ServerConfig] | None) -> None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 # Why connections are closed by the server without a protocol violation.
-TURNED_AWAY = ("max_connections", "not_allowed", "handshake_timeout", "idle_timeout")
+TURNED_AWAY = ("max_connections", "not_allowed", "handshake_timeout", "idle_timeout", "handover_timeout")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ServerStats:
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Connections closed on arrival or in the handshake, by reason: counted from zero.
     turned_away: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(TURNED_AWAY, 0)))
+    handover_pause: float | None = None  # seconds requests waited while this server took over, if it did
 
 
 class Server:
@@ -102,11 +103,15 @@ class Server:
         default = self.catalog.default if any(i.name == self.catalog.default for i in infos) else ""
         return ExportCatalog(infos, default)
 
-    async def start(self, inherited: Sequence[tuple[str, socket.socket]] = ()) -> None:
-        """Listen on the inherited sockets (socket activation) if any, else on every configured address.
+    async def start(self, inherited: Sequence[tuple[str, socket.socket]] = (), owned: Sequence[str] = ()) -> None:
+        """Listen on the inherited sockets (socket activation, a handover) if any, else on every configured
+        address.
 
-        An inherited socket named ``metrics`` serves /metrics.  Raises OSError (e.g. address in use).
+        An inherited socket named ``metrics`` serves /metrics.  ``owned``: Unix socket paths among the
+        inherited ones that are ours to remove at shutdown (a predecessor made them).  Raises OSError
+        (e.g. address in use).
         """
+        self._unix_paths.extend(owned)
         loop = asyncio.get_running_loop()
         metrics_socket = None
         for name, sock in inherited:
@@ -147,6 +152,29 @@ class Server:
             srv = await loop.create_server(lambda: Connection(self), listener.host, listener.port, reuse_address=True)
         self._listeners.append(srv)
         self.addresses.extend(describe_socket(sock) for sock in srv.sockets)
+
+    def stop_listening(self) -> list[tuple[str, str, socket.socket]]:
+        """Stop accepting; returns a copy of every listening socket, to hand over or listen on again:
+        (name as ``start`` takes it, the path if it is a Unix socket of ours, the socket)."""
+        copies = []
+        for srv in self._listeners:
+            for listening in srv.sockets:
+                copy = socket.socket(fileno=os.dup(listening.fileno()))
+                address = describe_socket(copy)
+                path = address.removeprefix("unix:")
+                copies.append(("", path if address.startswith("unix:") and path in self._unix_paths else "", copy))
+            srv.close()
+        if self._metrics is not None:
+            for listening in self._metrics.sockets:
+                copies.append((METRICS_FD_NAME, "", socket.socket(fileno=os.dup(listening.fileno()))))
+            self._metrics.close()
+        self._listeners, self._metrics = [], None
+        self.addresses, self.metrics_addresses = [], []
+        return copies
+
+    def disown_sockets(self) -> None:
+        """Our Unix sockets belong to a successor now: leave their files at shutdown."""
+        self._unix_paths = []
 
     def status(self) -> str:
         """One line for STATUS= and the log."""
@@ -220,10 +248,10 @@ class Server:
         self.stats.turned_away[reason] += 1
         log.warning("%s: turned away (%s): %s", connection.peer, reason.replace("_", " "), why)
 
-    def connection_made(self, connection: Connection) -> None:
+    def connection_made(self, connection: Connection, how: str = "connected") -> None:
         self.connections.add(connection)
         self.stats.connections += 1
-        log.info("%s: connected", connection.peer)
+        log.info("%s: %s", connection.peer, how)
         self.on_change()
 
     def connection_lost(self, connection: Connection) -> None:
@@ -231,7 +259,7 @@ class Server:
             return  # turned away on arrival
         self.connections.discard(connection)
         export = f"export {connection.export.name!r}" if connection.export is not None else "in the handshake"
-        log.info("%s: disconnected (%s)", connection.peer, export)
+        log.info("%s: %s (%s)", connection.peer, "handed over" if connection.handed_over else "disconnected", export)
         self.on_change()
 
     async def shutdown(self, timeout: float = 30.0) -> None:

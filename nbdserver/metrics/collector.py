@@ -76,6 +76,12 @@ class ServerCollector(Collector):
         for reason, count in sorted(stats.turned_away.items()):
             turned_away.add_metric([reason], count)
         yield turned_away
+        if stats.handover_pause is not None:
+            yield _gauge(
+                "handover_pause_seconds",
+                "How long requests waited while this process took over from its predecessor",
+                stats.handover_pause,
+            )
         refused = CounterMetricFamily(
             f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
         )

@@ -37,6 +37,10 @@ class MetricsEndpoint:
         )
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
+    @property
+    def sockets(self) -> tuple:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()

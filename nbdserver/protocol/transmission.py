@@ -55,10 +55,16 @@ class RequestHeader:
     length: int
 
 
+def encode_request_header(flags: int, command: int, cookie: int, offset: int, length: int) -> bytes:
+    """A request header as a client sends it."""
+    return _HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
 class Transmission:
     """The terms one connection negotiated, and the checks every request must pass."""
 
     def __init__(self, negotiated: Negotiated) -> None:
+        self.negotiated = negotiated
         export = negotiated.export
         self.size = export.size
         self.flags = negotiated.flags

@@ -1,0 +1,391 @@
+"""Live handover: a running server passes its sockets to its successor, and clients see only a pause.
+
+On ``SIGUSR2`` the server starts its successor from its own command line,
+with one end of a socket pair in ``NBDSERVER_HANDOVER_FD``.  The two talk in
+frames (a JSON head, raw bytes, and file descriptors riding along):
+
+    successor                         predecessor
+    hello {versions}           ──▶    (went on serving while the successor started)
+                                      stops accepting; every connection in the transmission
+                                      phase stops taking requests, answers those it took, and
+                                      its replies leave the process ("quiesced")
+                               ◀──    listener {name, path} + fd            (each listening socket)
+                               ◀──    connection {terms} + fd + raw bytes   (each quiesced connection)
+                               ◀──    end {quiesced_at}
+    taken                      ──▶
+                               ◀──    go           (the predecessor lets go of its copies and exits)
+    accepts, resumes each connection with the bytes it had received but not taken
+
+Until ``go`` the successor reads nothing from any socket, so the predecessor
+can still take everything back: if the successor cannot start, says another
+state version, or answers nothing in time, the predecessor sends ``abort``
+and goes on serving.  End of file instead of ``go`` means the predecessor is
+gone, its copies closed: the successor goes on.
+
+Connections still in the handshake, and TLS connections (their session keys
+cannot leave the process), are finished and closed as at a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from time import monotonic
+from typing import Any
+
+from .connection import Connection
+from .protocol import Negotiated, TransmissionFlag
+from .protocol.handshake import ExportInfo
+from .server import Server
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1  # of what the frames carry; a successor that does not know it takes nothing
+ENV_FD = "NBDSERVER_HANDOVER_FD"
+_FRAME = struct.Struct(">IIB")  # head length, raw length, descriptors
+MAX_FDS_PER_FRAME = 1
+MAX_HEAD = 1 << 20
+MAX_RAW = 64 << 20  # a staged receive (1 MiB) and the part of a WRITE payload received (32 MiB)
+START_TIMEOUT = 60.0  # for the successor to start and open its exports (the predecessor serves meanwhile)
+QUIESCE_TIMEOUT = 10.0  # for a connection's replies to leave; a client that reads none is closed after it
+ANSWER_TIMEOUT = 30.0  # for each answer once the sockets are on their way
+
+
+class HandoverError(Exception):
+    """The handover cannot go on; the message says why."""
+
+
+@dataclass
+class ConnectionTerms:
+    """What a connection in the transmission phase negotiated, as the client knows it."""
+
+    export: str
+    size: int
+    flags: int  # TransmissionFlag as sent to the client
+    structured_replies: bool
+    meta_contexts: dict[int, str]
+    peer: str
+
+    @classmethod
+    def of(cls, negotiated: Negotiated, peer: str) -> ConnectionTerms:
+        e = negotiated.export
+        contexts = dict(negotiated.meta_contexts)
+        return cls(e.name, e.size, int(negotiated.flags), negotiated.structured_replies, contexts, peer)
+
+    def negotiated(self, info: ExportInfo) -> Negotiated:
+        """The terms again, over the successor's export (which must be the same size)."""
+        if info.size != self.size:
+            raise HandoverError(f"export {self.export!r} is {info.size} bytes now, {self.size} before")
+        return Negotiated(info, TransmissionFlag(self.flags), self.structured_replies, dict(self.meta_contexts))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConnectionTerms:
+        data = dict(data)
+        data["meta_contexts"] = {int(k): v for k, v in data["meta_contexts"].items()}
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Frames ----------------------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
+    """One frame; the descriptors travel with its first bytes."""
+    encoded = json.dumps(head).encode()
+    prefix = _FRAME.pack(len(encoded), len(raw), len(fds or []))
+    if fds:
+        socket.send_fds(sock, [prefix], fds)
+    else:
+        sock.sendall(prefix)
+    sock.sendall(encoded)
+    if raw:
+        sock.sendall(raw)
+
+
+def receive_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]]:
+    """The next frame; EOFError if the peer closed its end between frames."""
+    prefix, fds, _, _ = socket.recv_fds(sock, _FRAME.size, MAX_FDS_PER_FRAME)
+    if not prefix:
+        raise EOFError("the other side closed the handover socket")
+    prefix += _receive_exactly(sock, _FRAME.size - len(prefix))
+    head_length, raw_length, nfds = _FRAME.unpack(prefix)
+    if head_length > MAX_HEAD or raw_length > MAX_RAW or nfds != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise HandoverError(f"malformed frame ({head_length}, {raw_length}, {nfds} fds, {len(fds)} came)")
+    head = json.loads(_receive_exactly(sock, head_length))
+    return head, _receive_exactly(sock, raw_length), fds
+
+
+def _receive_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the handover socket closed inside a frame")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+# The successor as a process ------------------------------------------------------------
+
+
+def successor_command() -> list[str]:
+    """This process's own command line, run again: a newly installed version takes over."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def start_successor(env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start the successor with one end of a socket pair; returns it and our end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = {**os.environ, **env_extra, ENV_FD: str(theirs.fileno())}
+        proc = subprocess.Popen(successor_command(), env=env, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
+def inherited_channel(environ: dict[str, str] | os._Environ[str] = os.environ) -> socket.socket | None:
+    """The predecessor's end of the handover, if this process was started as a successor."""
+    fd = environ.pop(ENV_FD, "")
+    if not fd:
+        return None
+    sock = socket.socket(fileno=int(fd))
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+# The predecessor --------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a handover did, for the log."""
+
+    connections: int = 0
+    listeners: int = 0
+    closed_slow: int = 0  # connections whose client did not take its replies in time
+    errors: list[str] = field(default_factory=list)
+
+
+async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callable[[int], None]) -> bool:
+    """Start a successor and hand it every listening socket and every connection it can take.
+
+    True once the successor has them (this server then has only handshakes and TLS connections
+    left to finish); False, with everything as before, if it could not be done.  ``before_go`` is
+    called with the successor's PID just before it is let go (to tell the service manager).
+    """
+    loop = asyncio.get_running_loop()
+    started = monotonic()
+    try:
+        proc, channel = start_successor(env_extra)
+    except OSError as exc:
+        log.error("upgrade failed, serving on: cannot start %s: %s", successor_command()[:3], exc)
+        return False
+    log.info("upgrade: successor started, pid %d", proc.pid)
+    listeners: list[tuple[str, str, socket.socket]] = []
+    moving: list[Connection] = []
+    try:
+        channel.settimeout(START_TIMEOUT)
+        hello, _, _ = await loop.run_in_executor(None, receive_frame, channel)
+        if hello.get("type") != "hello" or STATE_VERSION not in hello.get("versions", ()):
+            raise HandoverError(f"the successor does not take state version {STATE_VERSION}: {hello}")
+        quiesced_at = monotonic()
+        listeners = server.stop_listening()
+        moving, closed_slow = await _quiesce(server)
+        frames = [({"type": "listener", "name": name, "path": path}, b"", sock) for name, path, sock in listeners]
+        for connection in moving:
+            assert connection.negotiated is not None and connection.transport_socket is not None
+            terms = ConnectionTerms.of(connection.negotiated, connection.peer)
+            head = {"type": "connection", "terms": terms.to_json()}
+            frames.append((head, connection.pending(), connection.transport_socket))
+        end = {"type": "end", "version": STATE_VERSION, "quiesced_at": quiesced_at, "closed_slow": closed_slow}
+        channel.settimeout(ANSWER_TIMEOUT)
+        await loop.run_in_executor(None, _send_state, channel, frames, end)
+    except (OSError, EOFError, ValueError, HandoverError) as exc:
+        why = _why(exc, proc)
+        log.error("upgrade failed, serving on: %s", why)
+        with contextlib.suppress(OSError):
+            send_frame(channel, {"type": "abort", "why": why})
+        channel.close()
+        loop.run_in_executor(None, _reap, proc)
+        await _take_back(server, listeners, moving)
+        return False
+    before_go(proc.pid)
+    with contextlib.suppress(OSError):
+        send_frame(channel, {"type": "go"})
+    channel.close()
+    for _, _, sock in listeners:
+        sock.close()
+    server.disown_sockets()
+    for connection in moving:
+        connection.let_go()
+    log.info(
+        "upgrade: %d connection(s) and %d listener(s) handed to pid %d in %.3f s (%d closed: replies not read)",
+        len(moving),
+        len(listeners),
+        proc.pid,
+        monotonic() - started,
+        closed_slow,
+    )
+    return True
+
+
+async def _quiesce(server: Server) -> tuple[list[Connection], int]:
+    """Quiesce every connection that can be handed over; close those that do not get quiet in time."""
+    movable = [c for c in server.connections if c.negotiated is not None]
+    for connection in movable:
+        connection.quiesce()
+    deadline = monotonic() + QUIESCE_TIMEOUT
+    while monotonic() < deadline and not all(c.quiet() or c.closed.is_set() for c in movable):
+        await asyncio.sleep(0.001)
+    moving, slow = [], 0
+    for connection in movable:
+        if connection.closed.is_set():
+            continue  # the client left meanwhile
+        if connection.quiet():
+            moving.append(connection)
+        else:
+            log.warning("%s: replies not read within %.0f s: closed for the upgrade", connection.peer, QUIESCE_TIMEOUT)
+            server.turn_away(connection, "handover_timeout", "its replies were not read during an upgrade")
+            connection.shutdown()
+            slow += 1
+    return moving, slow
+
+
+def _send_state(channel: socket.socket, frames: list, end: dict[str, Any]) -> None:
+    for head, raw, sock in frames:
+        send_frame(channel, head, raw, [sock.fileno()])
+    send_frame(channel, end)
+    answer, _, _ = receive_frame(channel)
+    if answer.get("type") != "taken":
+        raise HandoverError(f"the successor did not take over: {answer.get('why', answer)}")
+
+
+async def _take_back(server: Server, listeners: list[tuple[str, str, socket.socket]], moving: list[Connection]) -> None:
+    """Undo a handover that did not complete: listen again and take requests again."""
+    if listeners:
+        await server.start([(name, sock) for name, _, sock in listeners])
+    for connection in moving:
+        connection.resume()
+
+
+def _why(exc: BaseException, proc: subprocess.Popen[bytes]) -> str:
+    if isinstance(exc, EOFError | ConnectionError):
+        try:
+            status = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return f"the successor closed the handover ({exc})"
+        return f"the successor exited with status {status} (its log says why)"
+    if isinstance(exc, TimeoutError):
+        return "the successor did not answer in time"
+    return str(exc)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(ANSWER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# The successor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Inheritance:
+    """What a successor took over: sockets to listen on, connections to resume."""
+
+    listeners: list[tuple[str, socket.socket]] = field(default_factory=list)
+    owned_paths: list[str] = field(default_factory=list)
+    connections: list[tuple[ConnectionTerms, socket.socket, bytes]] = field(default_factory=list)
+    quiesced_at: float = 0.0
+    closed_slow: int = 0
+
+
+async def take_over(channel: socket.socket) -> Inheritance:
+    """Say hello, receive the predecessor's sockets, and wait for its go; HandoverError if it aborts."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, _receive_state, channel)
+
+
+def _receive_state(channel: socket.socket) -> Inheritance:
+    inherited = Inheritance()
+    channel.settimeout(ANSWER_TIMEOUT + QUIESCE_TIMEOUT + START_TIMEOUT)
+    send_frame(channel, {"type": "hello", "versions": [STATE_VERSION], "pid": os.getpid()})
+    try:
+        while True:
+            head, raw, fds = receive_frame(channel)
+            kind = head.get("type")
+            if kind == "listener":
+                sock = socket.socket(fileno=fds[0])
+                inherited.listeners.append((head["name"], sock))
+                if head["path"]:
+                    inherited.owned_paths.append(head["path"])
+            elif kind == "connection":
+                terms = ConnectionTerms.from_json(head["terms"])
+                inherited.connections.append((terms, socket.socket(fileno=fds[0]), raw))
+            elif kind == "end":
+                if head.get("version") != STATE_VERSION:
+                    raise HandoverError(f"state version {head.get('version')} is not {STATE_VERSION}")
+                inherited.quiesced_at, inherited.closed_slow = head["quiesced_at"], head["closed_slow"]
+                break
+            else:
+                raise HandoverError(f"unexpected {kind!r} from the predecessor: {head.get('why', '')}")
+        send_frame(channel, {"type": "taken"})
+        try:
+            answer, _, _ = receive_frame(channel)
+        except EOFError:
+            answer = {"type": "go"}  # the predecessor is gone, and its copies with it
+        if answer.get("type") != "go":
+            raise HandoverError(f"the predecessor took everything back: {answer.get('why', answer)}")
+    except BaseException:
+        # Nothing was read from these: the predecessor still holds them and serves on.
+        for _, sock in inherited.listeners:
+            sock.close()
+        for _, sock, _ in inherited.connections:
+            sock.close()
+        raise
+    finally:
+        channel.close()
+    return inherited
+
+
+async def resume(server: Server, inherited: Inheritance) -> int:
+    """Serve the connections taken over; returns how many resumed (the others are closed)."""
+    loop = asyncio.get_running_loop()
+    transports = []
+    for terms, sock, pending in inherited.connections:
+        export = server.exports.get(terms.export)
+        try:
+            if export is None:
+                raise HandoverError(f"export {terms.export!r} is not configured here")
+            negotiated = terms.negotiated(export.info)
+        except HandoverError as exc:
+            log.warning("%s: not taken over, closed: %s", terms.peer, exc)
+            sock.close()
+            continue
+        sock.setblocking(False)
+        transports.append(
+            loop.connect_accepted_socket(lambda n=negotiated, p=pending: Connection(server, (n, p)), sock)
+        )
+    await asyncio.gather(*transports)
+    server.stats.turned_away["handover_timeout"] += inherited.closed_slow
+    return len(transports)
