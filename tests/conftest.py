@@ -121,6 +121,51 @@ class ServerProcess:
         return self.stop(signal.SIGKILL)
 
 
+class Upgradable:
+    """A server followed across upgrades: each successor's PID is read from the log."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.pids = [server.proc.pid]
+
+    def upgrade(self, timeout: float = 30.0) -> float:
+        """SIGUSR2, then wait until the successor has taken over; returns the pause it logged."""
+        done = sum("took over" in line for line in self.server.log)
+        os.kill(self.pids[-1], signal.SIGUSR2)
+        assert self.server.logged("took over", count=done + 1, timeout=timeout), self.server.log_text()[-3000:]
+        handed = [m for line in self.server.log if (m := re.search(r"handed to pid (\d+)", line))]
+        self.pids.append(int(handed[-1].group(1)))
+        pause = [m for line in self.server.log if (m := re.search(r"requests waited ([\d.]+) s", line))]
+        return float(pause[-1].group(1))
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pids[-1], 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server that serves now (and any predecessor still finishing); SIGKILL after 30 s."""
+        for pid in reversed(self.pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+            if not wait_for(lambda pid=pid: not _exists(pid), timeout=30):
+                os.kill(pid, signal.SIGKILL)
+        self.server.stop()
+
+
+def _exists(pid: int) -> bool:
+    """Is ``pid`` running?  A child of ours that exited is a zombie until reaped: that counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on right now (for servers that must be told one)."""
     with socket.socket() as sock:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, ServerProcess, free_port, make_image, scrape, value
+from tests.conftest import MiB, ServerProcess, Upgradable, free_port, make_image, scrape, value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
 import guest
 
-SCENARIOS = ["ext4", "multiconn", "discard", "crash", "restart"]
+SCENARIOS = ["ext4", "multiconn", "discard", "upgrade", "crash", "restart"]
 DISK_SIZE = 512 * MiB
 
 
@@ -30,6 +30,7 @@ class Run:
     requests: list[str] = field(default_factory=list)  # what the guest asked the host, in order
     logs: list[str] = field(default_factory=list)  # every server's log, in order
     final: dict = field(default_factory=dict)  # the last server's metrics at the end
+    pauses: list[float] = field(default_factory=list)  # each upgrade's pause, as the successor logged it
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     disk = make_image(tmp_path_factory.mktemp("guest") / "disk.img", DISK_SIZE)
     port = free_port()
 
-    def start() -> ServerProcess:
+    def start() -> Upgradable:
         args = [str(disk), "--listen", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0"]
-        return ServerProcess(args).wait_ready()
+        return Upgradable(ServerProcess(args).wait_ready())
 
     servers = [start()]
     outcome = Run(guest.Result({}, [], 0.0, ""))
@@ -52,18 +53,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         outcome.requests.append(request)
         verb, *rest = request.split()
         if verb == "mark":
-            outcome.marks[rest[0]] = scrape(servers[-1].metrics_url)
+            outcome.marks[rest[0]] = scrape(servers[-1].server.metrics_url)
+        elif verb == "upgrade":
+            outcome.pauses.append(servers[-1].upgrade())
         elif verb in ("kill", "restart"):
             servers[-1].stop(signal.SIGKILL if verb == "kill" else signal.SIGTERM)
             servers.append(start())
 
     try:
         outcome.result = guest.run(image, port, SCENARIOS, on_request=on_request, echo=lambda line: print(line))
-        outcome.final = scrape(servers[-1].metrics_url)
+        outcome.final = scrape(servers[-1].server.metrics_url)
     finally:
         for server in servers:
             server.stop()
-            outcome.logs.append(server.log_text())
+            outcome.logs.append(server.server.log_text())
     print(f"boot to first scenario: {outcome.result.boot_seconds:.1f} s ({outcome.result.accelerator})")
     for log in outcome.logs:  # what the kernel client sent, as each server counted it at shutdown
         print(*(line for line in log.splitlines() if "requests in" in line), sep="\n")
@@ -147,3 +150,12 @@ def test_crash_keeps_fsynced_files_and_a_clean_journal(run):
 def test_graceful_restart_keeps_the_filesystem(run):
     assert "restart" in run.requests, console_tail(run)
     assert passed(run, "restart"), console_tail(run)
+
+
+def test_upgrades_under_a_mounted_filesystem_fail_nothing(run):
+    assert run.requests.count("upgrade") == 20, run.requests
+    assert passed(run, "upgrade"), console_tail(run)
+    assert len(run.result.lines("@@ UPGRADED 10 times")) == 2
+    pauses = sorted(run.pauses)
+    print(f"20 upgrades under ext4: pause median {pauses[10]:.3f} s, max {pauses[-1]:.3f} s")
+    print(*run.result.lines("@@ UPGRADED"), sep="\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -21,57 +20,12 @@ import nbd
 import pytest
 
 from nbdserver.handover import QUIESCE_TIMEOUT
-from tests.conftest import MiB, ServerProcess, make_image, scrape, value, wait_for
+from tests.conftest import MiB, ServerProcess, Upgradable, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 4096
 IN_FLIGHT = 64  # per connection; four connections keep 256 in flight
-
-
-class Upgradable:
-    """A server followed across upgrades: each successor's PID is read from the log."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.pids = [server.proc.pid]
-
-    def upgrade(self, timeout: float = 30.0) -> float:
-        """SIGUSR2, then wait until the successor has taken over; returns the pause it logged."""
-        done = sum("took over" in line for line in self.server.log)
-        os.kill(self.pids[-1], signal.SIGUSR2)
-        assert self.server.logged("took over", count=done + 1, timeout=timeout), self.server.log_text()[-3000:]
-        handed = [m for line in self.server.log if (m := re.search(r"handed to pid (\d+)", line))]
-        self.pids.append(int(handed[-1].group(1)))
-        pause = [m for line in self.server.log if (m := re.search(r"requests waited ([\d.]+) s", line))]
-        return float(pause[-1].group(1))
-
-    def alive(self) -> bool:
-        try:
-            os.kill(self.pids[-1], 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        for pid in reversed(self.pids):  # the last one serves; the others should be gone already
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            if not wait_for(lambda pid=pid: not _exists(pid), timeout=30):
-                os.kill(pid, signal.SIGKILL)
-        self.server.stop()
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A child of ours that exited is a zombie until reaped: count it as gone.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture
