@@ -15,10 +15,10 @@ import socket
 from collections.abc import Callable
 from time import monotonic
 
-from . import build, handover
+from . import build, fdstore, handover
 from .config import ConfigError, ServerConfig
 from .server import Server
-from .systemd import Notifier, inherited_sockets, set_log_level
+from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
 
 log = logging.getLogger("nbdserver")
 
@@ -45,20 +45,24 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, notifier, reread)
     try:
-        sockets = inherited_sockets()
+        stored, named = fdstore.split(inherited_fds())
+        sockets = listening_sockets(named)
         server.open_exports()
     except OSError as exc:
         log.error("cannot open export: %s", exc)
         return 1
     try:
-        if channel is not None:
-            await _take_over(server, channel)
-        else:
+        inherited = await _inheritance(channel, stored)
+        if inherited is None:
             await server.start(sockets)
+        else:
+            await _resume(server, sockets, inherited)
     except (OSError, handover.HandoverError) as exc:
         log.error("cannot %s: %s", "take over" if channel is not None else "listen", exc)
         await server.shutdown()
         return 1
+    finally:
+        fdstore.forget(notifier, stored)
     upgrade = _Upgrade(server, notifier, successor_env, stop)
     loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
@@ -66,6 +70,8 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
     await stop.wait()
     log.info("shutting down")
+    if not upgrade.done and fdstore.capacity() and notifier.enabled:
+        await fdstore.store(server, notifier, listeners=not sockets)  # for a restart; a stop closes them
     notifier.notify("STOPPING=1", "STATUS=finishing requests in flight")
     await server.shutdown()
     if watchdog is not None:
@@ -91,10 +97,22 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def _take_over(server: Server, channel: socket.socket) -> None:
-    """Start as a predecessor's successor: its sockets, then its connections."""
-    inherited = await handover.take_over(channel)
-    await server.start(inherited.listeners, inherited.owned_paths)
+async def _inheritance(channel: socket.socket | None, stored: list[tuple[str, int]]) -> handover.Inheritance | None:
+    """What a predecessor left us: handed over on SIGUSR2, or kept in the fd store across a restart."""
+    if channel is not None:
+        return await handover.take_over(channel)  # fails the start: the predecessor serves on
+    if not stored:
+        return None
+    try:
+        return fdstore.unpack(stored)
+    except handover.HandoverError as exc:  # the predecessor is gone: its connections end, we start afresh
+        log.error("%s: those connections are closed", exc)
+        return None
+
+
+async def _resume(server: Server, sockets: list[tuple[str, socket.socket]], inherited: handover.Inheritance) -> None:
+    """Start as a successor: the sockets, then the connections."""
+    await server.start([*sockets, *inherited.listeners], inherited.owned_paths)
     resumed = await handover.resume(server, inherited)
     server.stats.handover_pause = monotonic() - inherited.quiesced_at
     log.info("took over %d connection(s); requests waited %.3f s", resumed, server.stats.handover_pause)
@@ -106,6 +124,7 @@ class _Upgrade:
     def __init__(self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event) -> None:
         self._server, self._notifier, self._env, self._stop = server, notifier, env, stop
         self._task: asyncio.Task[None] | None = None
+        self.done = False  # the successor has everything: exit without storing anything
 
     def start(self) -> None:
         if self._task is not None and not self._task.done():
@@ -117,6 +136,7 @@ class _Upgrade:
         log.info("SIGUSR2: upgrading: starting the successor")
         self._notifier.notify("STATUS=upgrading: starting the successor")
         if await handover.hand_over(self._server, self._env, lambda pid: self._notifier.notify(f"MAINPID={pid}")):
+            self.done = True
             self._stop.set()
         else:
             self._notifier.notify(f"STATUS={self._server.status()}")

@@ -100,17 +100,34 @@ class ConnectionTerms:
 # Frames ----------------------------------------------------------------------------------
 
 
+def encode_frame(head: dict[str, Any], raw: bytes = b"", nfds: int = 0) -> bytes:
+    encoded = json.dumps(head).encode()
+    return _FRAME.pack(len(encoded), len(raw), nfds) + encoded + raw
+
+
+def decode_frames(data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+    """Frames written one after another (to a file: no descriptors ride along)."""
+    frames, pos = [], 0
+    while pos < len(data):
+        head_length, raw_length, _ = _FRAME.unpack_from(data, pos)
+        pos += _FRAME.size
+        if head_length > MAX_HEAD or raw_length > MAX_RAW or pos + head_length + raw_length > len(data):
+            raise HandoverError(f"malformed state at byte {pos}")
+        head = json.loads(data[pos : pos + head_length])
+        pos += head_length
+        frames.append((head, data[pos : pos + raw_length]))
+        pos += raw_length
+    return frames
+
+
 def send_frame(sock: socket.socket, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
     """One frame; the descriptors travel with its first bytes."""
-    encoded = json.dumps(head).encode()
-    prefix = _FRAME.pack(len(encoded), len(raw), len(fds or []))
+    frame = encode_frame(head, raw, len(fds or []))
     if fds:
-        socket.send_fds(sock, [prefix], fds)
-    else:
-        sock.sendall(prefix)
-    sock.sendall(encoded)
-    if raw:
-        sock.sendall(raw)
+        sent = socket.send_fds(sock, [frame[: _FRAME.size]], fds)
+        assert sent == _FRAME.size
+        frame = frame[_FRAME.size :]
+    sock.sendall(frame)
 
 
 def receive_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]]:
@@ -175,13 +192,46 @@ def inherited_channel(environ: dict[str, str] | os._Environ[str] = os.environ) -
 
 
 @dataclass
-class Outcome:
-    """What a handover did, for the log."""
+class Package:
+    """Everything a successor takes: frames (head, raw bytes, socket) and the last one."""
 
-    connections: int = 0
-    listeners: int = 0
-    closed_slow: int = 0  # connections whose client did not take its replies in time
-    errors: list[str] = field(default_factory=list)
+    listeners: list[tuple[str, str, socket.socket]]  # copies: (name, our Unix path, socket)
+    moving: list[Connection]
+    frames: list[tuple[dict[str, Any], bytes, Any]]
+    end: dict[str, Any]
+
+    def let_go(self, server: Server) -> None:
+        """The successor has it all: close our copies, without a word to the clients."""
+        for _, _, sock in self.listeners:
+            sock.close()
+        server.disown_sockets()
+        for connection in self.moving:
+            connection.let_go()
+
+    async def take_back(self, server: Server) -> None:
+        """Undo: listen again and take requests again."""
+        if self.listeners:
+            await server.start([(name, sock) for name, _, sock in self.listeners])
+        for connection in self.moving:
+            connection.resume()
+
+
+async def package(server: Server, listeners: bool = True) -> Package:
+    """Stop accepting (if ``listeners``), quiesce the connections, and describe what is to go."""
+    quiesced_at = monotonic()
+    copies = server.stop_listening() if listeners else []
+    moving, closed_slow = await _quiesce(server)
+    frames: list[tuple[dict[str, Any], bytes, Any]] = [
+        ({"type": "listener", "name": name, "path": path}, b"", sock) for name, path, sock in copies
+    ]
+    for connection in moving:
+        assert connection.negotiated is not None
+        terms = ConnectionTerms.of(connection.negotiated, connection.peer)
+        frames.append(
+            ({"type": "connection", "terms": terms.to_json()}, connection.pending(), connection.transport_socket)
+        )
+    end = {"type": "end", "version": STATE_VERSION, "quiesced_at": quiesced_at, "closed_slow": closed_slow}
+    return Package(copies, moving, frames, end)
 
 
 async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callable[[int], None]) -> bool:
@@ -199,25 +249,15 @@ async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callab
         log.error("upgrade failed, serving on: cannot start %s: %s", successor_command()[:3], exc)
         return False
     log.info("upgrade: successor started, pid %d", proc.pid)
-    listeners: list[tuple[str, str, socket.socket]] = []
-    moving: list[Connection] = []
+    packed: Package | None = None
     try:
         channel.settimeout(START_TIMEOUT)
         hello, _, _ = await loop.run_in_executor(None, receive_frame, channel)
         if hello.get("type") != "hello" or STATE_VERSION not in hello.get("versions", ()):
             raise HandoverError(f"the successor does not take state version {STATE_VERSION}: {hello}")
-        quiesced_at = monotonic()
-        listeners = server.stop_listening()
-        moving, closed_slow = await _quiesce(server)
-        frames = [({"type": "listener", "name": name, "path": path}, b"", sock) for name, path, sock in listeners]
-        for connection in moving:
-            assert connection.negotiated is not None and connection.transport_socket is not None
-            terms = ConnectionTerms.of(connection.negotiated, connection.peer)
-            head = {"type": "connection", "terms": terms.to_json()}
-            frames.append((head, connection.pending(), connection.transport_socket))
-        end = {"type": "end", "version": STATE_VERSION, "quiesced_at": quiesced_at, "closed_slow": closed_slow}
+        packed = await package(server)
         channel.settimeout(ANSWER_TIMEOUT)
-        await loop.run_in_executor(None, _send_state, channel, frames, end)
+        await loop.run_in_executor(None, _send_state, channel, packed)
     except (OSError, EOFError, ValueError, HandoverError) as exc:
         why = _why(exc, proc)
         log.error("upgrade failed, serving on: %s", why)
@@ -225,24 +265,21 @@ async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callab
             send_frame(channel, {"type": "abort", "why": why})
         channel.close()
         loop.run_in_executor(None, _reap, proc)
-        await _take_back(server, listeners, moving)
+        if packed is not None:
+            await packed.take_back(server)
         return False
     before_go(proc.pid)
     with contextlib.suppress(OSError):
         send_frame(channel, {"type": "go"})
     channel.close()
-    for _, _, sock in listeners:
-        sock.close()
-    server.disown_sockets()
-    for connection in moving:
-        connection.let_go()
+    packed.let_go(server)
     log.info(
         "upgrade: %d connection(s) and %d listener(s) handed to pid %d in %.3f s (%d closed: replies not read)",
-        len(moving),
-        len(listeners),
+        len(packed.moving),
+        len(packed.listeners),
         proc.pid,
         monotonic() - started,
-        closed_slow,
+        packed.end["closed_slow"],
     )
     return True
 
@@ -269,21 +306,13 @@ async def _quiesce(server: Server) -> tuple[list[Connection], int]:
     return moving, slow
 
 
-def _send_state(channel: socket.socket, frames: list, end: dict[str, Any]) -> None:
-    for head, raw, sock in frames:
+def _send_state(channel: socket.socket, packed: Package) -> None:
+    for head, raw, sock in packed.frames:
         send_frame(channel, head, raw, [sock.fileno()])
-    send_frame(channel, end)
+    send_frame(channel, packed.end)
     answer, _, _ = receive_frame(channel)
     if answer.get("type") != "taken":
         raise HandoverError(f"the successor did not take over: {answer.get('why', answer)}")
-
-
-async def _take_back(server: Server, listeners: list[tuple[str, str, socket.socket]], moving: list[Connection]) -> None:
-    """Undo a handover that did not complete: listen again and take requests again."""
-    if listeners:
-        await server.start([(name, sock) for name, _, sock in listeners])
-    for connection in moving:
-        connection.resume()
 
 
 def _why(exc: BaseException, proc: subprocess.Popen[bytes]) -> str:
@@ -319,6 +348,30 @@ class Inheritance:
     quiesced_at: float = 0.0
     closed_slow: int = 0
 
+    def add(self, head: dict[str, Any], raw: bytes, fd: int | None) -> bool:
+        """Take one frame; True once it was the last."""
+        kind = head.get("type")
+        if kind == "listener" and fd is not None:
+            self.listeners.append((head["name"], socket.socket(fileno=fd)))
+            if head["path"]:
+                self.owned_paths.append(head["path"])
+        elif kind == "connection" and fd is not None:
+            self.connections.append((ConnectionTerms.from_json(head["terms"]), socket.socket(fileno=fd), raw))
+        elif kind == "end":
+            if head.get("version") != STATE_VERSION:
+                raise HandoverError(f"state version {head.get('version')} is not {STATE_VERSION}")
+            self.quiesced_at, self.closed_slow = head["quiesced_at"], head["closed_slow"]
+            return True
+        else:
+            raise HandoverError(f"unexpected {kind!r} from the predecessor: {head.get('why', '')}")
+        return False
+
+    def close(self) -> None:
+        for _, sock in self.listeners:
+            sock.close()
+        for _, sock, _ in self.connections:
+            sock.close()
+
 
 async def take_over(channel: socket.socket) -> Inheritance:
     """Say hello, receive the predecessor's sockets, and wait for its go; HandoverError if it aborts."""
@@ -333,22 +386,8 @@ def _receive_state(channel: socket.socket) -> Inheritance:
     try:
         while True:
             head, raw, fds = receive_frame(channel)
-            kind = head.get("type")
-            if kind == "listener":
-                sock = socket.socket(fileno=fds[0])
-                inherited.listeners.append((head["name"], sock))
-                if head["path"]:
-                    inherited.owned_paths.append(head["path"])
-            elif kind == "connection":
-                terms = ConnectionTerms.from_json(head["terms"])
-                inherited.connections.append((terms, socket.socket(fileno=fds[0]), raw))
-            elif kind == "end":
-                if head.get("version") != STATE_VERSION:
-                    raise HandoverError(f"state version {head.get('version')} is not {STATE_VERSION}")
-                inherited.quiesced_at, inherited.closed_slow = head["quiesced_at"], head["closed_slow"]
+            if inherited.add(head, raw, fds[0] if fds else None):
                 break
-            else:
-                raise HandoverError(f"unexpected {kind!r} from the predecessor: {head.get('why', '')}")
         send_frame(channel, {"type": "taken"})
         try:
             answer, _, _ = receive_frame(channel)
@@ -357,11 +396,7 @@ def _receive_state(channel: socket.socket) -> Inheritance:
         if answer.get("type") != "go":
             raise HandoverError(f"the predecessor took everything back: {answer.get('why', answer)}")
     except BaseException:
-        # Nothing was read from these: the predecessor still holds them and serves on.
-        for _, sock in inherited.listeners:
-            sock.close()
-        for _, sock, _ in inherited.connections:
-            sock.close()
+        inherited.close()  # nothing was read from these: the predecessor still holds them and serves on
         raise
     finally:
         channel.close()

@@ -9,6 +9,7 @@ same code runs with and without a service manager.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -50,6 +51,18 @@ class Notifier:
         except OSError as exc:
             log.warning("cannot notify the service manager: %s", exc)
 
+    def notify_fds(self, fields: list[str], fds: list[int]) -> bool:
+        """Fields with descriptors (FDSTORE=1): True if the manager got them."""
+        if self._sock is None:
+            return False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            self._sock.sendmsg(["\n".join(fields).encode()], rights, 0, self._address)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning("cannot pass descriptors to the service manager: %s", exc)
+            return False
+        return True
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -70,8 +83,9 @@ def _watchdog_interval(environ: MutableMapping[str, str]) -> float | None:
     return timeout / 2 if timeout > 0 else None
 
 
-def inherited_sockets(environ: MutableMapping[str, str] = os.environ) -> list[tuple[str, socket.socket]]:
-    """Listening sockets passed by socket activation (``LISTEN_FDS``), with their names.
+def inherited_fds(environ: MutableMapping[str, str] = os.environ) -> list[tuple[str, int]]:
+    """Descriptors passed by the service manager (``LISTEN_FDS``: socket activation, the fd store),
+    with their names.
 
     The variables are removed once read, as sd_listen_fds(3) does, so that they
     cannot be mistaken for ours by a process we start.
@@ -88,13 +102,21 @@ def inherited_sockets(environ: MutableMapping[str, str] = os.environ) -> list[tu
     out = []
     for i in range(n):
         fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        out.append((labels[i] if i < len(labels) else "", fd))
+    return out
+
+
+def listening_sockets(named: list[tuple[str, int]]) -> list[tuple[str, socket.socket]]:
+    """The inherited descriptors as listening sockets (socket activation); OSError for any other kind."""
+    out = []
+    for name, fd in named:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise OSError(f"inherited descriptor {fd} is not a socket")
         sock = socket.socket(fileno=fd)
         if sock.type != socket.SOCK_STREAM:
             raise OSError(f"inherited socket {fd} is not a stream socket (ListenStream= is needed)")
-        os.set_inheritable(fd, False)
-        out.append((labels[i] if i < len(labels) else "", sock))
+        out.append((name, sock))
     return out
 
 

@@ -41,6 +41,7 @@ class ServerProcess:
         wrapper: list[str] | None = None,
         program: list[str] | None = None,
         cwd: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         """``program`` is the server's command (default: this interpreter's ``-m nbdserver``)."""
         self.args = args
@@ -57,6 +58,7 @@ class ServerProcess:
             text=True,
             env={**os.environ, **(env or {})},
             cwd=cwd,
+            pass_fds=pass_fds,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()

@@ -55,7 +55,16 @@ def test_units_verify(tmp_path):
     result = run("systemd-analyze", "verify", "--man=no", *units)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     service = (SYSTEMD / "nbdserver.service").read_text()
-    for key in ("Type=notify", "WatchdogSec=", "ExecReload=", "User=nbdserver", "ProtectSystem=strict"):
+    for key in (
+        "Type=notify",
+        "NotifyAccess=main",  # MAINPID= after an upgrade comes from the main process
+        "WatchdogSec=",
+        "ExecReload=",
+        "User=nbdserver",
+        "ProtectSystem=strict",
+        "FileDescriptorStoreMax=1100",
+        "Environment=FDSTORE=1100",
+    ):
         assert key in service
     assert "FileDescriptorName=nbd" in (SYSTEMD / "nbdserver.socket").read_text()
 
