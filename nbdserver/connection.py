@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .block import Request
 from .protocol import (
@@ -23,11 +23,13 @@ from .protocol import (
     Aborted,
     Command,
     Error,
+    ExportCatalog,
     Negotiated,
     ProtocolViolation,
     RequestHeader,
     ServerHandshake,
     StartTls,
+    TlsMode,
     Transmission,
     error_from_errno,
 )
@@ -37,8 +39,9 @@ from .protocol.transmission import encode_request_header
 from .tls import peer_subject
 
 if TYPE_CHECKING:
+    from .config import ServerConfig
     from .export import Export
-    from .server import Server
+    from .stats import ServerStats
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,32 @@ def _tune_tcp(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (``server.Server``): the
+    connection knows it through this alone, so that only the server imports the other."""
+
+    config: ServerConfig
+    exports: dict[str, Export]
+    stats: ServerStats
+    tls_mode: TlsMode
+    tls_context: ssl.SSLContext | None
+
+    def admit(self, connection: Connection) -> bool:
+        """Take a new connection, unless the server is full (then it is counted: close it)."""
+
+    def catalog_for(self, address: str | None) -> ExportCatalog:
+        """The exports a client at ``address`` (None: a Unix socket) may see."""
+
+    def turn_away(self, connection: Connection, reason: str, why: str) -> None:
+        """Count and log a connection closed without a protocol violation."""
+
+    def connection_made(self, connection: Connection, how: str = "connected") -> None: ...
+
+    def connection_lost(self, connection: Connection) -> None: ...
+
+
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: Server, resume: tuple[Negotiated, bytes] | None = None) -> None:
+    def __init__(self, server: Host, resume: tuple[Negotiated, bytes] | None = None) -> None:
         """``resume``: a connection taken over from a predecessor, with the terms it negotiated there
         and the bytes received there but not taken (see handover.py)."""
         self.server = server

@@ -39,6 +39,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from time import monotonic
 from typing import Any
 
@@ -418,9 +419,7 @@ async def resume(server: Server, inherited: Inheritance) -> int:
             sock.close()
             continue
         sock.setblocking(False)
-        transports.append(
-            loop.connect_accepted_socket(lambda n=negotiated, p=pending: Connection(server, (n, p)), sock)
-        )
+        transports.append(loop.connect_accepted_socket(partial(Connection, server, (negotiated, pending)), sock))
     await asyncio.gather(*transports)
     server.stats.turned_away["handover_timeout"] += inherited.closed_slow
     return len(transports)

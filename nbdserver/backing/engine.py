@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -199,24 +198,3 @@ class ThreadPoolEngine(InPlace):
         for thread in self._threads:
             thread.join()
         self.backing.close()
-
-
-ENGINES = ("auto", "threads", "uring")
-
-
-def open_engine(name: str, backing: Backing, workers: int = DEFAULT_WORKERS) -> Engine:
-    """The engine called ``name`` (one of ENGINES) on ``backing``."""
-    if name == "threads":
-        return ThreadPoolEngine(backing, workers)
-    if name in ("uring", "auto"):
-        from .uring import UringEngine  # its ctypes set-up is only wanted when chosen
-
-        try:
-            return UringEngine(backing)
-        except OSError as exc:
-            if name == "uring":
-                raise
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            log.info("%s: io_uring is not usable here (%s); using the thread pool", backing.path, reason)
-            return ThreadPoolEngine(backing, workers)
-    raise ValueError(f"unknown engine {name!r}")
