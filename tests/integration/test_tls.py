@@ -10,6 +10,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from tests.conftest import ServerProcess, Upgradable
 from tests.integration.rawclient import Opt, RawClient, Rep, info_request, option_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
@@ -169,3 +170,28 @@ def test_bad_tls_settings_are_refused_with_a_clear_message(start_server, image, 
     )  # fmt: skip
     assert result.returncode == 2
     assert "tls: cannot load" in result.stderr and "nope.pem" in result.stderr
+
+
+def test_an_upgrade_closes_tls_connections_and_hands_over_the_others(tmp_path, image, pki):
+    """TLS session keys cannot leave the process: those connections are finished and closed at an
+    upgrade, the plain ones go on, and a client in the handshake is closed too."""
+    server = ServerProcess([str(image), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *tls_args(pki, "on")])
+    u = Upgradable(server.wait_ready())
+    try:
+        secure = tls_handle(server, pki / "anonymous")
+        secure.pwrite(b"t" * 4096, 0)
+        plain = nbd.NBD()
+        plain.connect_uri(server.uri())
+        haggling = RawClient(server.host, server.port)
+        haggling.handshake()
+        u.upgrade()
+        assert plain.pread(4096, 0) == b"t" * 4096  # handed over
+        with pytest.raises(nbd.Error):
+            secure.pread(4096, 0)  # closed by the old server, once its requests were answered
+        assert haggling.wait_closed()
+        again = tls_handle(server, pki / "anonymous")  # TLS clients reconnect to the successor
+        assert again.pread(4096, 0) == b"t" * 4096
+        again.shutdown()
+        plain.shutdown()
+    finally:
+        u.stop()
