@@ -44,6 +44,8 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, notifier, reread)
+    upgrade = _Upgrade(server, notifier, successor_env, stop)
+    loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     try:
         stored, named = fdstore.split(inherited_fds())
         sockets = listening_sockets(named)
@@ -63,8 +65,7 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         return 1
     finally:
         fdstore.forget(notifier, stored)
-    upgrade = _Upgrade(server, notifier, successor_env, stop)
-    loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
+    upgrade.serving()
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")
     watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
@@ -124,13 +125,24 @@ class _Upgrade:
     def __init__(self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event) -> None:
         self._server, self._notifier, self._env, self._stop = server, notifier, env, stop
         self._task: asyncio.Task[None] | None = None
+        self._serving = False
+        self._asked = False  # SIGUSR2 came while starting: upgrade once serving
         self.done = False  # the successor has everything: exit without storing anything
 
     def start(self) -> None:
+        if not self._serving:
+            log.info("SIGUSR2 while starting: upgrading once serving")
+            self._asked = True
+            return
         if self._task is not None and not self._task.done():
             log.warning("SIGUSR2: an upgrade is under way already")
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def serving(self) -> None:
+        self._serving = True
+        if self._asked:
+            self.start()
 
     async def _run(self) -> None:
         log.info("SIGUSR2: upgrading: starting the successor")
