@@ -313,27 +313,7 @@ def run(
         # the relay retries (for 10 s), so a client reconnecting at once finds it back.
         relay = f"sh -c 'exec socat - TCP:127.0.0.1:{port},retry=50,interval=0.2 2>/dev/null'"
         cmd = [
-            "qemu-system-x86_64",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-machine",
-            f"q35,accel={accelerator}",
-            "-cpu",
-            "max" if accelerator == "tcg" else "host",
-            "-smp",
-            str(cpus),
-            "-m",
-            str(memory_mib),
-            "-kernel",
-            str(image.kernel),
-            "-initrd",
-            str(initrd),
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable no_timer_check mitigations=off",
-            "-serial",
-            "stdio",
+            *qemu_command(accelerator, image.kernel, initrd, cpus, memory_mib),
             "-netdev",
             # A comma in an option's value is written twice.
             f"user,id=net0,restrict=on,guestfwd=tcp:{GUEST_ADDRESS}:{GUEST_PORT}-cmd:{relay.replace(',', ',,')}",
@@ -341,6 +321,35 @@ def run(
             "virtio-net-pci,netdev=net0,romfile=",
         ]
         return _supervise(cmd, scenarios, on_request, timeout, accelerator, echo)
+
+
+def qemu_command(
+    accelerator: str, kernel: Path, initrd: Path, cpus: int, memory_mib: int, append: str = ""
+) -> list[str]:
+    """QEMU booting ``kernel`` with ``initrd``, its serial console on our stdin and stdout; no devices yet."""
+    return [
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-machine",
+        f"q35,accel={accelerator}",
+        "-cpu",
+        "max" if accelerator == "tcg" else "host",
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory_mib),
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable no_timer_check mitigations=off {append}".strip(),
+        "-serial",
+        "stdio",
+    ]
 
 
 def _supervise(cmd, scenarios, on_request, timeout, accelerator, echo) -> Result:

@@ -48,8 +48,8 @@ def test_units_verify(tmp_path):
     program = Path(sys.executable).with_name("nbdserver")
     assert program.exists(), "the nbdserver script of the test environment"
     units = []
-    for unit in ("nbdserver.service", "nbdserver.socket"):
-        text = (SYSTEMD / unit).read_text().replace("/usr/local/bin/nbdserver", str(program))
+    for unit in ("nbdserver.service", "nbdserver.socket", "nbdserver-metrics.socket"):
+        text = (SYSTEMD / unit).read_text().replace("/opt/nbdserver/bin/nbdserver", str(program))
         (tmp_path / unit).write_text(text)
         units.append(tmp_path / unit)
     result = run("systemd-analyze", "verify", "--man=no", *units)
@@ -67,6 +67,7 @@ def test_units_verify(tmp_path):
     ):
         assert key in service
     assert "FileDescriptorName=nbd" in (SYSTEMD / "nbdserver.socket").read_text()
+    assert "FileDescriptorName=metrics" in (SYSTEMD / "nbdserver-metrics.socket").read_text()
 
 
 def test_example_config_is_valid():

@@ -254,20 +254,26 @@ def installed_copy(tmp_path: Path) -> Path:
     return site
 
 
-def test_the_newly_installed_version_takes_over(tmp_path):
-    site = installed_copy(tmp_path)
+def serve_from(site: Path, tmp_path: Path, fill: bytes) -> tuple[Upgradable, nbd.NBD]:
+    """A server run from the copy at ``site``, and a client that wrote a block of ``fill``."""
     disk = make_image(tmp_path / "disk.img", 16 * MiB)
     env = {"PYTHONPATH": str(site)}
     server = ServerProcess([str(disk), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"], env=env, cwd=tmp_path)
     u = Upgradable(server.wait_ready())
+    h = nbd.NBD()
+    h.connect_uri(server.uri())
+    h.pwrite(fill * BLOCK, 0)
+    return u, h
+
+
+def test_the_newly_installed_version_takes_over(tmp_path):
+    site = installed_copy(tmp_path)
+    u, h = serve_from(site, tmp_path, b"v")
     try:
-        h = nbd.NBD()
-        h.connect_uri(server.uri())
-        h.pwrite(b"v" * BLOCK, 0)
         init = site / "nbdserver" / "__init__.py"
         init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+'))
         u.upgrade()
-        assert "nbdserver 9.9.9+" in server.log_text()  # the successor runs the new code
+        assert "nbdserver 9.9.9+" in u.server.log_text()  # the successor runs the new code
         assert h.pread(BLOCK, 0) == b"v" * BLOCK
         h.shutdown()
     finally:
@@ -276,18 +282,13 @@ def test_the_newly_installed_version_takes_over(tmp_path):
 
 def test_a_successor_of_another_state_version_takes_nothing(tmp_path):
     site = installed_copy(tmp_path)
-    disk = make_image(tmp_path / "disk.img", 16 * MiB)
     module = site / "nbdserver" / "handover.py"
     text = module.read_text()
     assert "STATE_VERSION = 1 " in text
     module.write_text(text.replace("STATE_VERSION = 1 ", "STATE_VERSION = 2 "))
-    env = {"PYTHONPATH": str(site)}
-    server = ServerProcess([str(disk), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"], env=env, cwd=tmp_path)
-    u = Upgradable(server.wait_ready())
+    u, h = serve_from(site, tmp_path, b"s")
+    server = u.server
     try:
-        h = nbd.NBD()
-        h.connect_uri(server.uri())
-        h.pwrite(b"s" * BLOCK, 0)
         module.write_text(text)  # the "new" install speaks version 1 only
         os.kill(u.pids[-1], signal.SIGUSR2)
         assert server.logged("upgrade failed, serving on"), server.log_text()
