@@ -71,6 +71,7 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
     await stop.wait()
     log.info("shutting down")
+    await upgrade.settle()  # an upgrade under way ends first: handed over, or taken back
     if not upgrade.done and fdstore.capacity() and notifier.enabled:
         await fdstore.store(server, notifier, listeners=not sockets)  # for a restart; a stop closes them
     notifier.notify("STOPPING=1", "STATUS=finishing requests in flight")
@@ -138,6 +139,10 @@ class _Upgrade:
             log.warning("SIGUSR2: an upgrade is under way already")
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def settle(self) -> None:
+        if self._task is not None:
+            await self._task
 
     def serving(self) -> None:
         self._serving = True

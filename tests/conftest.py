@@ -135,10 +135,15 @@ class Upgradable:
         done = sum("took over" in line for line in self.server.log)
         os.kill(self.pids[-1], signal.SIGUSR2)
         assert self.server.logged("took over", count=done + 1, timeout=timeout), self.server.log_text()[-3000:]
-        handed = [m for line in self.server.log if (m := re.search(r"handed to pid (\d+)", line))]
-        self.pids.append(int(handed[-1].group(1)))
+        self.follow()
         pause = [m for line in self.server.log if (m := re.search(r"requests waited ([\d.]+) s", line))]
         return float(pause[-1].group(1))
+
+    def follow(self) -> None:
+        """Take the newest successor's PID from the log (after an upgrade not made by upgrade())."""
+        handed = [int(m.group(1)) for line in self.server.log if (m := re.search(r"handed to pid (\d+)", line))]
+        if handed and handed[-1] not in self.pids:
+            self.pids.append(handed[-1])
 
     def alive(self) -> bool:
         try:

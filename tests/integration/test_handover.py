@@ -298,3 +298,19 @@ def test_a_successor_of_another_state_version_takes_nothing(tmp_path):
         assert u.alive()
     finally:
         u.stop()
+
+
+def test_a_stop_during_an_upgrade_lets_the_upgrade_finish_first(upgradable, tmp_path):
+    disk = make_image(tmp_path / "disk.img", 16 * MiB)
+    u = upgradable(str(disk))
+    h = nbd.NBD()
+    h.connect_uri(u.server.uri())
+    h.pwrite(b"u" * BLOCK, 0)
+    os.kill(u.pids[-1], signal.SIGUSR2)
+    os.kill(u.pids[-1], signal.SIGTERM)  # the service manager stops it meanwhile
+    assert u.server.logged("took over 1 connection"), u.server.log_text()
+    assert u.server.proc.wait(30) == 0
+    assert h.pread(BLOCK, 0) == b"u" * BLOCK  # the successor has the connection
+    h.shutdown()
+    u.follow()  # so that the fixture stops the successor
+    assert u.alive() and len(u.pids) == 2
