@@ -149,12 +149,18 @@ def test_twenty_upgrades_under_load_fail_no_request(upgradable, tmp_path):
         c.h.shutdown()
 
 
+def a_client_wrote(u: Upgradable, fill: bytes) -> nbd.NBD:
+    """A libnbd client of ``u`` that wrote a block of ``fill`` at offset 0."""
+    h = nbd.NBD()
+    h.connect_uri(u.server.uri())
+    h.pwrite(fill * BLOCK, 0)
+    return h
+
+
 def test_a_successor_that_cannot_start_leaves_the_server_serving(upgradable, tmp_path):
     disk = make_image(tmp_path / "disk.img", 16 * MiB)
     u = upgradable(str(disk))
-    h = nbd.NBD()
-    h.connect_uri(u.server.uri())
-    h.pwrite(b"1" * BLOCK, 0)
+    h = a_client_wrote(u, b"1")
     disk.rename(tmp_path / "moved.img")  # the successor cannot open its export: it exits at start
     os.kill(u.pids[-1], signal.SIGUSR2)
     assert u.server.logged("upgrade failed, serving on"), u.server.log_text()
@@ -260,10 +266,7 @@ def serve_from(site: Path, tmp_path: Path, fill: bytes) -> tuple[Upgradable, nbd
     env = {"PYTHONPATH": str(site)}
     server = ServerProcess([str(disk), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"], env=env, cwd=tmp_path)
     u = Upgradable(server.wait_ready())
-    h = nbd.NBD()
-    h.connect_uri(server.uri())
-    h.pwrite(fill * BLOCK, 0)
-    return u, h
+    return u, a_client_wrote(u, fill)
 
 
 def test_the_newly_installed_version_takes_over(tmp_path):
@@ -301,11 +304,8 @@ def test_a_successor_of_another_state_version_takes_nothing(tmp_path):
 
 
 def test_a_stop_during_an_upgrade_lets_the_upgrade_finish_first(upgradable, tmp_path):
-    disk = make_image(tmp_path / "disk.img", 16 * MiB)
-    u = upgradable(str(disk))
-    h = nbd.NBD()
-    h.connect_uri(u.server.uri())
-    h.pwrite(b"u" * BLOCK, 0)
+    u = upgradable(str(make_image(tmp_path / "disk.img", 16 * MiB)))
+    h = a_client_wrote(u, b"u")
     os.kill(u.pids[-1], signal.SIGUSR2)
     os.kill(u.pids[-1], signal.SIGTERM)  # the service manager stops it meanwhile
     assert u.server.logged("took over 1 connection"), u.server.log_text()
