@@ -1,8 +1,9 @@
-"""What is running: this package's version and the interpreter under it.
+"""What is running: this package's version, how it was built, and the interpreter under it.
 
-The interpreter's build matters for speed (a distribution's python3 is built
-with profile-guided optimisation; a self-built one often is not), so the
-server says which one it runs on, at start and in ``--version``.
+Both matter for speed: the hot modules may be compiled with mypyc (see setup.py),
+and a distribution's python3 is built with profile-guided optimisation where a
+self-built one often is not.  The server says which it runs on, at start, in
+``--version`` and in ``nbdserver_build_info``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,21 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 
-from . import __version__
+from . import __version__, connection
+
+
+def kind() -> str:
+    """'mypyc' when the hot modules are compiled (the connection stands for them all), else 'pure'."""
+    origin = connection.__file__ or ""
+    return "mypyc" if origin.endswith(tuple(EXTENSION_SUFFIXES)) else "pure"
+
+
+def interpreter() -> str:
+    return f"{platform.python_implementation()} {platform.python_version()}"
 
 
 def describe() -> str:
-    """E.g. 'nbdserver 0.1.0 on CPython 3.11.2 (/usr/bin/python3.11)'."""
-    interpreter = f"{platform.python_implementation()} {platform.python_version()}"
-    return f"nbdserver {__version__} on {interpreter} ({os.path.realpath(sys.executable)})"
+    """E.g. 'nbdserver 0.1.0 (mypyc) on CPython 3.11.2 (/usr/bin/python3.11)'."""
+    return f"nbdserver {__version__} ({kind()}) on {interpreter()} ({os.path.realpath(sys.executable)})"

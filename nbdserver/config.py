@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.file import IOV_MAX
-from .block.merge import MergeLimits
+from .block.merge import MAX_SEGMENTS, MAX_SUBMISSION_BYTES, MergeLimits
 from .protocol.constants import NBD_DEFAULT_PORT
 
 
@@ -85,8 +85,8 @@ class ServerConfig:
     buffer_pool_bytes: int = 64 * 1024 * 1024  # idle request buffers kept for reuse
     merge: bool = True  # plug and merge adjacent requests into one submission
     log_level: str = "info"  # one of LOG_LEVELS
-    max_submission_bytes: int = MergeLimits.max_bytes
-    max_segments: int = MergeLimits.max_segments
+    max_submission_bytes: int = MAX_SUBMISSION_BYTES
+    max_segments: int = MAX_SEGMENTS
     tls: str = "off"  # one of TLS_MODES: STARTTLS refused, offered, or required for everything
     tls_certificate: Path | None = None  # PEM: the server's certificate (chain)
     tls_key: Path | None = None  # PEM: its private key

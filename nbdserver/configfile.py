@@ -40,6 +40,7 @@ from .config import (
     TLS_MODES,
     ConfigError,
     ExportConfig,
+    Network,
     ServerConfig,
     parse_listener,
     parse_mode,
@@ -177,7 +178,7 @@ def _listeners(key: str, value: Any):
 
 
 def _networks(key: str, value: Any):
-    networks = []
+    networks: list[Network] = []
     for item_key, item in _items(key, value, "networks"):
         try:
             networks += parse_networks(_str(item_key, item))

@@ -14,8 +14,9 @@ import logging
 import socket
 import ssl
 from collections import deque
+from collections.abc import Iterable
 from time import monotonic
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .block import Request
 from .protocol import (
@@ -63,6 +64,20 @@ def _tune_tcp(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+class Transport(Protocol):
+    """What a connection uses of its transport.  uvloop's transports are not subclasses of
+    asyncio's, so it is named by what it does (and compiled code checks nothing more)."""
+
+    def write(self, data: Buffer) -> None: ...
+    def writelines(self, data: Iterable[Buffer]) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Host(Protocol):
     """What a connection needs of the server that accepted it (``server.Server``): the
     connection knows it through this alone, so that only the server imports the other."""
@@ -97,7 +112,7 @@ class Connection(asyncio.BufferedProtocol):
         self.handed_over = False  # the successor has it
         self.peer = "?"
         self.export: Export | None = None
-        self._transport: asyncio.Transport | None = None
+        self._transport: Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._staging = bytearray(HANDSHAKE_STAGING_SIZE)
         self._staging_view = memoryview(self._staging)
@@ -136,8 +151,8 @@ class Connection(asyncio.BufferedProtocol):
 
     # asyncio callbacks ------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+    def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
+        self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             _tune_tcp(sock)
@@ -257,7 +272,7 @@ class Connection(asyncio.BufferedProtocol):
         assert transport is not None and handshake is not None and self.server.tls_context is not None
         try:
             tls_transport = await self._loop.start_tls(
-                transport,
+                transport,  # type: ignore[arg-type]
                 self,
                 self.server.tls_context,
                 server_side=True,
@@ -270,7 +285,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if tls_transport is None or self._transport is None:
             return  # the client left meanwhile
-        self._transport = tls_transport  # type: ignore[assignment]
+        self._transport = tls_transport  # type: ignore[assignment]  # it has all a Transport has
         subject = peer_subject(tls_transport.get_extra_info("ssl_object"))
         log.info("%s: TLS on%s", self.peer, f", client {subject!r}" if subject else "")
         handshake.tls_started()

@@ -51,7 +51,7 @@ def peer_subject(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """The client certificate's common name, for the log; "" without one."""
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+        for pair in rdn:
+            if pair[0] == "commonName":
+                return str(pair[1])
     return ""

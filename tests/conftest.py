@@ -20,6 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 IMAGE_SIZE = 64 * 1024 * 1024
+# The build under test: "pure", or "mypyc" when tests/compiled runs the suite on the compiled one.
+EXPECTED_BUILD = os.environ.get("NBDSERVER_EXPECT_BUILD", "pure")
 START_TIMEOUT = 20.0
 MiB = 1024 * 1024
 

@@ -137,6 +137,7 @@ class ThreadPoolEngine(InPlace):
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             done, fn, args = job
+            outcome: tuple[Done, object, BaseException | None]
             try:
                 outcome = (done, fn(*args), None)
             except BaseException as exc:

@@ -373,7 +373,8 @@ class _Joined:
     __slots__ = ("done", "error", "left")
 
     def __init__(self, done: Done, count: int) -> None:
-        self.done, self.left, self.error = done, count, None
+        self.done, self.left = done, count
+        self.error: BaseException | None = None
 
     def __call__(self, result: object, exc: BaseException | None) -> None:
         self.left -= 1

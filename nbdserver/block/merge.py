@@ -22,10 +22,14 @@ WITH_SEGMENTS = frozenset({Command.READ, Command.WRITE})
 _KIND_AND_OFFSET = attrgetter("command", "offset")
 
 
+MAX_SUBMISSION_BYTES = 1024 * 1024  # of a READ or WRITE submission, by default
+MAX_SEGMENTS = 256  # of one submission, by default; never above IOV_MAX
+
+
 @dataclass(frozen=True)
 class MergeLimits:
-    max_bytes: int = 1024 * 1024  # of a READ or WRITE submission
-    max_segments: int = 256  # of one submission; never above IOV_MAX
+    max_bytes: int = MAX_SUBMISSION_BYTES
+    max_segments: int = MAX_SEGMENTS
     max_range_bytes: int = 1 << 30  # of a TRIM or WRITE_ZEROES submission (no buffers)
 
 

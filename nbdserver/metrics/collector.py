@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from .. import __version__
+from .. import __version__, build
 from ..block.stats import Histogram
 from ..protocol import Command
 
@@ -32,7 +32,7 @@ _DISKSTATS = [
 ]
 # Histograms of submissions: only commands that move or cover data.
 _SUBMITTED = (Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
-_OPS = {command: command.name.lower() for command in Command if command != Command.DISC}
+_OPS: dict[Command, str] = {command: command.name.lower() for command in Command if command != Command.DISC}
 
 
 class ServerCollector(Collector):
@@ -85,8 +85,8 @@ class ServerCollector(Collector):
         refused = CounterMetricFamily(
             f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
         )
-        for (export, error), count in sorted(stats.refused.items()):
-            refused.add_metric([export, error], count)
+        for (name, error), count in sorted(stats.refused.items()):
+            refused.add_metric([name, error], count)
         yield refused
         io_errors = CounterMetricFamily(
             f"{PREFIX}_io_errors", "Requests failed by the backing, by errno", labels=["export", "errno"]
@@ -103,8 +103,8 @@ class ServerCollector(Collector):
         yield io_errors
         yield inflight
         yield size
-        info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version")
-        info.add_metric([], {"version": __version__})
+        info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version, build (mypyc or pure) and interpreter")
+        info.add_metric([], {"version": __version__, "build": build.kind(), "python": build.interpreter()})
         yield info
 
 
@@ -163,11 +163,11 @@ def _histograms(exports: list[Export]) -> Iterator:
         for command, op in _OPS.items():
             if stats.requests[command]:
                 _add(latency, [export.name, op], stats.latency[command], stats.time[command])
-        for command in _SUBMITTED:
-            if stats.submissions[command]:
-                op = _OPS[command]
-                _add(sizes, [export.name, op], stats.submission_bytes[command], stats.bytes[command])
-                _add(segments, [export.name, op], stats.submission_segments[command], stats.segments[command])
+        for submitted in _SUBMITTED:
+            if stats.submissions[submitted]:
+                op = _OPS[submitted]
+                _add(sizes, [export.name, op], stats.submission_bytes[submitted], stats.bytes[submitted])
+                _add(segments, [export.name, op], stats.submission_segments[submitted], stats.segments[submitted])
     yield from (latency, sizes, segments)
 
 

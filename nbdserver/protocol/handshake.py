@@ -11,7 +11,6 @@ import enum
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from .constants import (
     BASE_ALLOCATION,
@@ -236,7 +235,7 @@ class ServerHandshake:
         self._out.append(_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, self._option, reply, len(payload)) + payload)
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
-        handler = self._HANDLERS.get(option)
+        handler = _HANDLERS.get(option)
         if self.refusal and option != Option.ABORT:
             if option == Option.EXPORT_NAME:
                 raise ProtocolViolation(f"EXPORT_NAME refused: {self.refusal}", "not_allowed")
@@ -363,18 +362,6 @@ class ServerHandshake:
         self._reply(OptionReply.ACK)
         return OptionReply.ACK
 
-    _HANDLERS: ClassVar[dict[int, Callable[[ServerHandshake, bytes, list[Event]], OptionReply]]] = {
-        Option.EXPORT_NAME: _opt_export_name,
-        Option.ABORT: _opt_abort,
-        Option.LIST: _opt_list,
-        Option.STARTTLS: _opt_starttls,
-        Option.INFO: _opt_info_go,
-        Option.GO: _opt_info_go,
-        Option.STRUCTURED_REPLY: _opt_structured_reply,
-        Option.LIST_META_CONTEXT: _opt_meta_context,
-        Option.SET_META_CONTEXT: _opt_meta_context,
-    }
-
     # Helpers ---------------------------------------------------------------------
 
     def _transmission_flags(self, info: ExportInfo) -> TransmissionFlag:
@@ -390,6 +377,20 @@ class ServerHandshake:
         contexts = self._meta_contexts if meta_name is not None and meta_name == self._meta_export else {}
         self._state = _State.DONE
         events.append(Negotiated(info, flags, self.structured_replies, dict(contexts)))
+
+
+# Each option's handler: a table outside the class, since a compiled class cannot hold one.
+_HANDLERS: dict[int, Callable[[ServerHandshake, bytes, list[Event]], OptionReply]] = {
+    Option.EXPORT_NAME: ServerHandshake._opt_export_name,
+    Option.ABORT: ServerHandshake._opt_abort,
+    Option.LIST: ServerHandshake._opt_list,
+    Option.STARTTLS: ServerHandshake._opt_starttls,
+    Option.INFO: ServerHandshake._opt_info_go,
+    Option.GO: ServerHandshake._opt_info_go,
+    Option.STRUCTURED_REPLY: ServerHandshake._opt_structured_reply,
+    Option.LIST_META_CONTEXT: ServerHandshake._opt_meta_context,
+    Option.SET_META_CONTEXT: ServerHandshake._opt_meta_context,
+}
 
 
 def _decode(raw: bytes) -> str:

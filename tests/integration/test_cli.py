@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import nbdserver
-from tests.conftest import IMAGE_SIZE, make_image, needs_ipv6_loopback, wait_for
+from tests.conftest import EXPECTED_BUILD, IMAGE_SIZE, make_image, needs_ipv6_loopback, wait_for
 
 MiB = 1024 * 1024
 QUICK = 10.0  # seconds to exit after an error or a signal, on a busy machine too
@@ -347,16 +347,19 @@ def test_default_export(start_server, tmp_path, default, size):
 
 
 def test_version():
+    """Which build runs (tests/compiled runs the suite again on the compiled one) and on what."""
     result = tool(sys.executable, "-m", "nbdserver", "--version")
     assert result.returncode == 0
     interpreter = f"{platform.python_implementation()} {platform.python_version()}"
-    expected = f"nbdserver {nbdserver.__version__} on {interpreter} ({os.path.realpath(sys.executable)})"
+    where = os.path.realpath(sys.executable)
+    expected = f"nbdserver {nbdserver.__version__} ({EXPECTED_BUILD}) on {interpreter} ({where})"
     assert result.stdout.strip() == expected
 
 
-def test_the_log_says_which_interpreter_serves(server):
+def test_the_log_says_which_build_and_interpreter_serve(server):
     assert server.log[0].endswith(
-        f"on {platform.python_implementation()} {platform.python_version()} ({os.path.realpath(sys.executable)})"
+        f"({EXPECTED_BUILD}) on {platform.python_implementation()} {platform.python_version()} "
+        f"({os.path.realpath(sys.executable)})"
     ), server.log[0]
 
 

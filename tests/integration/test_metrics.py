@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import MiB, free_port, make_image, needs_ipv6_loopback, scrape, value, wait_for
+from tests.conftest import EXPECTED_BUILD, MiB, free_port, make_image, needs_ipv6_loopback, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,9 @@ def disk(start_server, tmp_path: Path):
 def test_endpoint_answers_get_and_head_only(disk):
     samples = scrape(disk.metrics_url)
     assert value(samples, "nbdserver_export_size_bytes", export="disk") == 256 * MiB
-    assert value(samples, "nbdserver_build_info", version=__import__("nbdserver").__version__) == 1
+    version = __import__("nbdserver").__version__
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    assert value(samples, "nbdserver_build_info", version=version, build=EXPECTED_BUILD, python=python) == 1
     base = disk.metrics_url.removesuffix("/metrics")
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(base + "/nothing", timeout=10)
