@@ -29,6 +29,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from .engine import Done, InPlace, ThreadPoolEngine, resolve
 from .file import Backing, Extent, Segment, _advance, _batches, address
@@ -177,12 +178,17 @@ class UringEngine(InPlace):
 
     def _self_test(self) -> None:
         """A NOP and a read of the first block, synchronously: io_uring may be disabled or filtered."""
-        probe = memoryview(mmap.mmap(-1, mmap.PAGESIZE))
+        page = mmap.mmap(-1, mmap.PAGESIZE)
+        probe = memoryview(page)
         ring = self._ring
         ring.push(_OP_NOP, -1, 0, 0, 0, 0, 1)
         ring.push(_OP_READ, self.backing.descriptor(0, [probe]), 0, address(probe), len(probe), 0, 2)
         ring.enter(wait=2)
         results = dict(ring.completions())
+        # Released only now that the kernel is done with it: compiled code drops a local after
+        # its last use, which would unmap the page under the read.
+        probe.release()
+        page.close()
         if results.get(1) != 0 or results.get(2, -1) < 0:
             code = -results.get(2, -errno.EIO) if results.get(1) == 0 else -results.get(1, -errno.EIO)
             raise OSError(code, f"io_uring self-test failed: {os.strerror(code)}")
@@ -351,7 +357,8 @@ class UringEngine(InPlace):
             self._ring.enter(wait=1)
             self._reap()
         if self._loop is not None:
-            self._loop.remove_reader(self._event_fd)
+            loop: Any = self._loop  # uvloop returns None here, not the bool compiled code would check
+            loop.remove_reader(self._event_fd)
         if self._poll is not None:
             self._poll.cancel()
         self._close_ring()

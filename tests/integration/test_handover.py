@@ -257,6 +257,8 @@ def installed_copy(tmp_path: Path) -> Path:
     """The package copied elsewhere, as an install that can be replaced under a running server."""
     site = tmp_path / "site"
     shutil.copytree(ROOT / "nbdserver", site / "nbdserver", ignore=shutil.ignore_patterns("__pycache__"))
+    for library in ROOT.glob("*__mypyc*.so"):  # what the compiled modules share, beside the package
+        shutil.copy(library, site)
     return site
 
 
