@@ -38,7 +38,8 @@ import debian_root
 
 SUITE = "trixie"
 RELEASE = "Debian 13"
-PACKAGES = ("libnbd-bin", "python3-libnbd", "qemu-utils", "nbdkit", "nbd-server", "nbd-client", "fio")
+# `file`: nbdinfo describes what an export holds with it, as on a system where it is installed.
+PACKAGES = ("libnbd-bin", "python3-libnbd", "qemu-utils", "nbdkit", "nbd-server", "nbd-client", "fio", "file")
 # The first line each tool prints about its version, recorded when the root is built.
 TOOLS = {
     "nbdinfo": ("nbdinfo", "--version"),

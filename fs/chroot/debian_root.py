@@ -2,7 +2,7 @@
 
 ``unpack`` runs mmdebstrap (root mode, minbase, no Recommends) inside a private mount namespace:
 the /proc, /dev and /sys it mounts in the new root while installing die with it, even when it is
-killed half-way, so a root left behind holds only files.
+killed half-way, so a root left behind holds only files; and it is stopped when its caller dies.
 
 ``build_once`` makes a cache entry appear whole or not at all: the entry is built in a directory
 beside it and renamed into place when complete, under a lock, so that builders in parallel wait
@@ -28,7 +28,7 @@ class BuildError(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in ("mmdebstrap", "unshare") if shutil.which(tool) is None]
+    return [tool for tool in ("mmdebstrap", "unshare", "setpriv") if shutil.which(tool) is None]
 
 
 def unpack(suite: str, packages: Sequence[str], target: Path, mirror: str = "") -> None:
@@ -37,6 +37,8 @@ def unpack(suite: str, packages: Sequence[str], target: Path, mirror: str = "") 
     Without ``mirror``, mmdebstrap takes the one apt uses here (or deb.debian.org).
     """
     command = [
+        # Stopped (it then cleans up after itself) if the builder dies: no build goes on unowned.
+        *("setpriv", "--pdeathsig", "TERM", "--"),
         *("unshare", "--mount", "--propagation", "private", "--"),
         *("mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(packages)}"),
         *(suite, str(target)),
