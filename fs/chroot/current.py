@@ -40,6 +40,12 @@ SUITE = "trixie"
 RELEASE = "Debian 13"
 # `file`: nbdinfo describes what an export holds with it, as on a system where it is installed.
 PACKAGES = ("libnbd-bin", "python3-libnbd", "qemu-utils", "nbdkit", "nbd-server", "nbd-client", "fio", "file")
+# Debian's archive as apt on this machine knows it (deb.debian.org), with the suite's updates.
+SOURCES = (
+    f"deb http://deb.debian.org/debian {SUITE} main",
+    f"deb http://deb.debian.org/debian {SUITE}-updates main",
+    f"deb http://deb.debian.org/debian-security {SUITE}-security main",
+)
 # The first line each tool prints about its version, recorded when the root is built.
 TOOLS = {
     "nbdinfo": ("nbdinfo", "--version"),
@@ -80,7 +86,7 @@ def cache_dir() -> Path:
 
 def recipe() -> str:
     """What the root is made of; a change builds a new one beside the old."""
-    text = repr((SUITE, PACKAGES, TOOLS, "minbase", "no recommends"))
+    text = repr((SUITE, PACKAGES, SOURCES, TOOLS, "minbase", "no recommends"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -153,7 +159,7 @@ def build(log: Callable[[str], None] = print) -> Chroot:
 
     def make(work: Path) -> None:
         log(f"chroot: {RELEASE} ({SUITE}) with {', '.join(PACKAGES)}, from Debian's archive (mmdebstrap)")
-        debian_root.unpack(SUITE, PACKAGES, work / "root")
+        debian_root.unpack(SUITE, PACKAGES, work / "root", SOURCES)
         (work / VERSIONS).write_text(json.dumps(_survey(work / "root"), indent=2) + "\n")
 
     return Chroot(debian_root.build_once(cache_dir() / f"{SUITE}-{recipe()}", make))

@@ -31,18 +31,18 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("mmdebstrap", "unshare", "setpriv") if shutil.which(tool) is None]
 
 
-def unpack(suite: str, packages: Sequence[str], target: Path, mirror: str = "") -> None:
+def unpack(suite: str, packages: Sequence[str], target: Path, sources: Sequence[str] = ()) -> None:
     """Debian ``suite`` with ``packages`` and what they depend on, unpacked into ``target``.
 
-    Without ``mirror``, mmdebstrap takes the one apt uses here (or deb.debian.org).
+    ``sources`` are mirrors or whole ``deb URI SUITE COMPONENT`` lines; without them mmdebstrap
+    takes Debian's defaults for the suite (its updates and security suites included).
     """
     command = [
         # Stopped (it then cleans up after itself) if the builder dies: no build goes on unowned.
         *("setpriv", "--pdeathsig", "TERM", "--"),
         *("unshare", "--mount", "--propagation", "private", "--"),
         *("mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(packages)}"),
-        *(suite, str(target)),
-        *([mirror] if mirror else []),
+        *(suite, str(target), *sources),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:

@@ -120,7 +120,7 @@ def build(cache: Path | None = None, log: Callable[[str], None] = print) -> Imag
         log("systemd guest: Debian 12 with systemd, from Debian's archive (mmdebstrap)")
         root = work / "root"
         mirror = os.environ.get("NBDSERVER_GUEST_MIRROR", "")  # default: what apt uses here
-        debian_root.unpack("bookworm", PACKAGES, root, mirror)
+        debian_root.unpack("bookworm", PACKAGES, root, [mirror] if mirror else [])
         _customize(root, moddir, kernel.release)
         log("systemd guest: the root disk")
         disk = stamp / "root.img.tmp"
