@@ -15,7 +15,7 @@ of the process first started: its CPU time is in /proc/PID and a signal to that 
 
     fs/chroot/current.py build
     fs/chroot/current.py run -- nbdinfo nbd://127.0.0.1:10809
-    fs/chroot/current.py run --bind /srv/images -- nbdkit -f file /srv/images/disk.img
+    fs/chroot/current.py run --bind /srv/images -- nbdkit -f -i 127.0.0.1 file /srv/images/disk.img
     fs/chroot/current.py versions
 
 Root only (mmdebstrap in root mode, mounts).
