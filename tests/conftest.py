@@ -19,6 +19,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+# fs/chroot: the Debian 13 chroot of the current_tools fixture.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fs" / "chroot"))
+import current
+import debian_root
+
 IMAGE_SIZE = 64 * 1024 * 1024
 # The build under test: "pure", or "mypyc" when tests/compiled runs the suite on the compiled one.
 EXPECTED_BUILD = os.environ.get("NBDSERVER_EXPECT_BUILD", "pure")
@@ -298,3 +303,13 @@ def ext4_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("ext4")
     with mounted_ext4(base / "fs.img", base / "mnt", 1024 * MiB) as mountpoint:
         yield mountpoint
+
+
+@pytest.fixture(scope="session")
+def current_tools() -> current.Chroot:
+    """The Debian 13 chroot with the current NBD clients and servers (fs/chroot/current.py), built on first
+    use; the test skips, saying why, where it cannot be had (not root, no mmdebstrap, no Debian archive)."""
+    try:
+        return current.build(log=lambda line: print(line, flush=True))
+    except (debian_root.BuildError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no Debian 13 chroot (tests/bootstrap builds it): {exc}")

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from common import (
     OWN_METRICS_PORT,
@@ -69,6 +69,12 @@ class Unsupported(Exception):
     pass
 
 
+class Chroot(Protocol):
+    """Another system's root the program runs in (fs/chroot/current.py), keeping its PID."""
+
+    def command(self, argv: Sequence[str], binds: Sequence[Path] = ()) -> list[str]: ...
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -77,19 +83,40 @@ class Variant:
     config: str = ""  # a configuration file to write (with "{file}" and "{port}" filled in) for "{config}"
     daemon: bool = False  # forks into the background, writing its PID to "{pidfile}"
     export: str = ""  # the name clients ask for
+    chroot: Chroot | None = None  # where the program comes from, if not from this machine's PATH
+    where: str = ""  # that place, for the report
+    version_args: tuple[str, ...] = ("--version",)
 
     def command(
         self, image: Path | str, port: int | str, config: Path | str = "CONFIG", pidfile: Path | str = "PIDFILE"
     ) -> list[str]:
+        argv = self.argv(image, port, config, pidfile)
+        # The image's directory (and so the configuration and PID files beside it) is shared with the chroot.
+        return self.chroot.command(argv, [Path(image).parent]) if self.chroot else argv
+
+    def argv(self, image: Path | str, port: int | str, config: Path | str, pidfile: Path | str) -> list[str]:
+        """The server's own command line."""
         if self.program == "nbdserver":
             return nbdserver_command(image, [*self.args, *OWN_METRICS_PORT])
         args = (arg.format(file=image, port=port, config=config, pidfile=pidfile) for arg in self.args)
         return [self.program, *args]
 
+    def version(self) -> str:
+        """The first line the server prints about its version."""
+        program = [sys.executable, "-m", "nbdserver"] if self.program == "nbdserver" else [self.program]
+        argv = [*program, *self.version_args]
+        if self.chroot:
+            argv = self.chroot.command(argv)
+        elif shutil.which(argv[0]) is None:
+            return f"{self.program}: not installed"
+        said = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        lines = (said.stdout + said.stderr).strip().splitlines()
+        return lines[0] if lines else f"{self.program}: exit status {said.returncode}"
+
     def start(self, image: Path) -> Server:
         if self.program == "nbdserver":
             return start_server(self.command(image, 0))
-        if shutil.which(self.program) is None:
+        if self.chroot is None and shutil.which(self.program) is None:
             raise Unsupported(f"{self.program} is not installed")
         for attempt in range(3):
             port = free_port()
@@ -110,6 +137,15 @@ class Variant:
                 if attempt == 2 or "in use" not in str(exc):
                     raise
         raise AssertionError("unreachable")
+
+
+def versions(variants: Sequence[Variant]) -> str:
+    """What each program says of its version, once per program (and place), for a report's header."""
+    seen: dict[tuple[str, str], str] = {}
+    for v in variants:
+        if (v.program, v.where) not in seen:
+            seen[(v.program, v.where)] = v.version() + (f" ({v.where})" if v.where else "")
+    return "; ".join(seen.values())
 
 
 def _foreground(command: list[str], pidfile: Path) -> list[str]:
@@ -321,9 +357,10 @@ def main() -> int:
         create_image(image, args.size)
         cells, unavailable = run_matrix(image, workloads, variants, args.runtime, args.repeat)
 
+    ran = [v for v in variants if v.name not in unavailable]
     header = (
         f"Server engines: fio nbd engine, {args.size // MiB} MiB file, {where}, {args.runtime} s runs, "
-        f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
+        f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}\n\nVersions: {versions(ran)}"
     )
     report = render(header, workloads, variants, cells, unavailable)
     publish(report, args.out)
@@ -392,7 +429,12 @@ def run_cell(
 
 
 def render(
-    header: str, workloads: list[Workload], variants: list[Variant], cells: dict, unavailable: dict[str, str]
+    header: str,
+    workloads: list[Workload],
+    variants: list[Variant],
+    cells: dict,
+    unavailable: dict[str, str],
+    baseline: str = BASELINE,
 ) -> str:
     def table(title: str, rows: list[Workload], values: Callable[[Cell], list[float]], fmt: str = ".0f") -> list[str]:
         out = [f"{title}:", "", "| workload | " + " | ".join(v.name for v in variants) + " |"]
@@ -425,12 +467,12 @@ def render(
         latency = "p99 completion latency, µs (of the slower direction; without fsync)"
         lines += table(latency, rows, lambda c: [r.p99_us for r in c.runs])
         lines += table("Server CPU seconds per GiB moved", rows, lambda c: c.cpu_per_gib, ".2f")
-        if ours and any(v.name == BASELINE for v in variants):
-            lines += [f"Median MiB/s relative to {BASELINE}:", ""]
+        if ours and any(v.name == baseline for v in variants):
+            lines += [f"Median MiB/s relative to {baseline}:", ""]
             lines.append("| workload | " + " | ".join(v.name for v in ours) + " |")
             lines.append("|---" * (len(ours) + 1) + "|")
             for w in rows:
-                base = median_mibs(w, BASELINE)
+                base = median_mibs(w, baseline)
                 ratios = [median_mibs(w, v.name) for v in ours]
                 lines.append(
                     f"| {w.title} | " + " | ".join(f"{r / base:.2f}x" if r and base else "-" for r in ratios) + " |"
@@ -438,7 +480,8 @@ def render(
             lines.append("")
     lines += ["## Servers", ""]
     for v in variants:
-        lines.append(f"- {v.name}: `{' '.join(v.command('FILE', 'PORT'))}`".replace(sys.executable, "python"))
+        shown = " ".join(v.argv("FILE", "PORT", "CONFIG", "PIDFILE")).replace(sys.executable, "python")
+        lines.append(f"- {v.name}: `{shown}`" + (f" (in the {v.where})" if v.where else ""))
         if v.name in unavailable:
             lines.append(f"  - {unavailable[v.name]}")
         for w in workloads:

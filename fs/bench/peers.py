@@ -2,24 +2,29 @@
 """nbdserver against the NBD servers users choose between, side by side in one run.
 
     fs/bench/peers.py [--fs tmpfs,ext4] [--servers 'nbdserver*,nbdkit*'] [--workloads 'randwrite-4k*']
-                      [--runtime 5] [--repeat 3] [--out results/peers]
+                      [--runtime 5] [--repeat 3] [--baseline nbdkit-1.42] [--out results/peers]
 
 Every server serves the same file (a fresh server process for each fio run), driven by the job
 options below through fio's nbd engine; for each workload the servers alternate within each repeat,
 each repeat starting one server later.
 Per filesystem, the report (results/peers/peers.md) gives the median (min-max) MiB/s, IOPS, p99
-latency, the server's CPU seconds per GiB moved and nbdserver's ratio to nbdkit's file plugin, and
-one PNG per workload group plots the medians.
+latency, the server's CPU seconds per GiB moved and nbdserver's ratio to the baseline (--baseline:
+by default the newest nbdkit's file plugin there is), and one PNG per workload group plots the
+medians relative to it.  The header gives every server's version.
 
 Servers: nbdserver (defaults, with merging off, and with the thread-pool engine), nbdkit's file
 plugin, nbdkit's Python plugin with the minimal file plugin beside this script, qemu-nbd (cache=none
-with native AIO, and cache=writeback), nbd-server.  One that is not installed is reported as
-unsupported.  The Python plugin comes with Debian's nbdkit-plugin-python; the plots need matplotlib.
+with native AIO, and cache=writeback), nbd-server: Debian 12's, from this machine, and where the
+Debian 13 chroot has been built (fs/chroot/current.py build), the same from Debian 13 beside them,
+named with their version (nbdkit-1.42, qemu-nbd-10-none-native, qemu-nbd-10-writeback,
+nbd-server-3.26).  One that is not installed is reported as unsupported.  The Python plugin comes
+with Debian's nbdkit-plugin-python; the plots need matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import signal
 import statistics
@@ -43,9 +48,13 @@ from engines import (
     pick,
     render,
     run_matrix,
+    versions,
 )
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "chroot"))
+import current  # noqa: E402
+
 PLUGIN = HERE / "nbdkit_file_plugin.py"
 NBD_SERVER_CONFIG = """[generic]
 listenaddr = 127.0.0.1
@@ -75,8 +84,31 @@ VARIANTS = [
         config=NBD_SERVER_CONFIG,
         daemon=True,
         export="bench",
+        version_args=("-V",),
     ),
 ]
+
+
+def with_current(variants: list[Variant], chroot: current.Chroot | None) -> list[Variant]:
+    """``variants`` and, after each of Debian 12's nbdkit (file plugin), qemu-nbd and nbd-server, the same
+    from the Debian 13 chroot with the same options, named with its version."""
+    if chroot is None:
+        return list(variants)
+    nbdkit, qemu, nbd_server = chroot.release("nbdkit"), chroot.release("qemu-utils", 1), chroot.release("nbd-server")
+    names = {
+        BASELINE: f"nbdkit-{nbdkit}",
+        "qemu-nbd-none-native": f"qemu-nbd-{qemu}-none-native",
+        "qemu-nbd-writeback": f"qemu-nbd-{qemu}-writeback",
+        "nbd-server": f"nbd-server-{nbd_server}",
+    }
+    where = f"{current.RELEASE} chroot"
+    out = []
+    for v in variants:
+        out.append(v)
+        if v.name in names:
+            out.append(dataclasses.replace(v, name=names[v.name], chroot=chroot, where=where))
+    return out
+
 
 QUEUED = "queued"
 WORKLOADS = [
@@ -126,8 +158,10 @@ WORKLOADS = [
 ]
 
 
-def plot(report_dir: Path, fs: str, workloads: list[Workload], variants: list[Variant], cells: dict) -> list[Path]:
-    """Per workload group, a bar chart of each server's median MiB/s relative to nbdkit's file plugin
+def plot(
+    report_dir: Path, fs: str, workloads: list[Workload], variants: list[Variant], cells: dict, baseline: str
+) -> list[Path]:
+    """Per workload group, a bar chart of each server's median MiB/s relative to the baseline
     (so that 4k and 1M workloads share one scale); none without matplotlib."""
     try:
         import matplotlib
@@ -145,12 +179,12 @@ def plot(report_dir: Path, fs: str, workloads: list[Workload], variants: list[Va
         for i, variant in enumerate(variants):
             ratios = []
             for w in rows:
-                base = _median(cells[(w.name, BASELINE)]) if (w.name, BASELINE) in cells else 0.0
+                base = _median(cells[(w.name, baseline)]) if (w.name, baseline) in cells else 0.0
                 ratios.append(_median(cells[(w.name, variant.name)]) / base if base else 0.0)
             ax.bar([x + i * width for x in range(len(rows))], ratios, width, label=variant.name)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [w.title for w in rows], rotation=20, ha="right")
-        ax.set_ylabel(f"median MiB/s relative to {BASELINE}")
+        ax.set_ylabel(f"median MiB/s relative to {baseline}")
         ax.set_title(f"{group}, {fs}")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
@@ -167,16 +201,31 @@ def _median(cell: Cell) -> float:
 
 
 def main() -> int:
+    chroot = current.cached()
+    if chroot is None:
+        print("no Debian 13 chroot (fs/chroot/current.py build): Debian 12's servers only", file=sys.stderr)
+    known = with_current(VARIANTS, chroot)
+    # The newest nbdkit there is: the server the others are most often compared with.
+    newest_nbdkit = [v.name for v in known if v.program == "nbdkit" and v.args == NBDKIT][-1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = "comma-separated names or shell patterns out of: "
-    parser.add_argument("--servers", help=names + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument("--servers", help=names + ", ".join(v.name for v in known))
     parser.add_argument("--workloads", help=names + ", ".join(w.name for w in WORKLOADS))
     parser.add_argument("--fs", default="tmpfs,ext4", help="where the file lives: tmpfs, ext4 or both (default both)")
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("results/peers"), help="report folder (default %(default)s)")
+    parser.add_argument(
+        "--baseline",
+        default=newest_nbdkit,
+        choices=[v.name for v in known],
+        metavar="NAME",
+        help="the server the ratios and plots are relative to (default %(default)s)",
+    )
     args = parser.parse_args()
-    variants = pick(VARIANTS, args.servers, lambda v: v.name, "server")
+    variants = pick(known, args.servers, lambda v: v.name, "server")
+    if args.baseline not in {v.name for v in variants}:
+        print(f"the baseline {args.baseline} is not among the servers: no ratios", file=sys.stderr)
     workloads = pick(WORKLOADS, args.workloads, lambda w: w.name, "workload")
     filesystems = [f.strip() for f in args.fs.split(",") if f.strip()]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -189,12 +238,13 @@ def main() -> int:
             cells, unavailable = run_matrix(
                 image, workloads, variants, args.runtime, args.repeat, lambda line, fs=fs: f"{fs}: {line}"
             )
+        ran = [v for v in variants if v.name not in unavailable]
         header = (
             f"# {where}\n\nfio nbd engine, 1 GiB file, {args.runtime} s runs, median (min-max) of {args.repeat}, "
-            f"{time.strftime('%Y-%m-%d')}"
+            f"{time.strftime('%Y-%m-%d')}\n\nVersions: {versions(ran)}"
         )
-        plots = plot(args.out, fs, workloads, variants, cells)
-        sections.append(render(header, workloads, variants, cells, unavailable))
+        plots = plot(args.out, fs, workloads, variants, cells, args.baseline)
+        sections.append(render(header, workloads, variants, cells, unavailable, args.baseline))
         sections.append("".join(f"![{p.stem}]({p.name})\n" for p in plots))
     publish("\n".join(sections), args.out / "peers.md")
     return 0

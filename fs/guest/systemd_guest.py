@@ -34,6 +34,9 @@ from pathlib import Path
 import guest
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "chroot"))
+import debian_root  # noqa: E402
+
 ROOT = HERE.parents[1]
 STAGE1 = HERE / "stage1.sh"
 SCENARIOS = ROOT / "fs" / "scenarios" / "systemd"
@@ -116,14 +119,8 @@ def build(cache: Path | None = None, log: Callable[[str], None] = print) -> Imag
         moddir = kroot / "lib" / "modules" / kernel.release
         log("systemd guest: Debian 12 with systemd, from Debian's archive (mmdebstrap)")
         root = work / "root"
-        root.mkdir()
         mirror = os.environ.get("NBDSERVER_GUEST_MIRROR", "")  # default: what apt uses here
-        subprocess.run(
-            ["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "bookworm", str(root)]
-            + ([mirror] if mirror else []),
-            check=True,
-            capture_output=True,
-        )
+        debian_root.unpack("bookworm", PACKAGES, root, [mirror] if mirror else [])
         _customize(root, moddir, kernel.release)
         log("systemd guest: the root disk")
         disk = stamp / "root.img.tmp"
