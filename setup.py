@@ -1,12 +1,19 @@
-"""Build nbdserver: pure Python by default; with NBDSERVER_COMPILE=1, the modules every request
-passes through are compiled with mypyc from the same typed source (they need a C compiler and the
-Python headers then).  Everything else (pyproject.toml) is declarative."""
+"""Build nbdserver.  The modules every request passes through are compiled with mypyc from the
+same typed source where a C compiler and the Python headers are at hand; anywhere else, or if
+compiling fails, the build is pure Python, complete and only slower.  NBDSERVER_COMPILE=0 asks
+for the pure build, NBDSERVER_COMPILE=1 for the compiled one (failing without a compiler).
+Everything else is declared in pyproject.toml."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_support"))
+from nbdserver_build import compile_wanted  # beside the build backend: not part of the package
 
 # Bytes in, replies out: the protocol core, the block layer, the engines and the connection.
 COMPILED = [
@@ -18,16 +25,29 @@ COMPILED = [
 ]
 
 
-def compiling() -> bool:
-    return os.environ.get("NBDSERVER_COMPILE", "0") not in ("", "0")
+class BuildOrFallBack(build_ext):
+    """Compile; if that fails and the compiled build was not insisted on, build pure Python."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # the compiler's errors come as several distutils types
+            if os.environ.get("NBDSERVER_COMPILE") == "1":
+                raise
+            for ext in self.extensions:  # nothing half-built goes into the package
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    os.remove(built)
+            self.extensions = []
+            print(f"nbdserver: compiling failed ({exc}); building pure Python", file=sys.stderr)
 
 
 def ext_modules() -> list:
-    if not compiling():
+    if not compile_wanted():
         return []
     from mypyc.build import mypycify
 
     return mypycify(COMPILED, opt_level="3")
 
 
-setup(ext_modules=ext_modules())
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildOrFallBack})

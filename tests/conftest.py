@@ -200,6 +200,17 @@ def have_ipv6_loopback() -> bool:
 needs_ipv6_loopback = pytest.mark.skipif(not have_ipv6_loopback(), reason="::1 cannot be bound here")
 
 
+def clean_checkout(tree: Path) -> Path:
+    """The files git tracks, copied to ``tree``: the project as a fresh clone has it."""
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (root / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, tree / name)
+    return tree
+
+
 def make_image(path: Path, size: int = IMAGE_SIZE) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, clean_checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = " && .venv/bin/nbdserver serve"
@@ -41,12 +40,7 @@ def test_the_first_command_installs_and_serves_as_root_without_sudo(tmp_path):
     called = tmp_path / "sudo-called"
     (trap / "sudo").write_text(f'#!/bin/sh\necho "$@" >> {called}\nexit 1\n')
     (trap / "sudo").chmod(0o755)
-    tree = tmp_path / "tree"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tree / name)
+    tree = clean_checkout(tmp_path / "tree")
     env = {**os.environ, "PATH": f"{trap}:{os.environ['PATH']}", "DEBIAN_FRONTEND": "noninteractive"}
     env.pop("VIRTUAL_ENV", None)
     result = subprocess.run(["bash", "-c", install], cwd=tree, env=env, capture_output=True, text=True, timeout=900)
