@@ -45,8 +45,11 @@ class BuildOrFallBack(build_ext):
 def ext_modules() -> list:
     if not compile_wanted():
         return []
-    from mypyc.build import mypycify
-
+    try:
+        from mypyc.build import mypycify
+    except ImportError:  # asked what the build needs (mypy among it), or built without it
+        print("nbdserver: mypyc is not installed: building pure Python", file=sys.stderr)
+        return []
     return mypycify(COMPILED, opt_level="3")
 
 
