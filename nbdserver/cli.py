@@ -12,6 +12,7 @@ import uvloop
 from . import build, configfile, daemon
 from .backing import DEFAULT_WORKERS, ENGINES
 from .config import (
+    AUTO_PROCESSES_MAX,
     CACHE_MODES,
     DEFAULT_METRICS,
     LOG_LEVELS,
@@ -23,6 +24,7 @@ from .config import (
     parse_listener,
     parse_mode,
     parse_networks,
+    parse_processes,
     parse_size,
 )
 from .metrics import top
@@ -104,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     serve.add_argument("--workers", type=int, help=f"I/O threads per export (default {DEFAULT_WORKERS})")
+    serve.add_argument(
+        "--processes",
+        type=_arg(parse_processes),
+        metavar="N",
+        help=f"processes serving connections: auto (default: one per CPU, at most {AUTO_PROCESSES_MAX}) "
+        "or N (1: this process serves them all)",
+    )
     serve.add_argument(
         "--no-merge",
         dest="merge",
@@ -223,6 +232,7 @@ def _arg(parse):
 _OVERRIDES = {
     "engine": "engine",
     "workers": "workers",
+    "processes": "processes",
     "merge": "merge",
     "max_submission_bytes": "max_submission_bytes",
     "max_segments": "max_segments",

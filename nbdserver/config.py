@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ class ConfigError(ValueError):
 
 CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
 TLS_MODES = ("off", "on", "require")  # values of TlsMode
+MAX_PROCESSES = 256
+AUTO_PROCESSES = 0  # one worker process per CPU this process may run on, at most AUTO_PROCESSES_MAX
+AUTO_PROCESSES_MAX = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -80,6 +84,7 @@ class ServerConfig:
     metrics: Listener | None = DEFAULT_METRICS  # where /metrics is served; None: nowhere
     engine: str = "auto"  # one of ENGINES
     workers: int = DEFAULT_WORKERS
+    processes: int = AUTO_PROCESSES  # worker processes serving connections; 1: all in this one (workers.py)
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
     max_export_inflight_bytes: int = 512 * 1024 * 1024  # across an export's connections
     buffer_pool_bytes: int = 64 * 1024 * 1024  # idle request buffers kept for reuse
@@ -97,6 +102,13 @@ class ServerConfig:
     max_server_inflight_bytes: int = 1024 * 1024 * 1024  # across every export
     handshake_timeout: float = 30.0  # seconds from accept to the end of option haggling
     idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
+
+    @property
+    def worker_processes(self) -> int:
+        """How many processes serve connections (1: this one, with no workers)."""
+        if self.processes != AUTO_PROCESSES:
+            return self.processes
+        return min(len(os.sched_getaffinity(0)), AUTO_PROCESSES_MAX)
 
     @property
     def merge_limits(self) -> MergeLimits:
@@ -127,6 +139,8 @@ class ServerConfig:
             raise ConfigError("metrics are served over TCP: give HOST:PORT")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if not 0 <= self.processes <= MAX_PROCESSES:
+            raise ConfigError(f"processes must be auto or from 1 to {MAX_PROCESSES}")
         if self.max_submission_bytes < 4096:
             raise ConfigError("max submission bytes must be at least 4096")
         if self.max_connections < 1:
@@ -170,6 +184,19 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"bad size {text!r}: expected a number with an optional K, M, G, T, P or E suffix")
     number, unit = int(match.group(1)), match.group(2).lower()
     return number << (10 * " kmgtpe".index(unit)) if unit else number
+
+
+def parse_processes(text: str) -> int:
+    """``auto`` or a number of worker processes."""
+    if text.strip() == "auto":
+        return AUTO_PROCESSES
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(f"processes: {text!r} is not auto or a number") from None
+    if count < 1:
+        raise ConfigError(f"processes must be auto or from 1 to {MAX_PROCESSES}")
+    return count
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:

@@ -45,6 +45,7 @@ from .config import (
     parse_listener,
     parse_mode,
     parse_networks,
+    parse_processes,
     parse_size,
 )
 
@@ -145,6 +146,14 @@ def _int(key: str, value: Any) -> int:
     return value
 
 
+def _processes(key: str, value: Any) -> int:
+    """ "auto" or a number of worker processes."""
+    try:
+        return parse_processes(value if isinstance(value, str) else str(_int(key, value)))
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _size(key: str, value: Any) -> int:
     """Bytes, as an integer or a string such as "512M" or "1GiB"."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -233,6 +242,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "log-level": ("log_level", _one_of(LOG_LEVELS)),
     "engine": ("engine", _one_of(ENGINES)),
     "workers": ("workers", _int),
+    "processes": ("processes", _processes),
     "merge": ("merge", _bool),
     "max-submission-bytes": ("max_submission_bytes", _size),
     "max-segments": ("max_segments", _int),

@@ -19,6 +19,7 @@ from . import build, fdstore, handover
 from .config import ConfigError, ServerConfig
 from .server import Server
 from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
+from .workers import WorkerError
 
 log = logging.getLogger("nbdserver")
 
@@ -52,6 +53,12 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         server.open_exports()
     except OSError as exc:
         log.error("cannot open export: %s", exc)
+        return 1
+    try:
+        await server.start_workers()
+    except WorkerError as exc:
+        log.error("%s", exc)
+        await server.shutdown()
         return 1
     try:
         inherited = await _inheritance(channel, stored)

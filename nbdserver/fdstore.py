@@ -21,7 +21,8 @@ import logging
 import os
 from collections.abc import MutableMapping
 
-from .handover import HandoverError, Inheritance, decode_frames, encode_frame, package
+from .frames import decode_frames, encode_frame
+from .handover import HandoverError, Inheritance, package
 from .server import Server
 from .systemd import Notifier
 
@@ -75,7 +76,7 @@ async def store(server: Server, notifier: Notifier, listeners: bool) -> bool:
         await packed.take_back(server)
         return False
     packed.let_go(server)
-    log.info("%d connection(s) and %d listener(s) kept in the fd store", len(packed.moving), len(packed.listeners))
+    log.info("%d connection(s) and %d listener(s) kept in the fd store", packed.connections, len(packed.listeners))
     return True
 
 

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,18 +42,16 @@ from time import monotonic
 from typing import Any
 
 from .connection import Connection
+from .frames import FrameError, receive_frame, send_frame
 from .protocol import Negotiated, TransmissionFlag
 from .protocol.handshake import ExportInfo
 from .server import Server
+from .workers import WorkerError
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1  # of what the frames carry; a successor that does not know it takes nothing
 ENV_FD = "NBDSERVER_HANDOVER_FD"
-_FRAME = struct.Struct(">IIB")  # head length, raw length, descriptors
-MAX_FDS_PER_FRAME = 1
-MAX_HEAD = 1 << 20
-MAX_RAW = 64 << 20  # a staged receive (1 MiB) and the part of a WRITE payload received (32 MiB)
 START_TIMEOUT = 60.0  # for the successor to start and open its exports (the predecessor serves meanwhile)
 QUIESCE_TIMEOUT = 10.0  # for a connection's replies to leave; a client that reads none is closed after it
 ANSWER_TIMEOUT = 30.0  # for each answer once the sockets are on their way
@@ -96,65 +92,6 @@ class ConnectionTerms:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# Frames ----------------------------------------------------------------------------------
-
-
-def encode_frame(head: dict[str, Any], raw: bytes = b"", nfds: int = 0) -> bytes:
-    encoded = json.dumps(head).encode()
-    return _FRAME.pack(len(encoded), len(raw), nfds) + encoded + raw
-
-
-def decode_frames(data: bytes) -> list[tuple[dict[str, Any], bytes]]:
-    """Frames written one after another (to a file: no descriptors ride along)."""
-    frames, pos = [], 0
-    while pos < len(data):
-        head_length, raw_length, _ = _FRAME.unpack_from(data, pos)
-        pos += _FRAME.size
-        if head_length > MAX_HEAD or raw_length > MAX_RAW or pos + head_length + raw_length > len(data):
-            raise HandoverError(f"malformed state at byte {pos}")
-        head = json.loads(data[pos : pos + head_length])
-        pos += head_length
-        frames.append((head, data[pos : pos + raw_length]))
-        pos += raw_length
-    return frames
-
-
-def send_frame(sock: socket.socket, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
-    """One frame; the descriptors travel with its first bytes."""
-    frame = encode_frame(head, raw, len(fds or []))
-    if fds:
-        sent = socket.send_fds(sock, [frame[: _FRAME.size]], fds)
-        assert sent == _FRAME.size
-        frame = frame[_FRAME.size :]
-    sock.sendall(frame)
-
-
-def receive_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]]:
-    """The next frame; EOFError if the peer closed its end between frames."""
-    prefix, fds, _, _ = socket.recv_fds(sock, _FRAME.size, MAX_FDS_PER_FRAME)
-    if not prefix:
-        raise EOFError("the other side closed the handover socket")
-    prefix += _receive_exactly(sock, _FRAME.size - len(prefix))
-    head_length, raw_length, nfds = _FRAME.unpack(prefix)
-    if head_length > MAX_HEAD or raw_length > MAX_RAW or nfds != len(fds):
-        for fd in fds:
-            os.close(fd)
-        raise HandoverError(f"malformed frame ({head_length}, {raw_length}, {nfds} fds, {len(fds)} came)")
-    head = json.loads(_receive_exactly(sock, head_length))
-    return head, _receive_exactly(sock, raw_length), fds
-
-
-def _receive_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise EOFError("the handover socket closed inside a frame")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 # The successor as a process ------------------------------------------------------------
@@ -201,6 +138,11 @@ class Package:
     frames: list[tuple[dict[str, Any], bytes, Any]]
     end: dict[str, Any]
 
+    @property
+    def connections(self) -> int:
+        """How many connections go: this process's and the worker processes'."""
+        return sum(head["type"] == "connection" for head, _, _ in self.frames)
+
     def let_go(self, server: Server) -> None:
         """The successor has it all: close our copies, without a word to the clients."""
         for _, _, sock in self.listeners:
@@ -208,6 +150,9 @@ class Package:
         server.disown_sockets()
         for connection in self.moving:
             connection.let_go()
+        if server.workers is not None:
+            self._close_workers_copies()
+            server.workers.let_go()
 
     async def take_back(self, server: Server) -> None:
         """Undo: listen again and take requests again."""
@@ -215,6 +160,15 @@ class Package:
             await server.start([(name, sock) for name, _, sock in self.listeners])
         for connection in self.moving:
             connection.resume()
+        if server.workers is not None:
+            self._close_workers_copies()
+            server.workers.take_back()
+
+    def _close_workers_copies(self) -> None:
+        """Our copies of the sockets of the workers' connections (the workers keep theirs)."""
+        for head, _, sock in self.frames:
+            if head.get("worker"):
+                sock.close()
 
 
 async def package(server: Server, listeners: bool = True) -> Package:
@@ -231,6 +185,17 @@ async def package(server: Server, listeners: bool = True) -> Package:
         frames.append(
             ({"type": "connection", "terms": terms.to_json()}, connection.pending(), connection.transport_socket)
         )
+    if server.workers is not None:
+        try:
+            theirs, their_slow = await server.workers.package()
+        except WorkerError as exc:
+            for connection in moving:
+                connection.resume()
+            if copies:
+                await server.start([(name, sock) for name, _, sock in copies])
+            raise HandoverError(f"the worker processes could not hand over: {exc}") from None
+        frames += [({**head, "worker": True}, raw, sock) for head, raw, sock in theirs]
+        closed_slow += their_slow
     end = {"type": "end", "version": STATE_VERSION, "quiesced_at": quiesced_at, "closed_slow": closed_slow}
     return Package(copies, moving, frames, end)
 
@@ -276,7 +241,7 @@ async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callab
     packed.let_go(server)
     log.info(
         "upgrade: %d connection(s) and %d listener(s) handed to pid %d in %.3f s (%d closed: replies not read)",
-        len(packed.moving),
+        packed.connections,
         len(packed.listeners),
         proc.pid,
         monotonic() - started,
@@ -377,7 +342,10 @@ class Inheritance:
 async def take_over(channel: socket.socket) -> Inheritance:
     """Say hello, receive the predecessor's sockets, and wait for its go; HandoverError if it aborts."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, _receive_state, channel)
+    try:
+        return await loop.run_in_executor(None, _receive_state, channel)
+    except FrameError as exc:
+        raise HandoverError(f"the predecessor sent {exc}") from None
 
 
 def _receive_state(channel: socket.socket) -> Inheritance:
@@ -405,7 +373,12 @@ def _receive_state(channel: socket.socket) -> Inheritance:
 
 
 async def resume(server: Server, inherited: Inheritance) -> int:
-    """Serve the connections taken over; returns how many resumed (the others are closed)."""
+    """Serve the connections taken over (here, or in the worker processes); returns how many
+    resumed (the others are closed)."""
+    if server.workers is not None:
+        resumed = sum(server.workers.resume(t.to_json(), p, s) for t, s, p in inherited.connections)
+        server.stats.turned_away["handover_timeout"] += inherited.closed_slow
+        return resumed
     loop = asyncio.get_running_loop()
     transports = []
     for terms, sock, pending in inherited.connections:

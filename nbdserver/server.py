@@ -19,11 +19,14 @@ from .connection import Connection
 from .export import Export
 from .metrics import MetricsEndpoint, ServerCollector
 from .protocol import Error, ExportCatalog, TlsMode
-from .stats import ServerStats
+from .stats import ExportSnapshot, ServerStats, Snapshot
 from .systemd import METRICS_FD_NAME
 from .tls import tls_context
+from .workers import Acceptor, WorkerPool
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 100  # asyncio's, for the sockets the workers' clients arrive on
 
 
 class Server:
@@ -32,20 +35,23 @@ class Server:
         self.config = config
         self.exports: dict[str, Export] = {}
         self.connections: set[Connection] = set()
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: list[asyncio.Server | Acceptor] = []
         self.addresses: list[str] = []
         self.catalog = ExportCatalog([], None)
         self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
         self.budget = ByteBudget(config.max_server_inflight_bytes)  # in flight across every export
         self.stats = ServerStats()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(self))
+        self.registry.register(ServerCollector(self.snapshot))
         self._metrics: MetricsEndpoint | None = None
         self.metrics_addresses: list[str] = []
         self._unix_paths: list[str] = []  # sockets we created, removed at shutdown
         self.on_change: Callable[[], None] = lambda: None  # connections came or went
         self.tls_mode = TlsMode(config.tls)
         self.tls_context = tls_context(config)  # None when TLS is off
+        # Worker processes serve the connections, if there are to be several (workers.py).
+        count = config.worker_processes
+        self.workers = WorkerPool(config, count) if count > 1 else None
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -85,6 +91,12 @@ class Server:
         default = self.catalog.default if any(i.name == self.catalog.default for i in infos) else ""
         return ExportCatalog(infos, default)
 
+    async def start_workers(self) -> None:
+        """Start the worker processes, if any; WorkerError if one cannot start."""
+        if self.workers is not None:
+            self.workers.on_change = lambda: self.on_change()
+            await self.workers.start()
+
     async def start(self, inherited: Sequence[tuple[str, socket.socket]] = (), owned: Sequence[str] = ()) -> None:
         """Listen on the inherited sockets (socket activation, a handover) if any, else on every configured
         address.
@@ -94,25 +106,19 @@ class Server:
         (e.g. address in use).
         """
         self._unix_paths.extend(owned)
-        loop = asyncio.get_running_loop()
         metrics_socket = None
         for name, sock in inherited:
             if name == METRICS_FD_NAME:
                 metrics_socket = sock
                 continue
-            if sock.family == socket.AF_UNIX:
-                srv = await loop.create_unix_server(lambda: Connection(self), sock=sock)
-            else:
-                srv = await loop.create_server(lambda: Connection(self), sock=sock)
-            self._listeners.append(srv)
-            self.addresses.append(describe_socket(sock))
+            await self._serve(sock)
         if not self._listeners:
             for listener in self.config.listeners:
                 await self._listen(listener)
         for address in self.addresses:
             log.info("listening on %s", address)
         if metrics_socket is not None or self.config.metrics is not None:
-            self._metrics = MetricsEndpoint(self.registry)
+            self._metrics = MetricsEndpoint(self.registry, self.workers.refresh if self.workers is not None else None)
             if metrics_socket is not None:
                 bound = await self._metrics.start(sock=metrics_socket)
             else:
@@ -124,16 +130,54 @@ class Server:
         log.info("ready: %s", self.status())
 
     async def _listen(self, listener: Listener) -> None:
+        """Bind ``listener``'s address(es) and serve them."""
         loop = asyncio.get_running_loop()
+        serving = self.workers is None  # else bound only, for _serve to take over
         if listener.is_unix:
             _remove_stale_socket(listener.path)
-            srv = await loop.create_unix_server(lambda: Connection(self), listener.path)
+            srv = await loop.create_unix_server(lambda: Connection(self), listener.path, start_serving=serving)
             self._unix_paths.append(listener.path)
             os.chmod(listener.path, self.config.unix_socket_mode)
         else:
-            srv = await loop.create_server(lambda: Connection(self), listener.host, listener.port, reuse_address=True)
-        self._listeners.append(srv)
-        self.addresses.extend(describe_socket(sock) for sock in srv.sockets)
+            srv = await loop.create_server(
+                lambda: Connection(self), listener.host, listener.port, reuse_address=True, start_serving=serving
+            )
+        if serving:
+            self._listeners.append(srv)
+            self.addresses.extend(describe_socket(sock) for sock in srv.sockets)
+            return
+        bound = [socket.socket(fileno=os.dup(sock.fileno())) for sock in srv.sockets]
+        srv.close()
+        for sock in bound:
+            await self._serve(sock)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        """Accept on a bound socket: the clients are served here, or passed on to the workers."""
+        loop = asyncio.get_running_loop()
+        listener: asyncio.Server | Acceptor
+        if self.workers is not None:
+            sock.listen(LISTEN_BACKLOG)
+            listener = Acceptor(sock, self._take)
+        elif sock.family == socket.AF_UNIX:
+            listener = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        else:
+            listener = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._listeners.append(listener)
+        self.addresses.append(describe_socket(sock))
+
+    def _take(self, sock: socket.socket) -> None:
+        """A new client, for a worker process."""
+        assert self.workers is not None
+        if self.workers.connections >= self.config.max_connections:
+            self.stats.turned_away["max_connections"] += 1
+            log.warning(
+                "%s: turned away (max connections): %d connections are open already",
+                _peer(sock),
+                self.workers.connections,
+            )
+            sock.close()
+        elif not self.workers.take(sock):
+            log.error("no worker process took a new connection: closed")
 
     def stop_listening(self) -> list[tuple[str, str, socket.socket]]:
         """Stop accepting; returns a copy of every listening socket, to hand over or listen on again:
@@ -158,10 +202,27 @@ class Server:
         """Our Unix sockets belong to a successor now: leave their files at shutdown."""
         self._unix_paths = []
 
+    def snapshot(self) -> Snapshot:
+        """What /metrics shows of this process (the exports' counters themselves, not copies)."""
+        exports = {
+            name: ExportSnapshot(e.info.size, e.queue.stats, e.queue.in_flight, e.budget.used)
+            for name, e in self.exports.items()
+        }
+        negotiating = 0
+        for connection in self.connections:
+            if connection.export is None:
+                negotiating += 1
+            else:
+                exports[connection.export.name].connections += 1
+        own = Snapshot(self.stats, exports, negotiating)
+        return self.workers.add_to(own) if self.workers is not None else own
+
     def status(self) -> str:
         """One line for STATUS= and the log."""
+        connections = len(self.connections) + (self.workers.connections if self.workers is not None else 0)
+        workers = f", {self.workers.count} worker processes" if self.workers is not None else ""
         return (
-            f"{len(self.exports)} export(s) on {len(self.addresses)} address(es), {len(self.connections)} connection(s)"
+            f"{len(self.exports)} export(s) on {len(self.addresses)} address(es), {connections} connection(s){workers}"
         )
 
     def reload(self, new: ServerConfig) -> tuple[list[str], list[str]]:
@@ -193,6 +254,8 @@ class Server:
             if getattr(new, name) != getattr(self.config, name):
                 refused.append(f"{name.replace('_', ' ')} changed: needs a restart")
         self._update_catalog()
+        if self.workers is not None:
+            self.workers.reload(new)
         return changed, refused
 
     def _reload_export(self, export: Export, config: ExportConfig, refused: list[str]) -> list[str]:
@@ -259,11 +322,20 @@ class Server:
                 task.cancel()
             if pending:
                 log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
+        if self.workers is not None:
+            await self.workers.stop(timeout)
         for export in self.exports.values():
             await export.close()
         log.info("buffer pool: %d blocks allocated, %d bytes idle", self.pool.created, self.pool.idle_bytes)
         for path in self._unix_paths:  # ours only: an inherited socket's file belongs to the service manager
             _remove_socket(path)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(Listener(*sock.getpeername()[:2])) if sock.family != socket.AF_UNIX else "unix"
+    except OSError:
+        return "?"
 
 
 def describe_socket(sock: socket.socket) -> str:
@@ -282,6 +354,7 @@ _RESTART_FIELDS = (
     "metrics",
     "engine",
     "workers",
+    "processes",
     "merge",
     "max_submission_bytes",
     "max_segments",

@@ -1,10 +1,13 @@
-"""The server's own counters (the exports' are in block/stats.py), kept by its connections."""
+"""The server's own counters (the exports' are in block/stats.py), kept by its connections, and
+the snapshot of everything /metrics shows: of one process, or summed over worker processes."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+from .block.stats import QueueStats
 from .protocol.errors import VIOLATION_KINDS
 
 # Why connections are closed by the server without a protocol violation.
@@ -22,3 +25,86 @@ class ServerStats:
     # Connections closed on arrival or in the handshake, by reason: counted from zero.
     turned_away: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(TURNED_AWAY, 0)))
     handover_pause: float | None = None  # seconds requests waited while this server took over, if it did
+
+    def add(self, other: ServerStats) -> None:
+        self.connections += other.connections
+        self.protocol_errors.update(other.protocol_errors)
+        self.refused.update(other.refused)
+        self.turned_away.update(other.turned_away)
+        if self.handover_pause is None:
+            self.handover_pause = other.handover_pause
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "protocol_errors": self.protocol_errors,
+            "refused": [[export, error, count] for (export, error), count in self.refused.items()],
+            "turned_away": self.turned_away,
+            "handover_pause": self.handover_pause,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerStats:
+        return cls(
+            data["connections"],
+            Counter(data["protocol_errors"]),
+            Counter({(export, error): count for export, error, count in data["refused"]}),
+            Counter(data["turned_away"]),
+            data["handover_pause"],
+        )
+
+
+@dataclass
+class ExportSnapshot:
+    """One export as /metrics shows it."""
+
+    size: int
+    queue: QueueStats
+    io_now: int = 0  # requests in flight: the queue depth
+    inflight_bytes: int = 0
+    connections: int = 0  # in the transmission phase
+
+    def add(self, other: ExportSnapshot) -> None:
+        self.queue.add(other.queue)
+        self.io_now += other.io_now
+        self.inflight_bytes += other.inflight_bytes
+        self.connections += other.connections
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "queue": self.queue.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportSnapshot:
+        return cls(**{**data, "queue": QueueStats.from_json(data["queue"])})
+
+
+@dataclass
+class Snapshot:
+    """Everything /metrics shows, at one moment."""
+
+    server: ServerStats
+    exports: dict[str, ExportSnapshot]
+    negotiating: int = 0  # connections still in the handshake
+
+    def add(self, other: Snapshot) -> None:
+        """Count ``other`` in (another process's): exports it has and this one has not are added
+        (a copy: a snapshot kept to be added to stays as it was)."""
+        self.server.add(other.server)
+        self.negotiating += other.negotiating
+        for name, export in other.exports.items():
+            if name in self.exports:
+                self.exports[name].add(export)
+            else:
+                self.exports[name] = ExportSnapshot.from_json(export.to_json())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "server": self.server.to_json(),
+            "exports": {name: e.to_json() for name, e in self.exports.items()},
+            "negotiating": self.negotiating,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        exports = {name: ExportSnapshot.from_json(e) for name, e in data["exports"].items()}
+        return cls(ServerStats.from_json(data["server"]), exports, data["negotiating"])

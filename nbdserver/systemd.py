@@ -147,13 +147,14 @@ def under_journal(environ: MutableMapping[str, str] = os.environ) -> bool:
         return False
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr: ``<N>`` priorities and no timestamps for the journal, timestamps otherwise."""
+def configure_logging(level: str, prefix: str = "") -> None:
+    """Log to stderr: ``<N>`` priorities and no timestamps for the journal, timestamps otherwise;
+    ``prefix`` begins every message (a worker process's number)."""
     handler = logging.StreamHandler(sys.stderr)
     if under_journal():
-        handler.setFormatter(JournalFormatter("%(message)s"))
+        handler.setFormatter(JournalFormatter(f"{prefix}%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s nbdserver[%(levelname)s] %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s nbdserver[%(levelname)s] {prefix}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_log_level(level)

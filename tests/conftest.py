@@ -27,6 +27,8 @@ import debian_root
 IMAGE_SIZE = 64 * 1024 * 1024
 # The build under test: "pure", or "mypyc" when tests/compiled runs the suite on the compiled one.
 EXPECTED_BUILD = os.environ.get("NBDSERVER_EXPECT_BUILD", "pure")
+# Worker processes for every server the tests start (unless a test says): "" leaves the default.
+PROCESSES = os.environ.get("NBDSERVER_TEST_PROCESSES", "")
 START_TIMEOUT = 20.0
 MiB = 1024 * 1024
 
@@ -51,6 +53,8 @@ class ServerProcess:
         pass_fds: tuple[int, ...] = (),
     ) -> None:
         """``program`` is the server's command (default: this interpreter's ``-m nbdserver``)."""
+        if PROCESSES and "--processes" not in args:
+            args = [*args, "--processes", PROCESSES]
         self.args = args
         self.log: list[str] = []
         self.addresses: list[str] = []
@@ -97,6 +101,15 @@ class ServerProcess:
     def logged(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
         """Wait until ``count`` lines of the log hold ``text`` (the log is read by another thread)."""
         return wait_for(lambda: sum(text in line for line in list(self.log)) >= count, timeout)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes (``--processes``) serving now, as the log names them."""
+        assert self.logged("worker processes: pids"), self.log_text()
+        line = [line for line in self.log if "worker processes: pids" in line][-1]
+        pids = [int(pid) for pid in re.findall(r"\d+", line.split("pids", 1)[1])]
+        for index, pid in re.findall(r"worker (\d+) started again: pid (\d+)", self.log_text()):
+            pids[int(index)] = int(pid)
+        return pids
 
     @property
     def port(self) -> int:

@@ -35,11 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from builds import tree_of
 from common import (
     OWN_METRICS_PORT,
     FioResult,
@@ -86,6 +88,7 @@ class Variant:
     chroot: Chroot | None = None  # where the program comes from, if not from this machine's PATH
     where: str = ""  # that place, for the report
     version_args: tuple[str, ...] = ("--version",)
+    build: str = "pure"  # nbdserver's: "pure", or "mypyc" (the hot modules compiled, see builds.py)
 
     def command(
         self, image: Path | str, port: int | str, config: Path | str = "CONFIG", pidfile: Path | str = "PIDFILE"
@@ -105,6 +108,9 @@ class Variant:
         """The first line the server prints about its version."""
         program = [sys.executable, "-m", "nbdserver"] if self.program == "nbdserver" else [self.program]
         argv = [*program, *self.version_args]
+        if self.program == "nbdserver":
+            said = subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=60, check=False)
+            return said.stdout.strip()
         if self.chroot:
             argv = self.chroot.command(argv)
         elif shutil.which(argv[0]) is None:
@@ -113,9 +119,13 @@ class Variant:
         lines = (said.stdout + said.stderr).strip().splitlines()
         return lines[0] if lines else f"{self.program}: exit status {said.returncode}"
 
+    def env(self) -> dict[str, str]:
+        """nbdserver's build, by where it is imported from."""
+        return {"PYTHONPATH": str(tree_of(self.build))} if self.program == "nbdserver" else {}
+
     def start(self, image: Path) -> Server:
         if self.program == "nbdserver":
-            return start_server(self.command(image, 0))
+            return start_server(self.command(image, 0), env=self.env())
         if self.chroot is None and shutil.which(self.program) is None:
             raise Unsupported(f"{self.program} is not installed")
         for attempt in range(3):
@@ -141,10 +151,10 @@ class Variant:
 
 def versions(variants: Sequence[Variant]) -> str:
     """What each program says of its version, once per program (and place), for a report's header."""
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str, str], str] = {}
     for v in variants:
-        if (v.program, v.where) not in seen:
-            seen[(v.program, v.where)] = v.version() + (f" ({v.where})" if v.where else "")
+        if (v.program, v.where, v.build) not in seen:
+            seen[(v.program, v.where, v.build)] = v.version() + (f" ({v.where})" if v.where else "")
     return "; ".join(seen.values())
 
 
@@ -231,12 +241,20 @@ class Cell:
     runs: list[FioResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cpu_per_gib: list[float] = field(default_factory=list)  # the server's CPU seconds per GiB moved
+    cpu_per_request: list[float] = field(default_factory=list)  # and µs per request
+    merged: list[float] = field(default_factory=list)  # nbdserver's requests per submission
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system time of a process and its threads (and children it waited for) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User and system time of a process, its threads and its child processes (worker processes)
+    so far, and of the children it waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return 0.0  # it exited meanwhile
+    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def fio_args(workload: Workload, port: int, runtime: int, export: str = "") -> tuple[list[str], dict[str, str]]:
@@ -415,6 +433,8 @@ def run_cell(
         cpu_before = cpu_seconds(server.pid)
         result = run_fio(fio, timeout=runtime + 120, env=env)
         cpu = cpu_seconds(server.pid) - cpu_before
+        if variant.program == "nbdserver":
+            cell.merged.append(requests_per_submission(server))
     except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         cell.errors.append(f"{exc} (server: {tail(server.stop())})")
         return f"error: {cell.errors[-1]}"
@@ -424,8 +444,25 @@ def run_cell(
     moved_gib = result.mibs * runtime / 1024
     if moved_gib:
         cell.cpu_per_gib.append(cpu / moved_gib)
+        cell.cpu_per_request.append(cpu / (result.iops * runtime) * 1e6)
     iops = f", {result.iops:.0f} IOPS" if workload.iops else ""
     return f"{result.mibs:.0f} MiB/s{iops}, p99 {result.p99_us:.0f} µs"
+
+
+def requests_per_submission(server: Server) -> float:
+    """READ and WRITE requests per submission so far, from the server's /metrics."""
+    match = re.search(r"metrics on (http://\S+)", server.log())
+    if match is None:
+        return 0.0
+    with urllib.request.urlopen(match.group(1), timeout=10) as response:
+        text = response.read().decode()
+    totals = {"requests": 0.0, "completed": 0.0}
+    for line in text.splitlines():
+        if re.match(r'nbdserver_requests_total\{.*op="(read|write)"', line):
+            totals["requests"] += float(line.rsplit(" ", 1)[1])
+        elif re.match(r"nbdserver_(reads|writes)_completed_total\{", line):
+            totals["completed"] += float(line.rsplit(" ", 1)[1])
+    return totals["requests"] / totals["completed"] if totals["completed"] else 0.0
 
 
 def render(
@@ -467,6 +504,9 @@ def render(
         latency = "p99 completion latency, µs (of the slower direction; without fsync)"
         lines += table(latency, rows, lambda c: [r.p99_us for r in c.runs])
         lines += table("Server CPU seconds per GiB moved", rows, lambda c: c.cpu_per_gib, ".2f")
+        lines += table("Server CPU µs per request", rows, lambda c: c.cpu_per_request, ".1f")
+        if ours:
+            lines += table("nbdserver's requests per submission (merging)", rows, lambda c: c.merged, ".1f")
         if ours and any(v.name == baseline for v in variants):
             lines += [f"Median MiB/s relative to {baseline}:", ""]
             lines.append("| workload | " + " | ".join(v.name for v in ours) + " |")

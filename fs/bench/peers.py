@@ -69,9 +69,13 @@ multifile = false
 """
 
 VARIANTS = [
-    Variant("nbdserver", "nbdserver", ()),
-    Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",)),
-    Variant("nbdserver-threads", "nbdserver", ("--engine", "threads")),  # where io_uring is not to be had
+    # What README command 1 installs where a compiler is found: compiled, a worker process per CPU.
+    Variant("nbdserver", "nbdserver", (), build="mypyc"),
+    Variant("nbdserver-1proc", "nbdserver", ("--processes", "1"), build="mypyc"),
+    Variant("nbdserver-pure", "nbdserver", ()),  # where no compiler is
+    Variant("nbdserver-pure-1proc", "nbdserver", ("--processes", "1")),
+    Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",), build="mypyc"),
+    Variant("nbdserver-threads", "nbdserver", ("--engine", "threads"), build="mypyc"),  # where io_uring is not
     Variant(BASELINE, "nbdkit", NBDKIT),
     Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),
     Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
@@ -113,6 +117,7 @@ def with_current(variants: list[Variant], chroot: current.Chroot | None) -> list
 QUEUED = "queued"
 WORKLOADS = [
     Workload("randwrite-4k-qd1", "4k rand write QD1", QD1, ("--name=w", "--rw=randwrite", "--bs=4k"), iops=True),
+    Workload("randread-4k-qd1", "4k rand read QD1", QD1, ("--name=r", "--rw=randread", "--bs=4k"), iops=True),
     Workload(
         "randwrite-4k",
         "4k rand write QD32",
@@ -122,6 +127,20 @@ WORKLOADS = [
     ),
     Workload(
         "seqwrite-4k", "4k seq write QD32", QUEUED, ("--name=w", "--rw=write", "--bs=4k", "--iodepth=32"), iops=True
+    ),
+    Workload(
+        "seqwrite-4k-qd256",
+        "4k seq write QD256",
+        QUEUED,
+        ("--name=w", "--rw=write", "--bs=4k", "--iodepth=256"),
+        iops=True,
+    ),
+    Workload(
+        "randwrite-4k-qd256",
+        "4k rand write QD256",
+        QUEUED,
+        ("--name=w", "--rw=randwrite", "--bs=4k", "--iodepth=256"),
+        iops=True,
     ),
     Workload(
         "seqwrite-4k-4conn",

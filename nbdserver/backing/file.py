@@ -185,7 +185,11 @@ class Backing:
             alignment = (size, size)
         elif alignment[1] == 0:
             raise unsupported
-        self.mem_align, self.offset_align = alignment
+        # Direct transfers cover whole pages.  One that covers part of a page would collide with a
+        # write of another part through the page cache in another process (a worker): the kernel
+        # cannot drop the page after the direct write and reports EIO.  Through the page cache, the
+        # kernel orders the two.
+        self.mem_align, self.offset_align = alignment[0], max(alignment[1], mmap.PAGESIZE)
 
     def close(self) -> None:
         for name in ("fd", "direct_fd"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
+from typing import Any
 
 from ..protocol import Command
 
@@ -43,6 +44,11 @@ def _per_command(bounds: tuple[float, ...]) -> list[Histogram]:
     return [Histogram(bounds) for _ in range(COMMANDS)]
 
 
+# QueueStats' lists indexed by command, and its lists of histograms.
+_PER_COMMAND = ("requests", "merged", "submissions", "bytes", "segments", "time")
+_HISTOGRAMS = ("latency", "submission_bytes", "submission_segments")
+
+
 class QueueStats:
     """Counters per command (indexed by its number) and of the queue as a whole."""
 
@@ -61,6 +67,43 @@ class QueueStats:
         self.waits = 0  # requests that waited for an overlapping earlier one
         self.io_time = 0.0  # seconds with at least one request in flight
         self.io_time_weighted = 0.0  # the integral of the queue depth over time
+
+    def add(self, other: QueueStats) -> None:
+        """Count ``other``'s as well (another process's queue for the same export)."""
+        for name in _PER_COMMAND:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for i in range(COMMANDS):
+                mine[i] += theirs[i]
+        for name in _HISTOGRAMS:
+            for mine, theirs in zip(getattr(self, name), getattr(other, name), strict=True):
+                for i, count in enumerate(theirs.counts):
+                    mine.counts[i] += count
+        self.errors.update(other.errors)
+        self.waits += other.waits
+        # Busy time as a disk counts it (at most the time passed): the busiest queue's, since the
+        # union of several queues' busy intervals is not kept.  The queue depth's integral adds up.
+        self.io_time = max(self.io_time, other.io_time)
+        self.io_time_weighted += other.io_time_weighted
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {name: getattr(self, name) for name in _PER_COMMAND}
+        for name in _HISTOGRAMS:
+            data[name] = [h.counts for h in getattr(self, name)]
+        data["errors"] = {str(code): count for code, count in self.errors.items()}
+        data.update(waits=self.waits, io_time=self.io_time, io_time_weighted=self.io_time_weighted)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QueueStats:
+        stats = cls()
+        for name in _PER_COMMAND:
+            setattr(stats, name, list(data[name]))
+        for name in _HISTOGRAMS:
+            for histogram, counts in zip(getattr(stats, name), data[name], strict=True):
+                histogram.counts = list(counts)
+        stats.errors = Counter({int(code): count for code, count in data["errors"].items()})
+        stats.waits, stats.io_time, stats.io_time_weighted = data["waits"], data["io_time"], data["io_time_weighted"]
+        return stats
 
     def summary(self) -> str:
         """One line per-command counters, e.g. ``WRITE 4096 requests in 160 submissions (25.6 per submission)``."""

@@ -8,8 +8,7 @@ dashboards an admin has for disks carry over.  Nothing here runs per request.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
@@ -17,10 +16,7 @@ from prometheus_client.registry import Collector
 from .. import __version__, build
 from ..block.stats import Histogram
 from ..protocol import Command
-
-if TYPE_CHECKING:
-    from ..export import Export
-    from ..server import Server
+from ..stats import ExportSnapshot, Snapshot
 
 PREFIX = "nbdserver"
 
@@ -36,79 +32,74 @@ _OPS: dict[Command, str] = {command: command.name.lower() for command in Command
 
 
 class ServerCollector(Collector):
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    """Renders the snapshot ``source`` gives at each scrape (one process's, or summed over workers)."""
+
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
+        self.source = source
 
     def collect(self) -> Iterator:
-        exports = list(self.server.exports.values())
+        snapshot = self.source()
+        exports = sorted(snapshot.exports.items())
         yield from _diskstats(exports)
         yield from _histograms(exports)
-        yield from self._server_metrics(exports)
-
-    def _server_metrics(self, exports: list[Export]) -> Iterator:
-        server, stats = self.server, self.server.stats
-        connections = GaugeMetricFamily(
-            f"{PREFIX}_connections", "Client connections open, by export", labels=["export"]
-        )
-        per_export = {e.name: 0 for e in exports}
-        negotiating = 0
-        for connection in server.connections:
-            if connection.export is None:
-                negotiating += 1
-            else:
-                per_export[connection.export.name] += 1
-        for name, count in per_export.items():
-            connections.add_metric([name], count)
-        yield connections
-        yield _gauge("connections_negotiating", "Connections still in the handshake", negotiating)
-        yield _counter("connections_total", "Client connections accepted", stats.connections)
-        violations = CounterMetricFamily(
-            f"{PREFIX}_protocol_errors", "Clients disconnected for breaking the protocol, by rule", labels=["kind"]
-        )
-        for kind, count in sorted(stats.protocol_errors.items()):
-            violations.add_metric([kind], count)
-        yield violations
-        turned_away = CounterMetricFamily(
-            f"{PREFIX}_connections_turned_away",
-            "Connections closed by the server without a protocol violation, by reason",
-            labels=["reason"],
-        )
-        for reason, count in sorted(stats.turned_away.items()):
-            turned_away.add_metric([reason], count)
-        yield turned_away
-        if stats.handover_pause is not None:
-            yield _gauge(
-                "handover_pause_seconds",
-                "How long requests waited while this process took over from its predecessor",
-                stats.handover_pause,
-            )
-        refused = CounterMetricFamily(
-            f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
-        )
-        for (name, error), count in sorted(stats.refused.items()):
-            refused.add_metric([name, error], count)
-        yield refused
-        io_errors = CounterMetricFamily(
-            f"{PREFIX}_io_errors", "Requests failed by the backing, by errno", labels=["export", "errno"]
-        )
-        inflight = GaugeMetricFamily(
-            f"{PREFIX}_inflight_bytes", "READ and WRITE bytes received and not yet answered", labels=["export"]
-        )
-        size = GaugeMetricFamily(f"{PREFIX}_export_size_bytes", "Size of the export", labels=["export"])
-        for export in exports:
-            for code, count in sorted(export.queue.stats.errors.items()):
-                io_errors.add_metric([export.name, errno.errorcode.get(code, str(code))], count)
-            inflight.add_metric([export.name], export.budget.used)
-            size.add_metric([export.name], export.info.size)
-        yield io_errors
-        yield inflight
-        yield size
-        info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version, build (mypyc or pure) and interpreter")
-        info.add_metric([], {"version": __version__, "build": build.kind(), "python": build.interpreter()})
-        yield info
+        yield from _server_metrics(snapshot, exports)
 
 
-def _diskstats(exports: list[Export]) -> Iterator:
+def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]]) -> Iterator:
+    stats = snapshot.server
+    connections = GaugeMetricFamily(f"{PREFIX}_connections", "Client connections open, by export", labels=["export"])
+    for name, export in exports:
+        connections.add_metric([name], export.connections)
+    yield connections
+    yield _gauge("connections_negotiating", "Connections still in the handshake", snapshot.negotiating)
+    yield _counter("connections_total", "Client connections accepted", stats.connections)
+    violations = CounterMetricFamily(
+        f"{PREFIX}_protocol_errors", "Clients disconnected for breaking the protocol, by rule", labels=["kind"]
+    )
+    for kind, count in sorted(stats.protocol_errors.items()):
+        violations.add_metric([kind], count)
+    yield violations
+    turned_away = CounterMetricFamily(
+        f"{PREFIX}_connections_turned_away",
+        "Connections closed by the server without a protocol violation, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(stats.turned_away.items()):
+        turned_away.add_metric([reason], count)
+    yield turned_away
+    if stats.handover_pause is not None:
+        yield _gauge(
+            "handover_pause_seconds",
+            "How long requests waited while this process took over from its predecessor",
+            stats.handover_pause,
+        )
+    refused = CounterMetricFamily(
+        f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
+    )
+    for (name, error), count in sorted(stats.refused.items()):
+        refused.add_metric([name, error], count)
+    yield refused
+    io_errors = CounterMetricFamily(
+        f"{PREFIX}_io_errors", "Requests failed by the backing, by errno", labels=["export", "errno"]
+    )
+    inflight = GaugeMetricFamily(
+        f"{PREFIX}_inflight_bytes", "READ and WRITE bytes received and not yet answered", labels=["export"]
+    )
+    size = GaugeMetricFamily(f"{PREFIX}_export_size_bytes", "Size of the export", labels=["export"])
+    for name, export in exports:
+        for code, count in sorted(export.queue.errors.items()):
+            io_errors.add_metric([name, errno.errorcode.get(code, str(code))], count)
+        inflight.add_metric([name], export.inflight_bytes)
+        size.add_metric([name], export.size)
+    yield io_errors
+    yield inflight
+    yield size
+    info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version, build (mypyc or pure) and interpreter")
+    info.add_metric([], {"version": __version__, "build": build.kind(), "python": build.interpreter()})
+    yield info
+
+
+def _diskstats(exports: list[tuple[str, ExportSnapshot]]) -> Iterator:
     """The counters of /proc/diskstats, per export."""
     families = []
     for stem, verb, bytes_stem, bytes_help, command in _DISKSTATS:
@@ -116,12 +107,12 @@ def _diskstats(exports: list[Export]) -> Iterator:
         merged = _labelled_counter(f"{stem}_merged", f"{stem.capitalize()} merged into another's submission")
         moved = _labelled_counter(bytes_stem, bytes_help)
         seconds = _labelled_counter(f"{verb}_time_seconds", f"Seconds spent by {stem}, from arrival to completion")
-        for export in exports:
-            stats, name = export.queue.stats, [export.name]
-            done.add_metric(name, stats.submissions[command])
-            merged.add_metric(name, stats.merged[command])
-            moved.add_metric(name, stats.bytes[command])
-            seconds.add_metric(name, stats.time[command])
+        for name, export in exports:
+            stats, label = export.queue, [name]
+            done.add_metric(label, stats.submissions[command])
+            merged.add_metric(label, stats.merged[command])
+            moved.add_metric(label, stats.bytes[command])
+            seconds.add_metric(label, stats.time[command])
         families += [done, merged, moved, seconds]
     flushes = _labelled_counter("flush_requests", "Flushes completed")
     flush_time = _labelled_counter("flush_requests_time_seconds", "Seconds spent by flushes")
@@ -133,20 +124,20 @@ def _diskstats(exports: list[Export]) -> Iterator:
     )
     io_time = _labelled_counter("io_time_seconds", "Seconds with at least one request in flight")
     weighted = _labelled_counter("io_time_weighted_seconds", "Queue depth integrated over time, in seconds")
-    for export in exports:
-        stats, name = export.queue.stats, [export.name]
-        flushes.add_metric(name, stats.submissions[Command.FLUSH])
-        flush_time.add_metric(name, stats.time[Command.FLUSH])
+    for name, export in exports:
+        stats, label = export.queue, [name]
+        flushes.add_metric(label, stats.submissions[Command.FLUSH])
+        flush_time.add_metric(label, stats.time[Command.FLUSH])
         for command, op in _OPS.items():
-            requests.add_metric([export.name, op], stats.requests[command])
-        io_now.add_metric(name, export.queue.in_flight)
-        io_time.add_metric(name, stats.io_time)
-        weighted.add_metric(name, stats.io_time_weighted)
+            requests.add_metric([name, op], stats.requests[command])
+        io_now.add_metric(label, export.io_now)
+        io_time.add_metric(label, stats.io_time)
+        weighted.add_metric(label, stats.io_time_weighted)
     yield from families
     yield from (flushes, flush_time, requests, io_now, io_time, weighted)
 
 
-def _histograms(exports: list[Export]) -> Iterator:
+def _histograms(exports: list[tuple[str, ExportSnapshot]]) -> Iterator:
     latency = HistogramMetricFamily(
         f"{PREFIX}_request_duration_seconds",
         "Time from a request's arrival to its completion, by operation",
@@ -158,16 +149,16 @@ def _histograms(exports: list[Export]) -> Iterator:
     segments = HistogramMetricFamily(
         f"{PREFIX}_submission_segments", "Requests per submission to the backing, by operation", labels=["export", "op"]
     )
-    for export in exports:
-        stats = export.queue.stats
+    for name, export in exports:
+        stats = export.queue
         for command, op in _OPS.items():
             if stats.requests[command]:
-                _add(latency, [export.name, op], stats.latency[command], stats.time[command])
+                _add(latency, [name, op], stats.latency[command], stats.time[command])
         for submitted in _SUBMITTED:
             if stats.submissions[submitted]:
                 op = _OPS[submitted]
-                _add(sizes, [export.name, op], stats.submission_bytes[submitted], stats.bytes[submitted])
-                _add(segments, [export.name, op], stats.submission_segments[submitted], stats.segments[submitted])
+                _add(sizes, [name, op], stats.submission_bytes[submitted], stats.bytes[submitted])
+                _add(segments, [name, op], stats.submission_segments[submitted], stats.segments[submitted])
     yield from (latency, sizes, segments)
 
 

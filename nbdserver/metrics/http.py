@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -24,8 +25,10 @@ MAX_REQUEST_HEAD = 16 * 1024
 
 
 class MetricsEndpoint:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``refresh``: brings the counters up to date before each scrape (asks the worker processes)."""
         self.registry = registry
+        self._refresh = refresh
         self._server: asyncio.Server | None = None
 
     async def start(
@@ -48,6 +51,8 @@ class MetricsEndpoint:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            if self._refresh is not None:
+                await self._refresh()
             writer.write(self._respond(head))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):

@@ -136,6 +136,13 @@ def assert_error_reply(client: RawClient, reply, error: int, cmd: int) -> None:
         reply.message.decode()
 
 
+@pytest.fixture
+def server(start_server, image):
+    """One process: these tests measure the memory and descriptors of the process that serves
+    (test_workers.py holds the worker processes to the budgets)."""
+    return start_server(image, "--processes", "1")
+
+
 @pytest.fixture(params=MODES)
 def mode(request) -> str:
     return request.param

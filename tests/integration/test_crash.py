@@ -68,17 +68,34 @@ def payload(round_: int, slot: int) -> bytes:
     return random.Random(round_ * 100_000 + slot).randbytes(SLOT)
 
 
+class Acked:
+    """Every writer's acknowledged writes: a FLUSH on one connection makes durable those of all."""
+
+    def __init__(self) -> None:
+        self.slots: set[int] = set()
+        self.lock = threading.Lock()
+
+    def add(self, slot: int) -> None:
+        with self.lock:
+            self.slots.add(slot)
+
+    def now(self) -> set[int]:
+        with self.lock:
+            return set(self.slots)
+
+
 class Writer:
     """Pipelined writes into fresh slots, every third with FUA, a FLUSH every 24 writes."""
 
-    def __init__(self, uri: str, round_: int, first_slot: int, slots: int) -> None:
+    def __init__(self, uri: str, round_: int, first_slot: int, slots: int, everyone: Acked) -> None:
         self.h = nbd.NBD()
         self.h.connect_uri(uri)
         self.round = round_
         self.todo = list(range(first_slot, first_slot + slots))
         self.sent: set[int] = set()
         self.acked: set[int] = set()
-        self.durable: set[int] = set()
+        self.durable: set[int] = set()  # of any writer
+        self.everyone = everyone
         self.flushes = 0
 
     def run(self) -> None:
@@ -93,13 +110,14 @@ class Writer:
                     cookie = h.aio_pwrite(payload(self.round, slot), slot * SLOT, flags=nbd.CMD_FLAG_FUA if fua else 0)
                     in_flight[cookie] = ("write", slot, fua)
                     if slot % 24 == 23:
-                        in_flight[h.aio_flush()] = ("flush", set(self.acked), False)
+                        in_flight[h.aio_flush()] = ("flush", self.everyone.now(), False)
                 h.poll(1)
                 while in_flight and (cookie := h.aio_peek_command_completed()) != 0:
                     kind, what, fua = in_flight.pop(cookie)
                     h.aio_command_completed(cookie)  # raises if the command failed
                     if kind == "write":
                         self.acked.add(what)
+                        self.everyone.add(what)
                         if fua:
                             self.durable.add(what)
                     else:
@@ -109,8 +127,10 @@ class Writer:
             pass  # the server was killed
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-workers"])
 @pytest.mark.parametrize("cache", ["buffered", "direct"])
-def test_durable_writes_survive_repeated_sigkill(start_server, ext4_dir, cache):
+def test_durable_writes_survive_repeated_sigkill(start_server, ext4_dir, cache, processes):
+    """With worker processes, one worker is killed first, then the primary and the other."""
     image = ext4_dir / f"crash-{cache}.img"
     with open(image, "wb") as f:
         f.truncate(SIZE)
@@ -120,27 +140,34 @@ def test_durable_writes_survive_repeated_sigkill(start_server, ext4_dir, cache):
     rng = random.Random(cache)
     expected: dict[int, bytes] = {}
     for round_ in range(ROUNDS):
-        server = start_server(image, "--cache", cache)
-        writers = [Writer(server.uri(), round_, i * slots_per_writer, slots_per_writer) for i in range(2)]
+        server = start_server(image, "--cache", cache, "--processes", str(processes))
+        everyone = Acked()
+        writers = [Writer(server.uri(), round_, i * slots_per_writer, slots_per_writer, everyone) for i in range(2)]
         threads = [threading.Thread(target=w.run) for w in writers]
         for thread in threads:
             thread.start()
         threading.Event().wait(rng.uniform(0.2, 0.8))  # mid-stream: the writers need longer
-        os.kill(server.proc.pid, signal.SIGKILL)
+        workers = server.worker_pids() if processes > 1 else []
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            threading.Event().wait(rng.uniform(0.05, 0.2))
+        for pid in [server.proc.pid, *workers[1:]]:
+            os.kill(pid, signal.SIGKILL)
         server.proc.wait()
         for thread in threads:
             thread.join(30)
             assert not thread.is_alive()
         for writer in writers:
-            assert writer.durable <= writer.acked
+            assert writer.durable <= everyone.now()
             assert writer.acked, "nothing was acknowledged before the kill"
             for slot in writer.sent - writer.acked:
                 expected.pop(slot, None)  # cut short by the kill: old data, new data or a mix
             for slot in writer.acked:
                 expected[slot] = payload(round_, slot)
-            for slot in writer.durable:
-                found = on_device(image, device, slot * SLOT, SLOT)
-                assert found == payload(round_, slot), f"round {round_}: durable slot {slot} is not on the device"
+        for slot in set().union(*(w.durable for w in writers)):
+            found = on_device(image, device, slot * SLOT, SLOT)
+            assert found == payload(round_, slot), f"round {round_}: durable slot {slot} is not on the device"
+        for writer in writers:
             totals["acked"] += len(writer.acked)
             totals["durable"] += len(writer.durable)
             totals["flushes"] += writer.flushes

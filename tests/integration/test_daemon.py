@@ -200,7 +200,9 @@ def test_notify_ready_status_watchdog_stopping(start_server, image, tmp_path, ab
         address = str(tmp_path / "notify")
         sock.bind(address)
     with sock:
-        server = start_server(image, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+        server = start_server(
+            image, "--processes", "1", env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}
+        )  # its STATUS= wording (with worker processes, it adds how many)
         first = notifications(sock, "READY=1")
         assert any("STATUS=1 export(s) on 1 address(es), 0 connection(s)" in m for m in first), first
         pings = []

@@ -95,7 +95,8 @@ class Client(threading.Thread):
             self.errors.append(f"libnbd: {exc}")
 
 
-def test_twenty_upgrades_under_load_fail_no_request(upgradable, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-workers"])
+def test_twenty_upgrades_under_load_fail_no_request(upgradable, tmp_path, processes):
     disk = make_image(tmp_path / "disk.img", 64 * MiB)
     direct = make_image(tmp_path / "direct.img", 64 * MiB)
     pattern = random.Random(1).randbytes(4 * MiB)
@@ -107,6 +108,8 @@ def test_twenty_upgrades_under_load_fail_no_request(upgradable, tmp_path):
         f"name=direct,path={direct},cache=direct",
         "--export",
         f"name=ro,path={tmp_path / 'ro.img'},read-only",
+        "--processes",
+        str(processes),
     )
     uri = u.server.uri
     clients = [

@@ -70,8 +70,9 @@ def test_adjacent_writes_on_one_connection(start_server, image, merge):
 
 
 def test_merging_across_connections(start_server, image):
-    """Even blocks come from one connection, odd ones from another: any merge joins both."""
-    server = start_server(image)
+    """Even blocks come from one connection, odd ones from another: any merge joins both (in one
+    process: worker processes merge only the requests of the connections each serves)."""
+    server = start_server(image, "--processes", "1")
     a, b = connect(server), connect(server)
     rounds = 0
     while rounds < 10:

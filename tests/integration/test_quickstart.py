@@ -52,6 +52,7 @@ def test_the_first_command_installs_and_serves_as_root_without_sudo(tmp_path):
     server = ServerProcess(["--size", "1G", "disk.img", *own_ports], program=[".venv/bin/nbdserver"], cwd=tree)
     try:
         server.wait_ready()
+        assert "(mypyc)" in server.log[0], server.log[0]  # a compiler is at hand here: the compiled build
         info = subprocess.run(["nbdinfo", "--size", server.uri()], capture_output=True, text=True, timeout=60)
         assert info.returncode == 0 and int(info.stdout) == 1 << 30, info.stderr
         image = tree / "disk.img"

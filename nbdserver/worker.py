@@ -1,0 +1,163 @@
+"""A worker process: serves the connections the primary passes it (see workers.py).
+
+    python -m nbdserver.worker FD
+
+FD is its end of the socket pair to the primary, whose first frame is the
+configuration.  It answers to the primary alone: the service manager's
+signals go to the primary, which tells its workers what to do (a stop, a
+reload, an upgrade), so a worker ignores them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import signal
+import socket
+import sys
+from functools import partial
+from typing import Any
+
+import uvloop
+
+from .config import ConfigError, ServerConfig
+from .connection import Connection
+from .frames import receive_frame, send_frame
+from .handover import ConnectionTerms, Inheritance, Package, package, resume
+from .server import Server
+from .systemd import configure_logging, set_log_level
+from .workers import ANSWER_TIMEOUT, share
+
+log = logging.getLogger("nbdserver")
+
+
+class Worker:
+    """One worker's side of the socket pair: a frame from the primary at a time."""
+
+    def __init__(self, server: Server, channel: socket.socket) -> None:
+        self.server, self.channel = server, channel
+        self.done = asyncio.Event()
+        self._packed: Package | None = None
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._adopting: set[asyncio.Task[Any]] = set()  # connections being set up
+        server.on_change = self._report_count
+
+    def _report_count(self) -> None:
+        self._send({"type": "count", "connections": len(self.server.connections)})
+
+    def _send(self, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
+        try:
+            send_frame(self.channel, head, raw, fds)
+        except OSError:
+            self.done.set()  # the primary is gone
+
+    def receive(self) -> None:
+        try:
+            head, raw, fds = receive_frame(self.channel)
+        except (OSError, EOFError, ValueError) as exc:
+            log.debug("the primary is gone: %r", exc)
+            self._loop.remove_reader(self.channel.fileno())
+            self.done.set()  # the primary is gone: finish as at a stop
+            return
+        kind = head.get("type")
+        if kind == "connection":
+            self._adopt(self._take(socket.socket(fileno=fds[0])))
+        elif kind == "resume":
+            terms = ConnectionTerms.from_json(head["terms"])
+            self._adopt(resume(self.server, Inheritance(connections=[(terms, socket.socket(fileno=fds[0]), raw)])))
+        elif kind == "snapshot":
+            self._run(self._snapshot())
+        elif kind == "reload":
+            self._reload(pickle.loads(raw))
+        elif kind == "package":
+            self._run(self._package())
+        elif kind == "let_go" and self._packed is not None:
+            self._packed.let_go(self.server)
+            self._packed = None
+        elif kind == "take_back" and self._packed is not None:
+            self._run(self._packed.take_back(self.server))
+            self._packed = None
+        elif kind == "stop":
+            self.done.set()
+        else:
+            log.warning("unexpected %r from the primary", kind)
+            for fd in fds:
+                socket.socket(fileno=fd).close()
+
+    def _run(self, coroutine: Any, tasks: set[asyncio.Task[Any]] | None = None) -> None:
+        task = self._loop.create_task(coroutine)
+        held = self._tasks if tasks is None else tasks
+        held.add(task)
+        task.add_done_callback(held.discard)
+
+    def _adopt(self, coroutine: Any) -> None:
+        """Start serving a connection; what the primary asks next sees it served."""
+        self._run(coroutine, self._adopting)
+
+    async def _snapshot(self) -> None:
+        if self._adopting:
+            await asyncio.wait(list(self._adopting))
+        self._send({"type": "snapshot", "data": self.server.snapshot().to_json()})
+
+    async def _take(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            await self._loop.connect_accepted_socket(partial(Connection, self.server), sock)
+        except OSError as exc:  # the client left already
+            log.debug("connection lost on arrival: %s", exc)
+            sock.close()
+
+    async def _package(self) -> None:
+        self._packed = packed = await package(self.server, listeners=False)
+        for head, raw, sock in packed.frames:
+            self._send(head, raw, [sock.fileno()])
+        self._send(packed.end)
+
+    def _reload(self, config: ServerConfig) -> None:
+        try:
+            set_log_level(config.log_level)
+            changed, _ = self.server.reload(config)  # what could not change, the primary logs
+        except ConfigError as exc:
+            log.debug("reload: %s", exc)
+            return
+        log.debug("reloaded: %s", "; ".join(changed))
+
+
+async def serve(config: ServerConfig, channel: socket.socket) -> int:
+    try:
+        server = Server(config)
+        server.open_exports()
+    except (ConfigError, OSError) as exc:
+        send_frame(channel, {"type": "failed", "why": str(exc)})
+        return 1
+    worker = Worker(server, channel)
+    # The loop makes the descriptor non-blocking once it watches it: a timeout makes the socket
+    # wait (poll) for the rest of a frame that arrives in pieces.
+    channel.settimeout(ANSWER_TIMEOUT)
+    send_frame(channel, {"type": "ready"})
+    asyncio.get_running_loop().add_reader(channel.fileno(), worker.receive)
+    await worker.done.wait()
+    with contextlib.suppress(ValueError, OSError):
+        asyncio.get_running_loop().remove_reader(channel.fileno())
+    await server.shutdown()
+    channel.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)  # the primary's to act on
+    channel = socket.socket(fileno=int(argv[1]))
+    head, raw, _ = receive_frame(channel)
+    if head.get("type") != "config":
+        return 2
+    config, index, count = pickle.loads(raw)
+    configure_logging(config.log_level, prefix=f"worker {index}: ")
+    return uvloop.run(serve(share(config, count), channel))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

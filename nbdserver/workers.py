@@ -1,0 +1,375 @@
+"""Worker processes: several event loops, each serving whole connections.
+
+With ``processes`` above 1, the process that was started (the primary) binds or
+inherits the listening sockets, accepts, and passes each client's socket to the
+worker process that has the fewest connections.  A worker is this package run
+again (``python -m nbdserver.worker FD``, see worker.py): it opens every export
+itself, with its own request queue and engine and an equal share of the
+server's and the exports' in-flight budgets, and serves the connections it is
+given from the handshake to the end.  The primary keeps the listeners, the
+service manager's notifications, /metrics (the workers' counters summed), and
+the upgrade: every worker's connections are handed over together.
+
+Requests are merged within a worker: those of connections served by different
+workers are not merged with each other.  FLUSH and FUA keep their meaning
+across workers, since every worker writes the same file and fdatasync acts on
+the file, not on the descriptor.
+
+The primary and a worker talk over a socket pair in handover.py's frames:
+
+    primary                                   worker
+    config + pickled (config, index, count) ──▶
+                                            ◀──  ready | failed {why}
+    connection + fd                         ──▶  a new client: handshake and all
+    resume {terms} + fd + bytes             ──▶  a client taken over from a predecessor
+                                            ◀──  count {connections}   whenever it changes
+    snapshot                                ──▶
+                                            ◀──  snapshot {data}       what /metrics sums
+    reload + pickled config                 ──▶  applied as SIGHUP applies it
+    package                                 ──▶  quiesces its connections for an upgrade
+                                            ◀──  connection {terms} + fd + bytes ..., end {closed_slow}
+    let_go | take_back                      ──▶
+    stop, or end of file                    ──▶  finishes what is in flight, flushes, exits
+
+A worker that dies takes its connections with it; its counters are kept, so
+that the sums never go back, and another worker takes its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import ServerConfig
+from .frames import FrameError, receive_frame, send_frame
+from .stats import Snapshot
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # for a worker to open its exports
+ANSWER_TIMEOUT = 30.0  # for a snapshot, or the connections of a package
+STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
+ACCEPT_BURST = 64  # clients accepted at once before the loop runs other work
+ACCEPT_RETRY = 1.0  # seconds, after accept() failed (out of descriptors)
+RESTART_DELAY = 1.0  # before a worker that died is replaced: one that dies at once must not spin
+
+Frame = tuple[dict[str, Any], bytes, list[int]]
+
+
+class WorkerError(Exception):
+    """A worker could not start, or went away while asked something."""
+
+
+def share(config: ServerConfig, count: int) -> ServerConfig:
+    """One worker's configuration: the server's and the exports' in-flight budgets and the buffer
+    pool divided evenly, so that together the workers keep within the limits configured."""
+    exports = [
+        replace(e, max_inflight_bytes=max(1, e.max_inflight_bytes // count) if e.max_inflight_bytes else None)
+        for e in config.exports
+    ]
+    return replace(
+        config,
+        exports=exports,
+        max_export_inflight_bytes=max(1, config.max_export_inflight_bytes // count),
+        max_server_inflight_bytes=max(1, config.max_server_inflight_bytes // count),
+        buffer_pool_bytes=config.buffer_pool_bytes // count,
+        processes=1,  # a worker serves its connections itself
+    )
+
+
+class Acceptor:
+    """A listening socket whose clients go to ``take`` (for a worker) rather than to a connection
+    here.  Like an ``asyncio.Server``, it has ``sockets`` and ``close()``."""
+
+    def __init__(self, sock: socket.socket, take: Callable[[socket.socket], None]) -> None:
+        self._sock, self._take = sock, take
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._sock.fileno() >= 0 else ()
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                client, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: try again later rather than spin
+                log.error("cannot accept: %s; trying again in %.0f s", exc, ACCEPT_RETRY)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY, self._resume)
+                return
+            self._take(client)
+
+    def _resume(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    channel: socket.socket
+    connections: int = 0
+    last: Snapshot | None = None  # its counters, as last asked
+    replies: asyncio.Queue[Frame | None] = field(default_factory=asyncio.Queue)  # None: it is gone
+    asking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one question at a time
+    alive: bool = True
+
+
+class WorkerPool:
+    def __init__(self, config: ServerConfig, count: int) -> None:
+        self.config = config
+        self.count = count
+        self._workers: list[_Worker] = []
+        self._retired: list[Snapshot] = []  # the last counters of workers that died
+        self._stopping = False
+        self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
+
+    # Life -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has opened the exports; WorkerError if one cannot."""
+        try:
+            for index in range(self.count):
+                self._workers.append(await self._start(index))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("%d worker processes: pids %s", self.count, ", ".join(str(w.proc.pid) for w in self._workers))
+
+    async def _start(self, index: int) -> _Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nbdserver.worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            ours.close()
+            raise WorkerError(f"cannot start worker {index}: {exc}") from None
+        finally:
+            theirs.close()
+        worker = _Worker(index, proc, ours)
+        ours.settimeout(START_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        try:
+            send_frame(ours, {"type": "config"}, pickle.dumps((self.config, index, self.count)))
+            answer, _, _ = await loop.run_in_executor(None, receive_frame, ours)
+        except (OSError, EOFError, FrameError) as exc:
+            self._kill(worker)
+            raise WorkerError(f"worker {index} did not start: {exc}") from None
+        if answer.get("type") != "ready":
+            self._kill(worker)
+            raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
+        ours.settimeout(ANSWER_TIMEOUT)
+        loop.add_reader(ours.fileno(), self._receive, worker)
+        return worker
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask every worker to finish what is in flight and exit; kill those that do not in time."""
+        self._stopping = True
+        for worker in self._workers:
+            self._tell(worker, {"type": "stop"})
+        loop = asyncio.get_running_loop()
+        waits = [loop.run_in_executor(None, _wait, w.proc, timeout) for w in self._workers]
+        for worker, exited in zip(self._workers, await asyncio.gather(*waits), strict=True):
+            if not exited:
+                log.warning(
+                    "worker %d (pid %d) did not stop within %.0f s: killed", worker.index, worker.proc.pid, timeout
+                )
+            self._forget(worker)
+
+    def _kill(self, worker: _Worker) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+        worker.proc.wait()
+        worker.channel.close()
+
+    def _forget(self, worker: _Worker) -> None:
+        if worker.alive:
+            worker.alive = False
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+            worker.channel.close()
+            worker.replies.put_nowait(None)
+
+    def _lost(self, worker: _Worker) -> None:
+        """Its channel closed: it died, and its connections with it.  Another takes its place."""
+        self._forget(worker)
+        if self._stopping:
+            return
+        if worker.last is not None:
+            self._retired.append(worker.last)
+        worker.connections = 0
+        self.on_change()
+        asyncio.get_running_loop().create_task(self._replace(worker))
+
+    async def _replace(self, old: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        status = await loop.run_in_executor(None, old.proc.wait)
+        log.error("worker %d (pid %d) exited with status %d: its connections are gone", old.index, old.proc.pid, status)
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY)
+            try:
+                new = await self._start(old.index)
+            except WorkerError as exc:
+                log.error("%s: trying again", exc)
+                continue
+            self._workers[self._workers.index(old)] = new
+            log.info("worker %d started again: pid %d", new.index, new.proc.pid)
+            if self._stopping:
+                self._tell(new, {"type": "stop"})
+            return
+
+    # Talking --------------------------------------------------------------------------------
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            frame = receive_frame(worker.channel)
+        except (OSError, EOFError, ValueError):
+            self._lost(worker)
+            return
+        head = frame[0]
+        if head.get("type") == "count":
+            worker.connections = head["connections"]
+            self.on_change()
+        else:
+            worker.replies.put_nowait(frame)
+
+    def _tell(self, worker: _Worker, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> bool:
+        if not worker.alive:
+            return False
+        try:
+            send_frame(worker.channel, head, raw, fds)
+        except OSError as exc:
+            log.warning("worker %d: %s", worker.index, exc)
+            return False
+        return True
+
+    async def _ask(self, worker: _Worker, head: dict[str, Any], last: str) -> list[Frame]:
+        """Send ``head`` and collect the answers up to one of type ``last``."""
+        async with worker.asking:
+            if not self._tell(worker, head):
+                raise WorkerError(f"worker {worker.index} is gone")
+            answers = []
+            while True:
+                try:
+                    frame = await asyncio.wait_for(worker.replies.get(), ANSWER_TIMEOUT)
+                except TimeoutError:
+                    raise WorkerError(f"worker {worker.index} did not answer {head['type']}") from None
+                if frame is None:
+                    raise WorkerError(f"worker {worker.index} went away")
+                answers.append(frame)
+                if frame[0].get("type") == last:
+                    return answers
+
+    # What the server asks of its workers -----------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return sum(w.connections for w in self._workers if w.alive)
+
+    def take(self, sock: socket.socket) -> bool:
+        """Pass a new client to the worker with the fewest connections; False if none took it."""
+        try:
+            for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
+                if self._tell(worker, {"type": "connection"}, fds=[sock.fileno()]):
+                    worker.connections += 1  # until its own count comes
+                    return True
+            return False
+        finally:
+            sock.close()  # the worker has its own copy
+
+    def resume(self, terms: dict[str, Any], pending: bytes, sock: socket.socket) -> bool:
+        """Pass a connection taken over from a predecessor to a worker; False if none took it."""
+        try:
+            for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
+                if self._tell(worker, {"type": "resume", "terms": terms}, pending, [sock.fileno()]):
+                    worker.connections += 1
+                    return True
+            return False
+        finally:
+            sock.close()
+
+    async def refresh(self) -> None:
+        """Ask every worker for its counters (a worker that does not answer keeps its last ones)."""
+
+        async def ask(worker: _Worker) -> None:
+            try:
+                (head, _, _), *_ = await self._ask(worker, {"type": "snapshot"}, "snapshot")
+            except WorkerError as exc:
+                log.warning("metrics: %s", exc)
+                return
+            worker.last = Snapshot.from_json(head["data"])
+
+        await asyncio.gather(*(ask(w) for w in self._workers if w.alive))
+
+    def add_to(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` (the primary's own, left as it is) plus every worker's last counters."""
+        total = Snapshot.from_json(snapshot.to_json())
+        for part in [*self._retired, *(w.last for w in self._workers if w.last is not None)]:
+            total.add(part)
+        return total
+
+    def reload(self, config: ServerConfig) -> None:
+        self.config = config
+        for worker in self._workers:
+            self._tell(worker, {"type": "reload"}, pickle.dumps(share(config, self.count)))
+
+    async def package(self) -> tuple[list[tuple[dict[str, Any], bytes, socket.socket]], int]:
+        """Every worker quiesces its connections and passes them here, for an upgrade: (frames as
+        handover.py sends them, connections closed because their replies were not read)."""
+        frames: list[tuple[dict[str, Any], bytes, socket.socket]] = []
+        closed_slow = 0
+        answers = await asyncio.gather(
+            *(self._ask(w, {"type": "package"}, "end") for w in self._workers if w.alive), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                self.take_back()
+                for _, _, sock in frames:
+                    sock.close()
+                raise WorkerError(str(answer))
+            for head, raw, fds in answer:
+                if head["type"] == "end":
+                    closed_slow += head["closed_slow"]
+                else:
+                    frames.append((head, raw, socket.socket(fileno=fds[0])))
+        return frames, closed_slow
+
+    def let_go(self) -> None:
+        for worker in self._workers:
+            self._tell(worker, {"type": "let_go"})
+
+    def take_back(self) -> None:
+        for worker in self._workers:
+            self._tell(worker, {"type": "take_back"})
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False

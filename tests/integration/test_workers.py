@@ -1,0 +1,210 @@
+"""Worker processes (``--processes N``): connections spread over several event loops, one
+server to its clients, to /metrics and to the service manager."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.conftest import MiB, ServerProcess, make_image, scrape, value, wait_for
+from tests.integration.rawclient import Cmd
+from tests.integration.test_bad_input import assert_serves, memory, negotiate
+
+BLOCK = 4096
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
+
+
+def connect(server: ServerProcess, name: str = "") -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(server.uri(name))
+    return h
+
+
+def served_by(server: ServerProcess, count: int) -> set[str]:
+    """Which workers logged the first ``count`` connections."""
+    assert server.logged(": connected", count), server.log_text()
+    return {m for m in re.findall(r"(worker \d+): \S+: connected", server.log_text())}
+
+
+@pytest.fixture
+def two_workers(start_server, tmp_path: Path) -> ServerProcess:
+    return start_server(make_image(tmp_path / "disk.img", 64 * MiB), "--name", "disk", "--processes", "2")
+
+
+def test_connections_spread_over_the_workers_and_see_each_others_writes(two_workers):
+    handles = [connect(two_workers, "disk") for _ in range(4)]
+    try:
+        assert served_by(two_workers, 4) == {"worker 0", "worker 1"}
+        assert all(h.can_multi_conn() for h in handles)
+        for i, h in enumerate(handles):  # each write is read back through a connection of the other worker
+            h.pwrite(bytes([i + 1]) * BLOCK, i * BLOCK)
+        for i in range(4):
+            assert handles[(i + 1) % 4].pread(BLOCK, i * BLOCK) == bytes([i + 1]) * BLOCK
+        handles[1].flush()
+    finally:
+        for h in handles:
+            h.shutdown()
+    assert "2 worker processes" in two_workers.log_text()
+
+
+def test_metrics_sum_every_worker(two_workers):
+    handles = [connect(two_workers, "disk") for _ in range(4)]
+    try:
+        for i, h in enumerate(handles):
+            for n in range(i + 1):  # 1 + 2 + 3 + 4 writes
+                h.pwrite(b"m" * BLOCK, (16 * i + n) * BLOCK)
+            h.pread(BLOCK, 0)
+        samples = scrape(two_workers.metrics_url)
+        assert value(samples, "nbdserver_requests_total", export="disk", op="write") == 10
+        assert value(samples, "nbdserver_requests_total", export="disk", op="read") == 4
+        assert value(samples, "nbdserver_written_bytes_total", export="disk") == 10 * BLOCK
+        assert value(samples, "nbdserver_connections", export="disk") == 4
+        assert value(samples, "nbdserver_connections_total") == 4
+        assert value(samples, "nbdserver_export_size_bytes", export="disk") == 64 * MiB
+        buckets = value(samples, "nbdserver_request_duration_seconds_count", export="disk", op="write")
+        assert buckets == 10
+    finally:
+        for h in handles:
+            h.shutdown()
+    assert wait_for(lambda: value(scrape(two_workers.metrics_url), "nbdserver_connections", export="disk") == 0)
+
+
+def test_requests_of_one_connection_are_merged_in_its_worker(two_workers):
+    h = connect(two_workers, "disk")
+    try:
+        for n in range(256):
+            h.aio_pwrite(b"s" * BLOCK, n * BLOCK)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+    finally:
+        h.shutdown()
+    samples = scrape(two_workers.metrics_url)
+    assert value(samples, "nbdserver_requests_total", export="disk", op="write") == 256
+    assert value(samples, "nbdserver_writes_merged_total", export="disk") > 0
+
+
+def test_max_connections_counts_the_connections_of_every_worker(start_server, image):
+    server = start_server(image, "--processes", "2", "--max-connections", "3")
+    handles = [connect(server) for _ in range(3)]
+    try:
+        refused = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            refused.connect_uri(server.uri())
+        assert value(scrape(server.metrics_url), "nbdserver_connections_turned_away_total", reason="max_connections")
+        assert handles[2].pread(BLOCK, 0) == bytes(BLOCK)
+    finally:
+        for h in handles:
+            h.shutdown()
+
+
+def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_workers):
+    handles = [connect(two_workers, "disk") for _ in range(2)]
+    assert served_by(two_workers, 2) == {"worker 0", "worker 1"}
+    for h in handles:
+        h.pwrite(b"d" * BLOCK, 0)
+        h.flush()
+    before = value(scrape(two_workers.metrics_url), "nbdserver_requests_total", export="disk", op="write")
+    first, second = two_workers.worker_pids()
+    first_connected = next(line for line in two_workers.log if ": connected" in line)
+    victim = handles[0] if "worker 0" in first_connected else handles[1]
+    survivor = handles[1] if victim is handles[0] else handles[0]
+    os.kill(first, signal.SIGKILL)
+    assert two_workers.logged("worker 0 started again"), two_workers.log_text()
+    assert "worker 0 (pid" in two_workers.log_text() and "its connections are gone" in two_workers.log_text()
+    with pytest.raises(nbd.Error):
+        victim.pread(BLOCK, 0)
+    assert survivor.pread(BLOCK, 0) == b"d" * BLOCK
+    fresh = [connect(two_workers, "disk") for _ in range(2)]  # served again by two workers
+    for h in fresh:
+        assert h.pread(BLOCK, 0) == b"d" * BLOCK
+    new_first, still_second = two_workers.worker_pids()
+    assert new_first != first and still_second == second and alive(new_first)
+    # The dead worker's counts stay in the sums: counters never go back.
+    after = value(scrape(two_workers.metrics_url), "nbdserver_requests_total", export="disk", op="write")
+    assert after >= before == 2
+    for h in [survivor, *fresh]:
+        h.shutdown()
+
+
+def test_stop_ends_every_worker(start_server, image):
+    server = start_server(image, "--processes", "3")
+    h = connect(server)
+    h.pwrite(b"x" * BLOCK, 0)
+    pids = server.worker_pids()
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert server.stop() == 0
+    assert wait_for(lambda: not any(alive(p) for p in pids))
+    assert "exited with status" not in server.log_text()  # none died: each was asked to stop
+    with open(image, "rb") as f:
+        assert f.read(BLOCK) == b"x" * BLOCK
+
+
+def test_workers_leave_when_the_primary_is_killed(start_server, image):
+    server = start_server(image, "--processes", "2")
+    pids = server.worker_pids()
+    h = connect(server)
+    h.pwrite(b"k" * BLOCK, 0)
+    server.proc.kill()
+    server.proc.wait()
+    assert wait_for(lambda: not any(alive(p) for p in pids), timeout=30)  # they finish and exit on their own
+    with open(image, "rb") as f:
+        assert f.read(BLOCK) == b"k" * BLOCK
+
+
+def test_reload_reaches_every_worker(start_server, tmp_path):
+    one, two = make_image(tmp_path / "one.img", 4 * MiB), make_image(tmp_path / "two.img", 8 * MiB)
+    config = tmp_path / "nbdserver.toml"
+    config.write_text(f'[[export]]\nname = "one"\npath = "{one}"\n')
+    server = start_server("--config", config, "--processes", "2")
+    config.write_text(config.read_text() + f'[[export]]\nname = "two"\npath = "{two}"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.logged("reloaded:"), server.log_text()
+    handles = [connect(server, "two") for _ in range(2)]  # one in each worker
+    try:
+        assert served_by(server, 2) == {"worker 0", "worker 1"}
+        assert [h.get_size() for h in handles] == [8 * MiB, 8 * MiB]
+    finally:
+        for h in handles:
+            h.shutdown()
+
+
+@pytest.mark.parametrize("processes", ["0", "-1", "many"])
+def test_processes_must_be_auto_or_at_least_one(start_server, image, processes):
+    server = start_server(image, "--processes", processes, wait=False)
+    assert server.proc.wait(30) == 2
+    assert "processes" in server.log_text() and "auto or" in server.log_text(), server.log_text()
+
+
+def test_the_export_budget_holds_across_the_workers(start_server, image):
+    """40 connections each stall a 32 MiB WRITE: together the workers hold no more than the export's
+    in-flight budget (each its share of it) and one request over it each."""
+    server = start_server(image, "--processes", "2", "--max-export-inflight", "128M")
+    pids = server.worker_pids()
+    before = sum(memory(pid)["VmRSS"] for pid in pids)
+    clients = [negotiate(server, "go") for _ in range(40)]  # 40 x 32 MiB would be 1.25 GiB
+    try:
+        for client in clients:
+            client.send(client.request_bytes(Cmd.WRITE, 0, 32 * MiB) + b"x")
+        assert wait_for(lambda: sum(memory(pid)["VmRSS"] for pid in pids) - before > 128)  # both took some
+        time.sleep(2)  # and no more comes
+        grown = sum(memory(pid)["VmHWM"] for pid in pids) - before
+        print(f"40 stalled 32 MiB WRITEs over 2 workers: {grown:.0f} MiB")
+        assert grown < 128 + 2 * 32 + 32  # the budget, one request over each worker's share, the interpreters
+    finally:
+        for client in clients:
+            client.close()
+    assert_serves(server)
