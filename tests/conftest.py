@@ -27,8 +27,24 @@ import debian_root
 IMAGE_SIZE = 64 * 1024 * 1024
 # The build under test: "pure", or "mypyc" when tests/compiled runs the suite on the compiled one.
 EXPECTED_BUILD = os.environ.get("NBDSERVER_EXPECT_BUILD", "pure")
-# Worker processes for every server the tests start (unless a test says): "" leaves the default.
-PROCESSES = os.environ.get("NBDSERVER_TEST_PROCESSES", "")
+# Worker processes for every server the tests start, unless a test says (pytest --processes N):
+# "" leaves the server's default.
+PROCESSES = ""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--processes",
+        default="",
+        help="start every server with --processes N unless a test sets it (default: the server's default)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global PROCESSES
+    PROCESSES = config.getoption("--processes")
+
+
 START_TIMEOUT = 20.0
 MiB = 1024 * 1024
 
