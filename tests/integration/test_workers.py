@@ -208,3 +208,18 @@ def test_the_export_budget_holds_across_the_workers(start_server, image):
         for client in clients:
             client.close()
     assert_serves(server)
+
+
+@pytest.mark.parametrize("cpus", ["0", "0,1"])
+def test_auto_starts_a_worker_per_cpu_and_none_on_one(start_server, image, cpus):
+    if len(os.sched_getaffinity(0)) < len(cpus.split(",")):
+        pytest.skip(f"fewer than {len(cpus.split(','))} CPUs here")
+    server = start_server(image, "--processes", "auto", wrapper=["taskset", "-c", cpus])
+    if cpus == "0":  # one CPU: this process serves, as without workers
+        assert "worker processes" not in server.log_text()
+    else:
+        assert len(server.worker_pids()) == 2
+    h = connect(server)
+    h.pwrite(b"a" * BLOCK, 0)
+    assert h.pread(BLOCK, 0) == b"a" * BLOCK
+    h.shutdown()
