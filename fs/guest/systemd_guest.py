@@ -48,7 +48,7 @@ DISK_SIZE = 3 << 30  # sparse; the root takes about 300 MiB, the scenarios' imag
 # What pip needs without a network: the server's dependencies and its build backend.
 WHEELS = ("uvloop", "prometheus-client", "setuptools>=61", "wheel")
 # Files of the checkout the admin has (what `pip install .` and the install steps read).
-CHECKOUT = ("pyproject.toml", "README.md", "nbdserver", "deploy")
+CHECKOUT = ("pyproject.toml", "setup.py", "build_support", "README.md", "nbdserver", "deploy")
 
 RUNNER_UNIT = """\
 [Unit]
@@ -197,7 +197,7 @@ def payload(names: Iterable[str], cache: Path | None = None) -> bytes:
         path = ROOT / name
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
-            if "__pycache__" not in file.parts:
+            if "__pycache__" not in file.parts and file.suffix != ".so":  # the source, as a clone has it
                 archive.file(f"payload/src/{file.relative_to(ROOT)}", file.read_bytes(), 0o644)
     for wheel in sorted(wheels(cache).glob("*.whl")):
         archive.file(f"payload/wheels/{wheel.name}", wheel.read_bytes(), 0o644)
