@@ -157,7 +157,8 @@ class Server:
         listener: asyncio.Server | Acceptor
         if self.workers is not None:
             sock.listen(LISTEN_BACKLOG)
-            listener = Acceptor(sock, self._take)
+            listener = Acceptor(sock, self._take, self.workers.has_room)
+            self.workers.on_room.append(listener.resume)
         elif sock.family == socket.AF_UNIX:
             listener = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         else:
@@ -196,6 +197,8 @@ class Server:
             self._metrics.close()
         self._listeners, self._metrics = [], None
         self.addresses, self.metrics_addresses = [], []
+        if self.workers is not None:
+            self.workers.on_room.clear()
         return copies
 
     def disown_sockets(self) -> None:

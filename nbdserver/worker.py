@@ -43,10 +43,11 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._adopting: set[asyncio.Task[Any]] = set()  # connections being set up
+        self._taken = 0  # connections received from the primary
         server.on_change = self._report_count
 
     def _report_count(self) -> None:
-        self._send({"type": "count", "connections": len(self.server.connections)})
+        self._send({"type": "count", "connections": len(self.server.connections), "taken": self._taken})
 
     def _send(self, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
         try:
@@ -63,6 +64,8 @@ class Worker:
             self.done.set()  # the primary is gone: finish as at a stop
             return
         kind = head.get("type")
+        if kind in ("connection", "resume"):
+            self._taken += 1
         if kind == "connection":
             self._adopt(self._take(socket.socket(fileno=fds[0])))
         elif kind == "resume":
@@ -94,8 +97,14 @@ class Worker:
         task.add_done_callback(held.discard)
 
     def _adopt(self, coroutine: Any) -> None:
-        """Start serving a connection; what the primary asks next sees it served."""
-        self._run(coroutine, self._adopting)
+        """Start serving a connection (what the primary asks next sees it served), then say so."""
+        self._run(self._then_report(coroutine), self._adopting)
+
+    async def _then_report(self, coroutine: Any) -> None:
+        try:
+            await coroutine
+        finally:
+            self._report_count()
 
     async def _snapshot(self) -> None:
         if self._adopting:

@@ -22,7 +22,7 @@ The primary and a worker talk over a socket pair in handover.py's frames:
                                             ◀──  ready | failed {why}
     connection + fd                         ──▶  a new client: handshake and all
     resume {terms} + fd + bytes             ──▶  a client taken over from a predecessor
-                                            ◀──  count {connections}   whenever it changes
+                                            ◀──  count {connections, taken}   whenever it changes
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
     reload + pickled config                 ──▶  applied as SIGHUP applies it
@@ -31,7 +31,10 @@ The primary and a worker talk over a socket pair in handover.py's frames:
     let_go | take_back                      ──▶
     stop, or end of file                    ──▶  finishes what is in flight, flushes, exits
 
-A worker that dies takes its connections with it; its counters are kept, so
+The primary passes at most MAX_ON_THE_WAY connections to a worker ahead of
+what the worker says it has taken; beyond that it stops accepting for a while,
+so that a busy worker holds up the listening socket's backlog, never the
+primary itself.  A worker that dies takes its connections with it; its counters are kept, so
 that the sums never go back, and another worker takes its place.
 """
 
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # for a worker to open its exports
 ANSWER_TIMEOUT = 30.0  # for a snapshot, or the connections of a package
 STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
+MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then accepting waits
 ACCEPT_BURST = 64  # clients accepted at once before the loop runs other work
 ACCEPT_RETRY = 1.0  # seconds, after accept() failed (out of descriptors)
 RESTART_DELAY = 1.0  # before a worker that died is replaced: one that dies at once must not spin
@@ -89,9 +93,13 @@ class Acceptor:
     """A listening socket whose clients go to ``take`` (for a worker) rather than to a connection
     here.  Like an ``asyncio.Server``, it has ``sockets`` and ``close()``."""
 
-    def __init__(self, sock: socket.socket, take: Callable[[socket.socket], None]) -> None:
-        self._sock, self._take = sock, take
+    def __init__(
+        self, sock: socket.socket, take: Callable[[socket.socket], None], ready: Callable[[], bool] = lambda: True
+    ) -> None:
+        """``ready``: may another client be taken now?  If not, accepting waits for ``resume()``."""
+        self._sock, self._take, self._ready = sock, take, ready
         self._loop = asyncio.get_running_loop()
+        self._waiting = False
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._accept)
 
@@ -106,6 +114,10 @@ class Acceptor:
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BURST):
+            if not self._ready():
+                self._loop.remove_reader(self._sock.fileno())
+                self._waiting = True
+                return
             try:
                 client, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -113,12 +125,15 @@ class Acceptor:
             except OSError as exc:  # out of descriptors, say: try again later rather than spin
                 log.error("cannot accept: %s; trying again in %.0f s", exc, ACCEPT_RETRY)
                 self._loop.remove_reader(self._sock.fileno())
-                self._loop.call_later(ACCEPT_RETRY, self._resume)
+                self._waiting = True
+                self._loop.call_later(ACCEPT_RETRY, self.resume)
                 return
             self._take(client)
 
-    def _resume(self) -> None:
-        if self._sock.fileno() >= 0:
+    def resume(self) -> None:
+        """Accept again, if accepting waits."""
+        if self._waiting and self._sock.fileno() >= 0:
+            self._waiting = False
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
 
@@ -127,11 +142,22 @@ class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
     channel: socket.socket
-    connections: int = 0
+    open: int = 0  # its connections, as it last said
+    given: int = 0  # connections passed to it
+    taken: int = 0  # of those, how many it had taken when it last said
     last: Snapshot | None = None  # its counters, as last asked
     replies: asyncio.Queue[Frame | None] = field(default_factory=asyncio.Queue)  # None: it is gone
     asking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one question at a time
     alive: bool = True
+
+    @property
+    def on_the_way(self) -> int:
+        """Connections passed to it and not yet taken: sockets (and their descriptors) in flight."""
+        return self.given - self.taken
+
+    @property
+    def connections(self) -> int:
+        return self.open + self.on_the_way
 
 
 class WorkerPool:
@@ -142,6 +168,7 @@ class WorkerPool:
         self._retired: list[Snapshot] = []  # the last counters of workers that died
         self._stopping = False
         self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
+        self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
 
     # Life -----------------------------------------------------------------------------------
 
@@ -219,7 +246,7 @@ class WorkerPool:
             return
         if worker.last is not None:
             self._retired.append(worker.last)
-        worker.connections = 0
+        worker.open = worker.given = worker.taken = 0
         self.on_change()
         asyncio.get_running_loop().create_task(self._replace(worker))
 
@@ -250,8 +277,11 @@ class WorkerPool:
             return
         head = frame[0]
         if head.get("type") == "count":
-            worker.connections = head["connections"]
+            worker.open, worker.taken = head["connections"], head["taken"]
             self.on_change()
+            if worker.on_the_way < MAX_ON_THE_WAY:
+                for wake in self.on_room:
+                    wake()
         else:
             worker.replies.put_nowait(frame)
 
@@ -288,27 +318,29 @@ class WorkerPool:
     def connections(self) -> int:
         return sum(w.connections for w in self._workers if w.alive)
 
+    def has_room(self) -> bool:
+        """May another client be accepted now?  Not while every worker has MAX_ON_THE_WAY still
+        to take: the sockets wait in the listening socket's backlog meanwhile, and the socket
+        pairs never fill (a full one would stop this process)."""
+        return any(w.alive and w.on_the_way < MAX_ON_THE_WAY for w in self._workers)
+
     def take(self, sock: socket.socket) -> bool:
         """Pass a new client to the worker with the fewest connections; False if none took it."""
+        return self._pass(sock, {"type": "connection"})
+
+    def resume(self, terms: dict[str, Any], pending: bytes, sock: socket.socket) -> bool:
+        """Pass a connection taken over from a predecessor to a worker; False if none took it."""
+        return self._pass(sock, {"type": "resume", "terms": terms}, pending)
+
+    def _pass(self, sock: socket.socket, head: dict[str, Any], raw: bytes = b"") -> bool:
         try:
             for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
-                if self._tell(worker, {"type": "connection"}, fds=[sock.fileno()]):
-                    worker.connections += 1  # until its own count comes
+                if self._tell(worker, head, raw, [sock.fileno()]):
+                    worker.given += 1
                     return True
             return False
         finally:
             sock.close()  # the worker has its own copy
-
-    def resume(self, terms: dict[str, Any], pending: bytes, sock: socket.socket) -> bool:
-        """Pass a connection taken over from a predecessor to a worker; False if none took it."""
-        try:
-            for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
-                if self._tell(worker, {"type": "resume", "terms": terms}, pending, [sock.fileno()]):
-                    worker.connections += 1
-                    return True
-            return False
-        finally:
-            sock.close()
 
     async def refresh(self) -> None:
         """Ask every worker for its counters (a worker that does not answer keeps its last ones)."""
