@@ -57,7 +57,9 @@ def test_a_compiler_that_fails_gives_the_pure_build_which_serves(tmp_path):
     assert "nbdserver/connection.py" in names and not [n for n in names if n.endswith(".so")]
     program = [sys.executable, "-m", "nbdserver"]
     run_env = {"PYTHONPATH": str(site)}
-    version = subprocess.run([*program, "--version"], capture_output=True, text=True, env={**os.environ, **run_env})
+    version = subprocess.run(  # away from the checkout, whose package ``-m`` would find first
+        [*program, "--version"], capture_output=True, text=True, env={**os.environ, **run_env}, cwd=tmp_path
+    )
     assert "(pure)" in version.stdout, version.stdout + version.stderr
     image = make_image(tmp_path / "disk.img")
     server = ServerProcess(
