@@ -109,7 +109,10 @@ class Variant:
         program = [sys.executable, "-m", "nbdserver"] if self.program == "nbdserver" else [self.program]
         argv = [*program, *self.version_args]
         if self.program == "nbdserver":
-            said = subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=60, check=False)
+            tree = tree_of(self.build)
+            said = subprocess.run(
+                argv, capture_output=True, text=True, env=self.env(), cwd=tree, timeout=60, check=False
+            )
             return said.stdout.strip()
         if self.chroot:
             argv = self.chroot.command(argv)
@@ -125,7 +128,8 @@ class Variant:
 
     def start(self, image: Path) -> Server:
         if self.program == "nbdserver":
-            return start_server(self.command(image, 0), env=self.env())
+            # From the build's own tree: ``-m`` looks in the working directory before PYTHONPATH.
+            return start_server(self.command(image, 0), env=self.env(), cwd=tree_of(self.build))
         if self.chroot is None and shutil.which(self.program) is None:
             raise Unsupported(f"{self.program} is not installed")
         for attempt in range(3):
