@@ -182,11 +182,7 @@ class Upgradable:
             self.pids.append(handed[-1])
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pids[-1], 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return running(self.pids[-1])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Signal the server that serves now (and any predecessor still finishing); SIGKILL after 30 s."""
@@ -195,12 +191,12 @@ class Upgradable:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 continue
-            if not wait_for(lambda pid=pid: not _exists(pid), timeout=30):
+            if not wait_for(lambda pid=pid: not running(pid), timeout=30):
                 os.kill(pid, signal.SIGKILL)
         self.server.stop()
 
 
-def _exists(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Is ``pid`` running?  A child of ours that exited is a zombie until reaped: that counts as gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:

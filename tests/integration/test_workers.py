@@ -12,20 +12,11 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import MiB, ServerProcess, make_image, scrape, value, wait_for
+from tests.conftest import MiB, ServerProcess, make_image, running, scrape, value, wait_for
 from tests.integration.rawclient import Cmd
 from tests.integration.test_bad_input import assert_serves, memory, negotiate
 
 BLOCK = 4096
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
 
 
 def connect(server: ServerProcess, name: str = "") -> nbd.NBD:
@@ -132,7 +123,7 @@ def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_worke
     for h in fresh:
         assert h.pread(BLOCK, 0) == b"d" * BLOCK
     new_first, still_second = two_workers.worker_pids()
-    assert new_first != first and still_second == second and alive(new_first)
+    assert new_first != first and still_second == second and running(new_first)
     # The dead worker's counts stay in the sums: counters never go back.
     after = value(scrape(two_workers.metrics_url), "nbdserver_requests_total", export="disk", op="write")
     assert after >= before == 2
@@ -145,9 +136,9 @@ def test_stop_ends_every_worker(start_server, image):
     h = connect(server)
     h.pwrite(b"x" * BLOCK, 0)
     pids = server.worker_pids()
-    assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert len(pids) == 3 and all(running(p) for p in pids)
     assert server.stop() == 0
-    assert wait_for(lambda: not any(alive(p) for p in pids))
+    assert wait_for(lambda: not any(running(p) for p in pids))
     assert "exited with status" not in server.log_text()  # none died: each was asked to stop
     with open(image, "rb") as f:
         assert f.read(BLOCK) == b"x" * BLOCK
@@ -160,7 +151,7 @@ def test_workers_leave_when_the_primary_is_killed(start_server, image):
     h.pwrite(b"k" * BLOCK, 0)
     server.proc.kill()
     server.proc.wait()
-    assert wait_for(lambda: not any(alive(p) for p in pids), timeout=30)  # they finish and exit on their own
+    assert wait_for(lambda: not any(running(p) for p in pids), timeout=30)  # they finish and exit on their own
     with open(image, "rb") as f:
         assert f.read(BLOCK) == b"k" * BLOCK
 
