@@ -189,10 +189,7 @@ async def package(server: Server, listeners: bool = True) -> Package:
         try:
             theirs, their_slow = await server.workers.package()
         except WorkerError as exc:
-            for connection in moving:
-                connection.resume()
-            if copies:
-                await server.start([(name, sock) for name, _, sock in copies])
+            await Package(copies, moving, frames, {}).take_back(server)  # the workers' too
             raise HandoverError(f"the worker processes could not hand over: {exc}") from None
         frames += [({**head, "worker": True}, raw, sock) for head, raw, sock in theirs]
         closed_slow += their_slow

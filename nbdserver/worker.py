@@ -77,12 +77,13 @@ class Worker:
             self._reload(pickle.loads(raw))
         elif kind == "package":
             self._run(self._package())
-        elif kind == "let_go" and self._packed is not None:
-            self._packed.let_go(self.server)
-            self._packed = None
-        elif kind == "take_back" and self._packed is not None:
-            self._run(self._packed.take_back(self.server))
-            self._packed = None
+        elif kind in ("let_go", "take_back"):
+            # None: nothing was packed here (this worker's or another's package failed).
+            packed, self._packed = self._packed, None
+            if packed is not None and kind == "let_go":
+                packed.let_go(self.server)
+            elif packed is not None:
+                self._run(packed.take_back(self.server))
         elif kind == "stop":
             self.done.set()
         else:

@@ -369,15 +369,15 @@ class WorkerPool:
 
     async def package(self) -> tuple[list[tuple[dict[str, Any], bytes, socket.socket]], int]:
         """Every worker quiesces its connections and passes them here, for an upgrade: (frames as
-        handover.py sends them, connections closed because their replies were not read)."""
+        handover.py sends them, connections closed because their replies were not read).  WorkerError
+        if one cannot: the caller then takes everything back (``take_back``)."""
         frames: list[tuple[dict[str, Any], bytes, socket.socket]] = []
         closed_slow = 0
         answers = await asyncio.gather(
             *(self._ask(w, {"type": "package"}, "end") for w in self._workers if w.alive), return_exceptions=True
         )
         for answer in answers:
-            if isinstance(answer, BaseException):
-                self.take_back()
+            if isinstance(answer, BaseException):  # the caller takes everything back
                 for _, _, sock in frames:
                     sock.close()
                 raise WorkerError(str(answer))
