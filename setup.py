@@ -22,6 +22,7 @@ COMPILED = [
     "nbdserver/backing",
     "nbdserver/connection.py",
     "nbdserver/export.py",
+    "nbdserver/polling.py",
 ]
 
 

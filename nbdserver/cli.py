@@ -28,6 +28,7 @@ from .config import (
     parse_size,
 )
 from .metrics import top
+from .polling import DEFAULT_WINDOW_US
 from .systemd import configure_logging
 from .tls import tls_context
 
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--idle-timeout", type=float, metavar="SECONDS", help="close connections idle this long (default 0: never)"
     )
+    serve.add_argument(
+        "--busy-poll",
+        type=int,
+        metavar="MICROSECONDS",
+        help=f"poll this long after a request arrives instead of sleeping (default {DEFAULT_WINDOW_US}; 0: off)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     check = commands.add_parser(
         "check-config",
@@ -252,6 +259,7 @@ _OVERRIDES = {
     "max_server_inflight": "max_server_inflight_bytes",
     "handshake_timeout": "handshake_timeout",
     "idle_timeout": "idle_timeout",
+    "busy_poll": "busy_poll_us",
 }
 
 

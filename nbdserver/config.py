@@ -11,6 +11,7 @@ from pathlib import Path
 from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.file import IOV_MAX
 from .block.merge import MAX_SEGMENTS, MAX_SUBMISSION_BYTES, MergeLimits
+from .polling import DEFAULT_WINDOW_US
 from .protocol.constants import NBD_DEFAULT_PORT
 
 
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 CACHE_MODES = ("buffered", "direct")  # through the page cache, or O_DIRECT
 TLS_MODES = ("off", "on", "require")  # values of TlsMode
 MAX_PROCESSES = 256
+MAX_BUSY_POLL_US = 10_000
 AUTO_PROCESSES = 0  # one worker process per CPU this process may run on, at most AUTO_PROCESSES_MAX
 AUTO_PROCESSES_MAX = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -102,6 +104,7 @@ class ServerConfig:
     max_server_inflight_bytes: int = 1024 * 1024 * 1024  # across every export
     handshake_timeout: float = 30.0  # seconds from accept to the end of option haggling
     idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
+    busy_poll_us: int = DEFAULT_WINDOW_US  # the event loop polls this long after a request arrives (polling.py)
 
     @property
     def worker_processes(self) -> int:
@@ -147,6 +150,8 @@ class ServerConfig:
             raise ConfigError("max connections must be at least 1")
         if self.handshake_timeout <= 0 or self.idle_timeout < 0:
             raise ConfigError("the handshake timeout must be positive and the idle timeout not negative")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ConfigError(f"busy poll must be from 0 (off) to {MAX_BUSY_POLL_US} microseconds")
         if not 0 <= self.unix_socket_mode <= 0o777:
             raise ConfigError(f"unix socket mode {self.unix_socket_mode:o} is not a file mode")
         if self.max_inflight_bytes < 1 or self.max_export_inflight_bytes < 1 or self.max_server_inflight_bytes < 1:

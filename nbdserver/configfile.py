@@ -259,6 +259,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max-server-inflight": ("max_server_inflight_bytes", _size),
     "handshake-timeout": ("handshake_timeout", _seconds),
     "idle-timeout": ("idle_timeout", _seconds),
+    "busy-poll": ("busy_poll_us", _int),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),

@@ -42,6 +42,7 @@ from .tls import peer_subject
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .export import Export
+    from .polling import BusyPoll
     from .stats import ServerStats
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Host(Protocol):
     config: ServerConfig
     exports: dict[str, Export]
     stats: ServerStats
+    busy_poll: BusyPoll
     tls_mode: TlsMode
     tls_context: ssl.SSLContext | None
 
@@ -199,7 +201,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._staging_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._received_at = monotonic()  # the arrival time of every request this completes
+        self._received_at = now = monotonic()  # the arrival time of every request this completes
+        self.server.busy_poll.arrived(now)
         try:
             if self._direct:
                 self._payload_got += nbytes

@@ -18,6 +18,7 @@ from .config import ConfigError, ExportConfig, Listener, ServerConfig
 from .connection import Connection
 from .export import Export
 from .metrics import MetricsEndpoint, ServerCollector
+from .polling import BusyPoll
 from .protocol import Error, ExportCatalog, TlsMode
 from .stats import ExportSnapshot, ServerStats, Snapshot
 from .systemd import METRICS_FD_NAME
@@ -41,6 +42,7 @@ class Server:
         self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
         self.budget = ByteBudget(config.max_server_inflight_bytes)  # in flight across every export
         self.stats = ServerStats()
+        self.busy_poll = BusyPoll(config.busy_poll_us, self.stats)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(self.snapshot))
         self._metrics: MetricsEndpoint | None = None
@@ -374,6 +376,7 @@ _RESTART_FIELDS = (
     "max_server_inflight_bytes",
     "handshake_timeout",
     "idle_timeout",
+    "busy_poll_us",
 )
 _EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow")
 

@@ -25,6 +25,10 @@ class ServerStats:
     # Connections closed on arrival or in the handshake, by reason: counted from zero.
     turned_away: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(TURNED_AWAY, 0)))
     handover_pause: float | None = None  # seconds requests waited while this server took over, if it did
+    # The event loops' polling after requests (polling.py): windows, those that received nothing, time.
+    busy_poll_windows: int = 0
+    busy_poll_empty_windows: int = 0
+    busy_poll_seconds: float = 0.0
 
     def add(self, other: ServerStats) -> None:
         self.connections += other.connections
@@ -33,6 +37,9 @@ class ServerStats:
         self.turned_away.update(other.turned_away)
         if self.handover_pause is None:
             self.handover_pause = other.handover_pause
+        self.busy_poll_windows += other.busy_poll_windows
+        self.busy_poll_empty_windows += other.busy_poll_empty_windows
+        self.busy_poll_seconds += other.busy_poll_seconds
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +48,7 @@ class ServerStats:
             "refused": [[export, error, count] for (export, error), count in self.refused.items()],
             "turned_away": self.turned_away,
             "handover_pause": self.handover_pause,
+            "busy_poll": [self.busy_poll_windows, self.busy_poll_empty_windows, self.busy_poll_seconds],
         }
 
     @classmethod
@@ -51,6 +59,7 @@ class ServerStats:
             Counter({(export, error): count for export, error, count in data["refused"]}),
             Counter(data["turned_away"]),
             data["handover_pause"],
+            *data["busy_poll"],
         )
 
 

@@ -73,6 +73,15 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
             "How long requests waited while this process took over from its predecessor",
             stats.handover_pause,
         )
+    yield _counter(
+        "busy_poll_windows_total",
+        "Windows the event loops polled for after a request instead of sleeping",
+        stats.busy_poll_windows,
+    )
+    yield _counter(
+        "busy_poll_empty_windows_total", "Busy-poll windows in which no request arrived", stats.busy_poll_empty_windows
+    )
+    yield _counter("busy_poll_seconds_total", "Time the event loops spent polling", stats.busy_poll_seconds)
     refused = CounterMetricFamily(
         f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
     )

@@ -1,0 +1,88 @@
+"""Busy polling's windows on a real event loop: kept open by arrivals, counted, and resting
+after windows that received nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from time import monotonic
+
+import uvloop
+
+from nbdserver.polling import EMPTY_BEFORE_REST, REST, BusyPoll
+from nbdserver.stats import ServerStats
+
+
+def test_arrivals_within_the_window_keep_one_window_open():
+    async def scenario() -> ServerStats:
+        stats = ServerStats()
+        poll = BusyPoll(50_000, stats)  # 50 ms: wide enough for this machine's scheduling
+        for _ in range(20):
+            poll.arrived(monotonic())
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+        return stats
+
+    stats = uvloop.run(scenario())
+    assert stats.busy_poll_windows == 1 and stats.busy_poll_empty_windows == 0
+    assert 0.05 < stats.busy_poll_seconds < 0.2  # the 20 ms of arrivals, then one window
+
+
+def test_the_loop_runs_while_it_polls():
+    """Polling keeps a callback ready: the loop goes round without sleeping, and runs other work."""
+
+    async def scenario() -> tuple[int, float]:
+        poll = BusyPoll(30_000, ServerStats())
+        ticks = 0
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+
+        loop = asyncio.get_running_loop()
+        started = monotonic()
+        poll.arrived(started)
+        fired = loop.create_future()
+        loop.call_later(0.01, lambda: fired.set_result(monotonic()))
+        for _ in range(100):
+            loop.call_soon(tick)
+            await asyncio.sleep(0)
+        return ticks, await fired - started
+
+    ticks, late = uvloop.run(scenario())
+    assert ticks == 100
+    assert 0.005 <= late < 0.5  # timers still fire in the window (uvloop counts in milliseconds)
+
+
+def test_empty_windows_rest_polling_then_it_resumes():
+    async def scenario() -> tuple[ServerStats, int, int]:
+        stats = ServerStats()
+        poll = BusyPoll(200, stats)  # 0.2 ms windows, requests 5 ms apart: each window is empty
+        for _ in range(EMPTY_BEFORE_REST):
+            poll.arrived(monotonic())
+            await asyncio.sleep(0.005)
+        resting = stats.busy_poll_windows
+        poll.arrived(monotonic())  # within the rest: no window
+        await asyncio.sleep(0.005)
+        rested = stats.busy_poll_windows
+        await asyncio.sleep(REST)
+        poll.arrived(monotonic())
+        await asyncio.sleep(0.005)
+        return stats, resting, rested
+
+    stats, resting, rested = uvloop.run(scenario())
+    assert resting == EMPTY_BEFORE_REST and stats.busy_poll_empty_windows == EMPTY_BEFORE_REST + 1
+    assert rested == resting  # the arrival during the rest opened none
+    assert stats.busy_poll_windows == EMPTY_BEFORE_REST + 1  # after the rest, polling resumed
+
+
+def test_a_window_of_zero_never_polls():
+    async def scenario() -> ServerStats:
+        stats = ServerStats()
+        poll = BusyPoll(0, stats)
+        for _ in range(10):
+            poll.arrived(monotonic())
+            await asyncio.sleep(0)
+        return stats
+
+    stats = uvloop.run(scenario())
+    assert stats.busy_poll_windows == 0 and stats.busy_poll_seconds == 0
