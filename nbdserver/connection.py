@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .block import Request
 from .protocol import (
-    HEADER_SIZE,
     Aborted,
     Command,
     Error,
@@ -35,7 +34,7 @@ from .protocol import (
     error_from_errno,
 )
 from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
-from .protocol.replies import Buffer, block_status_reply, error_reply, ok_reply, read_reply
+from .protocol.replies import Buffer
 from .protocol.transmission import encode_request_header
 from .tls import peer_subject
 
@@ -327,10 +326,14 @@ class Connection(asyncio.BufferedProtocol):
         self.export = self.server.exports[negotiated.export.name]
         self.export.queue.submitters += 1
         log.info(
-            "%s: export %r, structured replies %s",
+            "%s: export %r, %s",
             self.peer,
             self.export.name,
-            "on" if self._tx.structured_replies else "off",
+            "extended headers"
+            if self._tx.extended
+            else "structured replies"
+            if self._tx.structured_replies
+            else "simple replies",
         )
         self._staging[: len(trailing)] = trailing
         self._filled = len(trailing)
@@ -362,6 +365,9 @@ class Connection(asyncio.BufferedProtocol):
     def _consume_staged(self) -> None:
         view, end, pos = self._staging_view, self._filled, 0
         budget = self.export.budget  # type: ignore[union-attr]
+        tx = self._tx
+        assert tx is not None
+        header_size = tx.header_size
         while pos < end and not self._disconnecting:
             if self._payload is not None:
                 n = min(end - pos, len(self._payload) - self._payload_got)
@@ -379,9 +385,14 @@ class Connection(asyncio.BufferedProtocol):
             elif self._reading_paused or budget.exhausted:
                 self._update_reading()  # pause (if not yet) until the export's budget frees
                 break
-            elif end - pos >= HEADER_SIZE:
-                header = Transmission.parse_header(view, pos)
-                pos += HEADER_SIZE
+            elif end - pos >= header_size:
+                header = tx.parse_header(view, pos)
+                taken = header_size + tx.filter_length(header)
+                if end - pos < taken:
+                    break  # a block status filter comes with its header: wait for the rest
+                if taken > header_size:
+                    tx.take_filter(header, view, pos + header_size)
+                pos += taken
                 self._on_header(header)
             else:
                 break
@@ -393,7 +404,7 @@ class Connection(asyncio.BufferedProtocol):
     def _on_header(self, header: RequestHeader) -> None:
         tx = self._tx
         assert tx is not None
-        payload = tx.payload_length(header) if header.command == Command.WRITE else 0
+        payload = tx.payload_length(header)
         if header.command == Command.DISC:
             self._begin_disconnect()
             return
@@ -442,7 +453,7 @@ class Connection(asyncio.BufferedProtocol):
         self._refused = None
         log.debug("%s: refused %s: %s", self.peer, header, message)
         self.server.stats.refused[self.export.name, error.name] += 1  # type: ignore[union-attr]
-        self._send(error_reply(header.cookie, error, self._tx.structured_replies, message))
+        self._send(self._tx.replies.error(header.cookie, header.offset, error, message))
 
     # Transmission: replies out ---------------------------------------------------------
 
@@ -466,18 +477,19 @@ class Connection(asyncio.BufferedProtocol):
     def _encode_reply(self, request: Request) -> list[Buffer]:
         tx = self._tx
         assert tx is not None
+        replies = tx.replies
         if request.errno:
-            return error_reply(request.cookie, error_from_errno(request.errno), tx.structured_replies, request.message)
+            return replies.error(request.cookie, request.offset, error_from_errno(request.errno), request.message)
         if request.command == Command.READ:
             data = request.buffer if request.buffer is not None else b""
-            return read_reply(request.cookie, request.offset, data, tx.structured_replies, request.extents)
+            return replies.read(request.cookie, request.offset, data, request.extents)
         if request.command == Command.BLOCK_STATUS:
             extents = request.extents or [(request.length, False)]
             if request.flags & FLAG_REQ_ONE:
                 extents = extents[:1]
-            (context_id,) = tx.meta_contexts
-            return block_status_reply(request.cookie, context_id, extents, _HOLE_FLAGS)
-        return ok_reply(request.cookie)
+            (context_id,) = tx.meta_contexts  # the one context: a filter can name no other
+            return replies.block_status(request.cookie, request.offset, context_id, extents, _HOLE_FLAGS)
+        return replies.ok(request.cookie, request.offset)
 
     def _send(self, buffers: list[Buffer], data_bytes: int = 0) -> None:
         self._out.extend(buffers)
@@ -622,8 +634,9 @@ class Connection(asyncio.BufferedProtocol):
         parts = []
         request = self._payload_request
         if request is not None and self._payload is not None:
+            extended = self._tx is not None and self._tx.extended
             header = (request.flags, request.command, request.cookie, request.offset, request.length)
-            parts.append(encode_request_header(*header))
+            parts.append(encode_request_header(*header, extended))
             parts.append(bytes(self._payload[: self._payload_got]))
         parts.append(bytes(self._staging_view[: self._filled]))
         return b"".join(parts)

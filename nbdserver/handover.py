@@ -71,18 +71,21 @@ class ConnectionTerms:
     structured_replies: bool
     meta_contexts: dict[int, str]
     peer: str
+    extended_headers: bool = False  # absent from a predecessor that had no extended headers
 
     @classmethod
     def of(cls, negotiated: Negotiated, peer: str) -> ConnectionTerms:
         e = negotiated.export
         contexts = dict(negotiated.meta_contexts)
-        return cls(e.name, e.size, int(negotiated.flags), negotiated.structured_replies, contexts, peer)
+        structured, extended = negotiated.structured_replies, negotiated.extended_headers
+        return cls(e.name, e.size, int(negotiated.flags), structured, contexts, peer, extended)
 
     def negotiated(self, info: ExportInfo) -> Negotiated:
         """The terms again, over the successor's export (which must be the same size)."""
         if info.size != self.size:
             raise HandoverError(f"export {self.export!r} is {info.size} bytes now, {self.size} before")
-        return Negotiated(info, TransmissionFlag(self.flags), self.structured_replies, dict(self.meta_contexts))
+        flags, contexts = TransmissionFlag(self.flags), dict(self.meta_contexts)
+        return Negotiated(info, flags, self.structured_replies, contexts, self.extended_headers)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConnectionTerms:

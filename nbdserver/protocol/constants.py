@@ -10,6 +10,8 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REQUEST_MAGIC = 0x21E41C71  # 32-byte requests, once extended headers are negotiated
+EXTENDED_REPLY_MAGIC = 0x6E8A278C  # 32-byte reply chunks, likewise
 
 NBD_DEFAULT_PORT = 10809
 MAX_STRING = 4096  # longest name, description or message the spec allows
@@ -38,6 +40,7 @@ class TransmissionFlag(enum.IntFlag):
     SEND_RESIZE = 1 << 9
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
+    BLOCK_STATUS_PAYLOAD = 1 << 12  # BLOCK_STATUS may name the contexts it wants (extended headers)
 
 
 class Option(enum.IntEnum):
@@ -71,6 +74,7 @@ class OptionReply(enum.IntEnum):
     ERR_SHUTDOWN = _REP_ERR | 7
     ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
     ERR_TOO_BIG = _REP_ERR | 9
+    ERR_EXT_HEADER_REQD = _REP_ERR | 10
 
 
 class Info(enum.IntEnum):
@@ -97,6 +101,7 @@ class CommandFlag(enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    PAYLOAD_LEN = 1 << 5  # extended headers: the length is of a payload that follows
 
 
 class ReplyFlag(enum.IntFlag):
@@ -108,6 +113,7 @@ class ChunkType(enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6  # 64-bit descriptors, with extended headers
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 
@@ -143,3 +149,4 @@ FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
 FLAG_DF = int(CommandFlag.DF)
 FLAG_REQ_ONE = int(CommandFlag.REQ_ONE)
 FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+FLAG_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)

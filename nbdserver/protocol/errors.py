@@ -18,6 +18,8 @@ VIOLATION_KINDS = (
     "data_after_starttls",
     "tls_handshake",
     "not_allowed",
+    "export_name_extended",
+    "oversized_payload",
 )
 
 

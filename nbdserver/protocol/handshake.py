@@ -89,8 +89,9 @@ class Negotiated:
 
     export: ExportInfo
     flags: TransmissionFlag
-    structured_replies: bool
+    structured_replies: bool  # also true with extended headers, which imply them
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    extended_headers: bool = False  # 32-byte requests and replies, 64-bit lengths
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class ServerHandshake:
         self._wanted = 0  # bytes of option data still to buffer or skip
         self.no_zeroes = False
         self.structured_replies = False
+        self.extended_headers = False
         self._meta_export: str | None = None
         self._meta_contexts: dict[int, str] = {}
         self.trailing_data = b""  # bytes after the end of the handshake: transmission data
@@ -177,7 +179,7 @@ class ServerHandshake:
             raise RuntimeError("no STARTTLS is pending")
         self.tls_active = True
         # Nothing agreed in the clear carries over.
-        self.structured_replies = False
+        self.structured_replies = self.extended_headers = False
         self._meta_export, self._meta_contexts = None, {}
         self._state = _State.OPTION_HEADER
 
@@ -258,6 +260,8 @@ class ServerHandshake:
         events.append(OptionSeen(option, reply))
 
     def _opt_export_name(self, data: bytes, events: list[Event]) -> OptionReply:
+        if self.extended_headers:  # its reply cannot say that the export takes them
+            raise ProtocolViolation("EXPORT_NAME after extended headers were negotiated", "export_name_extended")
         info = self.catalog.lookup(_decode(data))
         if info is None:
             # This option cannot return an error: the spec asks for a hard disconnect.
@@ -307,7 +311,7 @@ class ServerHandshake:
         if info.tls_required and not self.tls_active:
             self._reply(OptionReply.ERR_TLS_REQD, message=f"export {info.name!r} requires TLS")
             return OptionReply.ERR_TLS_REQD
-        flags = self._transmission_flags(info)
+        flags = self._transmission_flags(info, name)
         self._reply(OptionReply.INFO, struct.pack(">HQH", Info.EXPORT, info.size, flags))
         if Info.NAME in requests or name != info.name:
             self._reply(OptionReply.INFO, struct.pack(">H", Info.NAME) + info.name.encode())
@@ -326,9 +330,24 @@ class ServerHandshake:
     def _opt_structured_reply(self, data: bytes, events: list[Event]) -> OptionReply:
         if data:
             raise _InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.extended_headers:
+            reply = OptionReply.ERR_EXT_HEADER_REQD
+            self._reply(reply, message="extended headers are negotiated, and take the place of structured replies")
+            return reply
         if self.structured_replies:
             raise _InvalidOption("structured replies are already negotiated")
         self.structured_replies = True
+        self._reply(OptionReply.ACK)
+        return OptionReply.ACK
+
+    def _opt_extended_headers(self, data: bytes, events: list[Event]) -> OptionReply:
+        """32-byte requests and replies from GO on, with structured replies' rules (whether or not
+        those were negotiated first); metadata contexts already set stay."""
+        if data:
+            raise _InvalidOption("NBD_OPT_EXTENDED_HEADERS takes no data")
+        if self.extended_headers:
+            raise _InvalidOption("extended headers are already negotiated")
+        self.extended_headers = self.structured_replies = True
         self._reply(OptionReply.ACK)
         return OptionReply.ACK
 
@@ -364,19 +383,26 @@ class ServerHandshake:
 
     # Helpers ---------------------------------------------------------------------
 
-    def _transmission_flags(self, info: ExportInfo) -> TransmissionFlag:
+    def _transmission_flags(self, info: ExportInfo, meta_name: str | None = None) -> TransmissionFlag:
         flags = info.flags | TransmissionFlag.HAS_FLAGS
         if self.structured_replies:
             flags |= TransmissionFlag.SEND_DF
+        # A block status request may name its contexts: said to a client that has contexts to
+        # name, or asks INFO (whose contexts may come after it).
+        if self.extended_headers and (self._option == Option.INFO or self._contexts_for(meta_name)):
+            flags |= TransmissionFlag.BLOCK_STATUS_PAYLOAD
         return flags
+
+    def _contexts_for(self, meta_name: str | None) -> dict[int, str]:
+        """Contexts count only if they were set for the very name the client goes with."""
+        return self._meta_contexts if meta_name is not None and meta_name == self._meta_export else {}
 
     def _finish(
         self, info: ExportInfo, flags: TransmissionFlag, events: list[Event], meta_name: str | None = None
     ) -> None:
-        # Contexts count only if they were set for the very name the client goes with.
-        contexts = self._meta_contexts if meta_name is not None and meta_name == self._meta_export else {}
+        contexts = self._contexts_for(meta_name)
         self._state = _State.DONE
-        events.append(Negotiated(info, flags, self.structured_replies, dict(contexts)))
+        events.append(Negotiated(info, flags, self.structured_replies, dict(contexts), self.extended_headers))
 
 
 # Each option's handler: a table outside the class, since a compiled class cannot hold one.
@@ -390,6 +416,7 @@ _HANDLERS: dict[int, Callable[[ServerHandshake, bytes, list[Event]], OptionReply
     Option.STRUCTURED_REPLY: ServerHandshake._opt_structured_reply,
     Option.LIST_META_CONTEXT: ServerHandshake._opt_meta_context,
     Option.SET_META_CONTEXT: ServerHandshake._opt_meta_context,
+    Option.EXTENDED_HEADERS: ServerHandshake._opt_extended_headers,
 }
 
 

@@ -1,9 +1,12 @@
 """Sans-I/O rules of the transmission phase: request headers, payload lengths, validation.
 
-The I/O layer reads :data:`HEADER_SIZE` bytes, calls :meth:`Transmission.parse_header`,
-then reads :meth:`Transmission.payload_length` bytes of payload (a WRITE's data,
-which must be consumed even when the request is refused), and asks
-:meth:`Transmission.check` which error, if any, the request gets.
+The I/O layer reads :attr:`Transmission.header_size` bytes (28, or 32 with extended
+headers), calls :meth:`Transmission.parse_header`, then reads
+:meth:`Transmission.payload_length` bytes of payload (a WRITE's data, which must be
+consumed even when the request is refused), and asks :meth:`Transmission.check`
+which error, if any, the request gets.  A BLOCK_STATUS naming its metadata contexts
+carries a few bytes of its own (:meth:`Transmission.filter_length`): they are taken
+together with its header, by :meth:`Transmission.take_filter`.
 """
 
 from __future__ import annotations
@@ -11,12 +14,24 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .constants import REQUEST_MAGIC, Command, CommandFlag, Error, TransmissionFlag
+from .constants import (
+    EXTENDED_REQUEST_MAGIC,
+    FLAG_PAYLOAD_LEN,
+    REQUEST_MAGIC,
+    Command,
+    CommandFlag,
+    Error,
+    TransmissionFlag,
+)
 from .errors import ProtocolViolation
 from .handshake import Negotiated
+from .replies import CompactReplies, ExtendedReplies, Replies
 
 _HEADER = struct.Struct(">IHHQQI")
 HEADER_SIZE = _HEADER.size
+_EXTENDED_HEADER = struct.Struct(">IHHQQQ")  # the same, with a 64-bit length
+EXTENDED_HEADER_SIZE = _EXTENDED_HEADER.size
+_FILTER_LENGTH = struct.Struct(">Q")  # a BLOCK_STATUS payload: the effect length, then context ids
 
 # A WRITE payload longer than this is not read but ends the connection: the spec
 # allows a hard disconnect for payloads large enough to be a denial of service,
@@ -52,11 +67,16 @@ class RequestHeader:
     command: int
     cookie: int
     offset: int
-    length: int
+    length: int  # with PAYLOAD_LEN, of the payload; else of the range the request affects
+    contexts: tuple[int, ...] | None = None  # the context ids a BLOCK_STATUS named; None: every one
 
 
-def encode_request_header(flags: int, command: int, cookie: int, offset: int, length: int) -> bytes:
+def encode_request_header(
+    flags: int, command: int, cookie: int, offset: int, length: int, extended: bool = False
+) -> bytes:
     """A request header as a client sends it."""
+    if extended:
+        return _EXTENDED_HEADER.pack(EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, length)
     return _HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 
@@ -69,7 +89,12 @@ class Transmission:
         self.size = export.size
         self.flags = negotiated.flags
         self.structured_replies = negotiated.structured_replies
+        self.extended = negotiated.extended_headers
         self.meta_contexts = negotiated.meta_contexts
+        self.header_size = EXTENDED_HEADER_SIZE if self.extended else HEADER_SIZE
+        self._header = _EXTENDED_HEADER if self.extended else _HEADER
+        self._magic = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
+        self.replies: Replies = ExtendedReplies() if self.extended else CompactReplies(self.structured_replies)
         self.min_block = export.min_block
         self.max_payload = export.max_payload
         self.read_only = bool(self.flags & TransmissionFlag.READ_ONLY)
@@ -81,6 +106,11 @@ class Transmission:
             negotiated_flags |= int(CommandFlag.FAST_ZERO)
         fua = int(CommandFlag.FUA) if self.flags & TransmissionFlag.SEND_FUA else 0
         self._allowed_flags = {int(c): int(f) & negotiated_flags | fua for c, f in _COMMAND_FLAGS.items()}
+        if self.extended:  # a WRITE's payload, and a BLOCK_STATUS's if it was advertised
+            self._allowed_flags[Command.WRITE] |= FLAG_PAYLOAD_LEN
+            if self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD:
+                self._allowed_flags[Command.BLOCK_STATUS] |= FLAG_PAYLOAD_LEN
+        self._filter_max = 8 + 4 * len(self.meta_contexts)  # each context named once, at most
         self._not_advertised = frozenset(int(c) for c, f in _COMMAND_ADVERTISED.items() if not self.flags & f)
         # READ and WRITE (if writable) with their flags, for the common case's few comparisons.
         transfers = (Command.READ,) if self.read_only else (Command.READ, Command.WRITE)
@@ -92,22 +122,48 @@ class Transmission:
         self.read_only = True
         self._transfer_flags.pop(int(Command.WRITE), None)
 
-    @staticmethod
-    def parse_header(raw: bytes | bytearray | memoryview, pos: int = 0) -> RequestHeader:
-        """The header at ``pos`` of ``raw`` (which holds at least HEADER_SIZE bytes from there)."""
-        magic, flags, command, cookie, offset, length = _HEADER.unpack_from(raw, pos)
-        if magic != REQUEST_MAGIC:
+    def parse_header(self, raw: bytes | bytearray | memoryview, pos: int = 0) -> RequestHeader:
+        """The header at ``pos`` of ``raw`` (which holds at least ``header_size`` bytes from there)."""
+        magic, flags, command, cookie, offset, length = self._header.unpack_from(raw, pos)
+        if magic != self._magic:
             raise ProtocolViolation(f"bad request magic {magic:#x}", "bad_request_magic")
         return RequestHeader(flags, command, cookie, offset, length)
 
-    @staticmethod
-    def payload_length(header: RequestHeader) -> int:
-        """Bytes of payload that follow this header on the wire."""
-        if header.command != Command.WRITE:
+    def payload_length(self, header: RequestHeader) -> int:
+        """Bytes of payload that follow this header on the wire, to be read (a WRITE's data) or
+        read and dropped (a payload the request may not have: it is refused); a block status
+        filter's are not counted (:meth:`filter_length`)."""
+        command = header.command
+        if command != Command.WRITE and not (self.extended and header.flags & FLAG_PAYLOAD_LEN):
             return 0
+        if command == Command.BLOCK_STATUS and (header.contexts is not None or self.filter_length(header)):
+            return 0  # taken with its header
         if header.length > MAX_DISCARDED_PAYLOAD:
-            raise ProtocolViolation(f"write payload of {header.length} bytes", "oversized_write")
+            kind = "oversized_write" if command == Command.WRITE else "oversized_payload"
+            raise ProtocolViolation(f"payload of {header.length} bytes (command {command})", kind)
         return header.length
+
+    def filter_length(self, header: RequestHeader) -> int:
+        """Bytes of a BLOCK_STATUS payload that names contexts (an effect length and at most as many
+        ids as were negotiated), to be taken with the header; 0 for any other request."""
+        length = header.length
+        if (
+            header.command == Command.BLOCK_STATUS
+            and header.flags & FLAG_PAYLOAD_LEN
+            and self.extended
+            and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+            and 12 <= length <= self._filter_max
+            and not length % 4
+        ):
+            return length
+        return 0
+
+    def take_filter(self, header: RequestHeader, raw: bytes | bytearray | memoryview, pos: int) -> None:
+        """Read the block status filter at ``pos`` (``filter_length`` bytes) into ``header``: its
+        length becomes the effect length, its contexts the ids named."""
+        count = (header.length - 8) // 4
+        (header.length,) = _FILTER_LENGTH.unpack_from(raw, pos)
+        header.contexts = struct.unpack_from(f">{count}I", raw, pos + 8)
 
     def check(self, header: RequestHeader) -> tuple[Error, str]:
         """The error this request must get before any I/O, or (OK, "")."""
@@ -121,9 +177,11 @@ class Transmission:
             and not (offset | length) & (self.min_block - 1)
         ):
             return _OK
-        return self._check_slowly(command, flags, offset, length)
+        return self._check_slowly(command, flags, offset, length, header.contexts)
 
-    def _check_slowly(self, command: int, flags: int, offset: int, length: int) -> tuple[Error, str]:
+    def _check_slowly(
+        self, command: int, flags: int, offset: int, length: int, contexts: tuple[int, ...] | None
+    ) -> tuple[Error, str]:
         allowed = self._allowed_flags.get(command)
         if allowed is None:
             return Error.EINVAL, f"unknown command {command}"
@@ -142,6 +200,10 @@ class Transmission:
         if command == Command.BLOCK_STATUS:
             if not self.meta_contexts:
                 return Error.EINVAL, "no metadata context was negotiated"
+            if flags & FLAG_PAYLOAD_LEN:
+                wrong = self._check_filter(contexts)
+                if wrong:
+                    return Error.EINVAL, wrong
             if not length:
                 return Error.EINVAL, "BLOCK_STATUS of zero length"
         if offset + length > self.size:
@@ -154,3 +216,15 @@ class Transmission:
             if (offset | length) & (self.min_block - 1):
                 return Error.EINVAL, f"request not aligned to {self.min_block} bytes"
         return _OK
+
+    def _check_filter(self, contexts: tuple[int, ...] | None) -> str:
+        """What is wrong with the context ids a BLOCK_STATUS named, if anything."""
+        if contexts is None:
+            most = len(self.meta_contexts)
+            return f"a block status payload is an effect length and 1 to {most} context id(s)"
+        if len(set(contexts)) != len(contexts):
+            return "a context id is named twice"
+        for context in contexts:
+            if context not in self.meta_contexts:
+                return f"context id {context} was not negotiated"
+        return ""

@@ -21,6 +21,8 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 FLAG_FIXED_NEWSTYLE = 1
 FLAG_NO_ZEROES = 2
@@ -41,6 +43,7 @@ class Opt(enum.IntEnum):
     STRUCTURED_REPLY = 8
     LIST_META_CONTEXT = 9
     SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
 
 
 class Rep(enum.IntEnum):
@@ -54,6 +57,7 @@ class Rep(enum.IntEnum):
     ERR_TLS_REQD = REP_ERR | 5
     ERR_UNKNOWN = REP_ERR | 6
     ERR_TOO_BIG = REP_ERR | 9
+    ERR_EXT_HEADER_REQD = REP_ERR | 10
 
 
 class Cmd(enum.IntEnum):
@@ -73,6 +77,7 @@ class CmdFlag(enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    PAYLOAD_LEN = 1 << 5
 
 
 class Err(enum.IntEnum):
@@ -90,6 +95,7 @@ class Chunk(enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 
@@ -114,6 +120,7 @@ class Reply:
     chunks: list[int] = field(default_factory=list)  # chunk types, in order
     message: bytes = b""
     pieces: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, data) of data and hole chunks
+    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # block status: id -> (length, flags)
 
 
 def option_bytes(option: int, data: bytes = b"", length: int | None = None) -> bytes:
@@ -139,6 +146,7 @@ class RawClient:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.no_zeroes = False
         self.structured = False
+        self.extended = False  # 32-byte requests and replies
         self.size = 0
         self.flags = 0
         self.block_size: tuple[int, int, int] | None = None  # minimum, preferred, maximum payload
@@ -215,7 +223,10 @@ class RawClient:
 
     def option(self, option: int, data: bytes = b"", length: int | None = None) -> list[OptionReply]:
         self.send(option_bytes(option, data, length))
-        return self.option_replies(option)
+        replies = self.option_replies(option)
+        if option == Opt.EXTENDED_HEADERS and replies[-1].type == Rep.ACK:
+            self.structured = self.extended = True
+        return replies
 
     def expect_only_errors(self, error: int, name: str = "", hidden: tuple[bytes, ...] = ()) -> None:
         """LIST, INFO and GO each get ``error``, telling none of ``hidden``; then EXPORT_NAME,
@@ -228,8 +239,10 @@ class RawClient:
         self.send(option_bytes(Opt.EXPORT_NAME, name.encode()))
         assert self.wait_closed()
 
-    def go(self, name: str = "", structured: bool = False) -> RawClient:
-        if structured:
+    def go(self, name: str = "", structured: bool = False, extended: bool = False) -> RawClient:
+        if extended and not self.extended:
+            assert self.option(Opt.EXTENDED_HEADERS)[-1].type == Rep.ACK
+        elif structured:
             assert self.option(Opt.STRUCTURED_REPLY)[-1].type == Rep.ACK
             self.structured = True
         replies = self.option(Opt.GO, info_request(name))
@@ -252,10 +265,16 @@ class RawClient:
 
     # Transmission ------------------------------------------------------------------
 
-    def request_bytes(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, magic: int = REQUEST_MAGIC):
+    def request_bytes(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, magic: int | None = None):
         """A request header (payload not included); its reply is expected by :meth:`read_reply`."""
         cookie = next(self._cookies)
         self._pending[cookie] = (cmd, offset, length)
+        if self.extended:
+            if cmd == Cmd.WRITE:  # its length is of the payload that follows, as a client must say
+                flags |= CmdFlag.PAYLOAD_LEN
+            magic = EXTENDED_REQUEST_MAGIC if magic is None else magic
+            return struct.pack(">IHHQQQ", magic, flags, cmd, cookie, offset, length)
+        magic = REQUEST_MAGIC if magic is None else magic
         return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length)
 
     def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b"") -> None:
@@ -268,14 +287,23 @@ class RawClient:
         while True:
             (magic,) = struct.unpack(">I", self.recv_exact(4))
             if magic == SIMPLE_REPLY_MAGIC:
+                assert not self.extended, "a simple reply with extended headers"
                 error, cookie = struct.unpack(">IQ", self.recv_exact(12))
                 assert cookie in self._pending and cookie not in self._partial, f"unexpected cookie {cookie}"
                 cmd, _, length = self._pending.pop(cookie)
                 data = self.recv_exact(length) if cmd == Cmd.READ and not error else b""
                 return Reply(cookie, error, data)
-            assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
-            assert self.structured, "structured reply chunk without structured replies negotiated"
-            flags, ctype, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
+            if self.extended:
+                assert magic == EXTENDED_REPLY_MAGIC, f"bad reply magic {magic:#x} with extended headers"
+                flags, ctype, cookie, echoed, length = struct.unpack(">HHQQQ", self.recv_exact(28))
+                assert cookie in self._pending, f"unexpected cookie {cookie}"
+                assert echoed == self._pending[cookie][1], "an extended chunk must echo the request's offset"
+                assert ctype != Chunk.BLOCK_STATUS, "32-bit block status with extended headers"
+            else:
+                assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
+                assert self.structured, "structured reply chunk without structured replies negotiated"
+                flags, ctype, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
+                assert ctype != Chunk.BLOCK_STATUS_EXT, "64-bit block status without extended headers"
             body = self.recv_exact(length)
             assert cookie in self._pending, f"unexpected cookie {cookie}"
             reply = self._partial.setdefault(cookie, Reply(cookie, structured=True))
@@ -302,6 +330,14 @@ class RawClient:
         elif ctype == Chunk.OFFSET_HOLE:
             offset, size = struct.unpack(">QI", body)
             reply.pieces.append((offset, bytes(size)))
+        elif ctype == Chunk.BLOCK_STATUS:
+            values = struct.unpack_from(f">I{(len(body) - 4) // 4}I", body)
+            reply.extents[values[0]] = list(zip(values[1::2], values[2::2], strict=True))
+        elif ctype == Chunk.BLOCK_STATUS_EXT:
+            context, count = struct.unpack_from(">II", body)
+            assert len(body) == 8 + 16 * count and count, "descriptor count does not match the chunk"
+            values = struct.unpack_from(f">{2 * count}Q", body, 8)
+            reply.extents[context] = list(zip(values[::2], values[1::2], strict=True))
 
     @staticmethod
     def _assemble(reply: Reply, offset: int, length: int) -> bytes:

@@ -43,7 +43,7 @@ FLAGS = struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 GO = option_bytes(Opt.GO, info_request())
 RO_OFFSET = 8 * MiB
 RO_PATTERN = bytes(range(256)) * 64
-MODES = ["export_name", "go", "structured"]
+MODES = ["export_name", "go", "structured", "extended"]
 SIZE = IMAGE_SIZE
 
 
@@ -111,7 +111,9 @@ def connect(server) -> RawClient:
 
 def negotiate(server, mode: str) -> RawClient:
     client = connect(server).handshake()
-    return client.export_name() if mode == "export_name" else client.go(structured=mode == "structured")
+    if mode == "export_name":
+        return client.export_name()
+    return client.go(structured=mode == "structured", extended=mode == "extended")
 
 
 def roundtrip(client: RawClient, read_only: bool = False) -> None:

@@ -197,13 +197,15 @@ def test_a_client_that_reads_no_replies_is_closed_and_holds_up_no_one(upgradable
     reader.shutdown()
 
 
-def test_bytes_received_but_not_taken_go_with_the_connection(upgradable, tmp_path):
-    """Half a request header, then half a WRITE payload, each cut by an upgrade: the successor reads on."""
+@pytest.mark.parametrize("extended", [False, True], ids=["compact", "extended"])
+def test_bytes_received_but_not_taken_go_with_the_connection(upgradable, tmp_path, extended):
+    """Half a request header, then half a WRITE payload, each cut by an upgrade: the successor reads
+    on, in the header form the connection negotiated."""
     disk = make_image(tmp_path / "disk.img", 16 * MiB)
     u = upgradable(str(disk))
     payload = random.Random(5).randbytes(MiB)
     with RawClient(u.server.host, u.server.port) as raw:
-        raw.handshake().go()
+        raw.handshake().go(extended=extended)
         header = raw.request_bytes(Cmd.WRITE, 2 * MiB, len(payload))
         raw.send(header[:11])
         u.upgrade()

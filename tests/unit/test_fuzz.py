@@ -1,5 +1,6 @@
 """Fuzzing the sans-I/O core with hypothesis: raw byte streams into the handshake (every TLS mode,
-a refused client) and the transmission phase's header parser and checks.
+a refused client) and the transmission phase's header parser and checks, in both header forms
+(28-byte, and 32-byte extended headers with their block status filters).
 
 Invariants: the only exception is ProtocolViolation; every byte the server sends parses as
 option replies; the handshake never holds more than one option's worth of input; a header is
@@ -29,12 +30,12 @@ from nbdserver.protocol import (
     TlsMode,
     Transmission,
 )
-from nbdserver.protocol.constants import REQUEST_MAGIC, Error, Option
+from nbdserver.protocol.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC, Error, Option
 from nbdserver.protocol.constants import TransmissionFlag as TF
 from nbdserver.protocol.handshake import MAX_OPTION_DATA
 from nbdserver.protocol.transmission import HEADER_SIZE, MAX_DISCARDED_PAYLOAD
 
-from .wire import client_flags, info_request, option, parse_option_replies
+from .wire import client_flags, info_request, option, parse_ext_chunks, parse_option_replies
 
 FUZZ_EXAMPLES = int(os.environ.get("NBDSERVER_FUZZ_EXAMPLES", "1500"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -83,6 +84,8 @@ def test_handshake_takes_any_byte_stream(stream: bytes, cuts: list[int], tls: Tl
                     hs.tls_started()  # as if the TLS handshake had succeeded
                 if isinstance(event, Negotiated):
                     assert not refused
+                    assert event.structured_replies or not event.extended_headers
+                    assert event.extended_headers or not event.flags & TF.BLOCK_STATUS_PAYLOAD
                     assert not event.export.tls_required or hs.tls_active
                     assert tls is not TlsMode.REQUIRE or hs.tls_active
     except ProtocolViolation:
@@ -136,3 +139,52 @@ def test_transmission_headers_are_refused_or_within_bounds(raw: bytes, structure
         assert not (read_only and header.command in (1, 4, 6))
     else:
         assert message
+
+
+EXTENDED_HEADERS = st.one_of(
+    st.binary(min_size=32, max_size=32),
+    st.builds(
+        lambda flags, command, cookie, offset, length: struct.pack(
+            ">IHHQQQ", EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, length
+        ),
+        st.sampled_from([0, 0x20, 0x21, 0x28, 0x01]) | st.integers(0, 0xFFFF),
+        st.integers(0, 12) | st.integers(0, 0xFFFF),
+        st.integers(0, 2**64 - 1),
+        st.sampled_from([0, 512, 4096, DISK.size - 4096, DISK.size, 2**63]) | st.integers(0, 2**64 - 1),
+        st.sampled_from([0, 8, 12, 16, 4096, 1 << 25, MAX_DISCARDED_PAYLOAD, MAX_DISCARDED_PAYLOAD + 1])
+        | st.sampled_from([2**32 - 1, 2**32, DISK.size, 2**64 - 1])
+        | st.integers(0, 2**64 - 1),
+    ),
+)
+
+
+@FUZZ
+@given(raw=EXTENDED_HEADERS, following=st.binary(max_size=16), read_only=st.booleans(), contexts=st.booleans())
+def test_extended_headers_are_refused_or_within_bounds(
+    raw: bytes, following: bytes, read_only: bool, contexts: bool
+) -> None:
+    flags = DISK.flags | TF.SEND_DF | (TF.READ_ONLY if read_only else 0)
+    flags |= TF.BLOCK_STATUS_PAYLOAD if contexts else 0
+    tx = Transmission(Negotiated(DISK, flags, True, {1: "base:allocation"} if contexts else {}, True))
+    try:
+        header = tx.parse_header(raw)
+        taken = tx.filter_length(header)
+        assert taken <= 12, "a filter is taken with its header: it must stay small"
+        if taken:
+            if len(following) < taken:
+                return  # the connection waits for the rest
+            tx.take_filter(header, following, 0)
+        payload = tx.payload_length(header)
+    except ProtocolViolation:
+        return
+    assert 0 <= payload <= MAX_DISCARDED_PAYLOAD
+    error, message = tx.check(header)
+    if error == Error.OK:
+        assert header.offset + header.length <= DISK.size or header.command in (2, 3)
+        assert header.length <= DISK.max_payload or header.command not in (0, 1)
+        assert not payload or header.command == 1, "only a WRITE's payload is taken"
+        assert not (read_only and header.command in (1, 4, 6))
+    else:
+        assert message
+        [chunk] = parse_ext_chunks(b"".join(bytes(b) for b in tx.replies.error(header.cookie, header.offset, error)))
+        assert chunk.flags == 1 and chunk.offset == header.offset

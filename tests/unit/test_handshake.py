@@ -195,7 +195,7 @@ def test_starttls_is_refused_by_policy() -> None:
     assert_still_negotiating(hs)
 
 
-@pytest.mark.parametrize("opt", [0, Option.PEEK_EXPORT, Option.EXTENDED_HEADERS, 12, 0xFFFFFFFF])
+@pytest.mark.parametrize("opt", [0, Option.PEEK_EXPORT, 12, 0xFFFFFFFF])
 def test_unknown_option_is_unsupported(opt: int) -> None:
     hs = start()
     replies, events = send(hs, option(opt, b"some data"))

@@ -62,31 +62,34 @@ def test_header_size() -> None:
 
 def test_parse_header() -> None:
     raw = request(0x0501, 0x0007, 0x0102030405060708, 0x1122334455667788, 0xA0B0C0D0)
-    assert Transmission.parse_header(raw) == RequestHeader(
+    assert transmission().parse_header(raw) == RequestHeader(
         flags=0x0501, command=7, cookie=0x0102030405060708, offset=0x1122334455667788, length=0xA0B0C0D0
     )
-    assert Transmission.parse_header(memoryview(bytearray(raw))).cookie == 0x0102030405060708
+    assert transmission().parse_header(memoryview(bytearray(raw))).cookie == 0x0102030405060708
 
 
 @pytest.mark.parametrize("magic", [0, 0x67446698, 0x13956025, 0x25609514])
 def test_parse_header_bad_magic(magic: int) -> None:
     with pytest.raises(ProtocolViolation):
-        Transmission.parse_header(request(0, Command.READ, 1, 0, 512, magic=magic))
+        transmission().parse_header(request(0, Command.READ, 1, 0, 512, magic=magic))
 
 
 @pytest.mark.parametrize("length", [0, 1, 4096, MAX_DISCARDED_PAYLOAD])
 def test_payload_length_of_write(length: int) -> None:
-    assert Transmission.payload_length(RequestHeader(0, Command.WRITE, 1, 0, length)) == length
+    assert transmission().payload_length(RequestHeader(0, Command.WRITE, 1, 0, length)) == length
 
 
 def test_payload_length_of_huge_write_is_a_violation() -> None:
     with pytest.raises(ProtocolViolation):
-        Transmission.payload_length(RequestHeader(0, Command.WRITE, 1, 0, MAX_DISCARDED_PAYLOAD + 1))
+        transmission().payload_length(RequestHeader(0, Command.WRITE, 1, 0, MAX_DISCARDED_PAYLOAD + 1))
 
 
 @pytest.mark.parametrize("command", [c for c in Command if c != Command.WRITE] + [8, 0xFFFF])
 def test_only_write_has_a_payload(command: int) -> None:
-    assert Transmission.payload_length(RequestHeader(0, command, 1, 0, 0xFFFFFFFF)) == 0
+    """Without extended headers, whatever the flags (PAYLOAD_LEN included)."""
+    tx = transmission()
+    assert tx.payload_length(RequestHeader(0, command, 1, 0, 0xFFFFFFFF)) == 0
+    assert tx.payload_length(RequestHeader(0xFFFF, command, 1, 0, 0xFFFFFFFF)) == 0
 
 
 # Commands ----------------------------------------------------------------------------------
@@ -285,5 +288,5 @@ def test_the_quick_check_of_reads_and_writes_agrees_with_the_full_one(
 ) -> None:
     tx = transmission(EVERYTHING | TF.READ_ONLY if read_only else EVERYTHING, min_block=min_block)
     quick, _ = tx.check(RequestHeader(flags, command, 1, offset, length))
-    full, _ = tx._check_slowly(command, flags, offset, length)
+    full, _ = tx._check_slowly(command, flags, offset, length, None)
     assert quick == full

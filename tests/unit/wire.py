@@ -16,6 +16,8 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 
 # Client to server -------------------------------------------------------------------
@@ -46,6 +48,11 @@ def meta_request(name: str | bytes, *queries: str | bytes) -> bytes:
 
 def request(flags: int, command: int, cookie: int, offset: int, length: int, magic: int = REQUEST_MAGIC) -> bytes:
     return struct.pack(">IHHQQI", magic, flags, command, cookie, offset, length)
+
+
+def ext_request(flags: int, command: int, cookie: int, offset: int, length: int) -> bytes:
+    """A 32-byte request (extended headers): the length is 64 bits."""
+    return struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 
 # Server to client -------------------------------------------------------------------
@@ -94,3 +101,35 @@ def parse_chunks(buf: bytes) -> list[Chunk]:
         chunks.append(Chunk(flags, ctype, cookie, payload))
         pos += 20 + length
     return chunks
+
+
+@dataclass(frozen=True)
+class ExtChunk:
+    flags: int
+    type: int
+    cookie: int
+    offset: int  # the request's offset, echoed in every chunk
+    payload: bytes
+
+
+def parse_ext_chunks(buf: bytes) -> list[ExtChunk]:
+    """Split transmission output into 32-byte-header reply chunks (extended headers)."""
+    chunks = []
+    pos = 0
+    while pos < len(buf):
+        assert len(buf) - pos >= 32, "truncated extended chunk header"
+        magic, flags, ctype, cookie, offset, length = struct.unpack_from(">IHHQQQ", buf, pos)
+        assert magic == EXTENDED_REPLY_MAGIC, f"bad extended reply magic {magic:#x}"
+        payload = buf[pos + 32 : pos + 32 + length]
+        assert len(payload) == length, "truncated chunk payload"
+        chunks.append(ExtChunk(flags, ctype, cookie, offset, payload))
+        pos += 32 + length
+    return chunks
+
+
+def parse_block_status_ext(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """A BLOCK_STATUS_EXT payload: the context id and its (length, flags) descriptors."""
+    context, count = struct.unpack_from(">II", payload)
+    assert len(payload) == 8 + 16 * count and count > 0, "descriptor count does not match the length"
+    values = struct.unpack_from(f">{2 * count}Q", payload, 8)
+    return context, list(zip(values[::2], values[1::2], strict=True))
