@@ -15,6 +15,7 @@ from tests.conftest import scrape, value
 from tests.integration.rawclient import Cmd, CmdFlag, Err, Opt, RawClient, Rep, meta_request, option_bytes
 from tests.integration.test_bad_input import memory
 from tests.integration.test_current_tools import inside
+from tests.integration.test_merging import expected, write_stats
 
 GiB, MiB = 1 << 30, 1 << 20
 SIZE = 16 * GiB
@@ -253,3 +254,31 @@ def test_qemu_io_10_writes_zeroes_and_discards_past_4_gib(current_tools, start_s
         assert f.read(MiB) == b"\x5a" * MiB
         f.seek(9 * GiB + 4096)
         assert f.read(MiB) == bytes(MiB)
+
+
+# Merging and durability, whatever the header form -----------------------------------------------
+
+# Run by the chroot's python3: 256 adjacent 4k writes pipelined on one connection, then a flush.
+LIBNBD_PIPELINED_WRITES = """
+import sys, nbd
+h = nbd.NBD()
+h.set_request_extended_headers(sys.argv[2] == "1")
+h.connect_uri(sys.argv[1])
+assert h.get_extended_headers_negotiated() == (sys.argv[2] == "1")
+for block in range(256):
+    h.aio_pwrite(bytes([block % 251 + 1]) * 4096, block * 4096)
+while h.aio_in_flight():
+    h.poll(-1)
+h.flush()
+h.shutdown()
+"""
+
+
+@pytest.mark.parametrize("extended", [True, False], ids=["extended", "compact"])
+def test_adjacent_writes_merge_in_either_form(current_tools, start_server, image, extended):
+    server = start_server(image, "--processes", "1")
+    inside(current_tools, "python3", "-c", LIBNBD_PIPELINED_WRITES, server.uri(), "1" if extended else "0")
+    requests, submissions = write_stats(server)
+    assert requests == 256 and submissions <= 256 // 4
+    with open(image, "rb") as f:
+        assert f.read(256 * 4096) == expected(range(256))
