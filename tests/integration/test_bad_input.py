@@ -474,6 +474,9 @@ FLOODS = {
     "READ 32MiB": ("go", Cmd.READ, 0, 32 * MiB, 256),
     "refused READ": ("structured", Cmd.READ, 1 << 62, 4096, 1_000_000),
     "WRITE 32MiB": ("go", Cmd.WRITE, 0, 32 * MiB, 24),
+    "READ 1MiB, extended headers": ("extended", Cmd.READ, 0, MiB, 8192),
+    "WRITE 32MiB, extended headers": ("extended", Cmd.WRITE, 0, 32 * MiB, 24),
+    "refused TRIM of 1 TiB, extended headers": ("extended", Cmd.TRIM, 0, 1 << 40, 1_000_000),
     "LIST options": ("options", Opt.LIST, 0, 0, 1_000_000),
 }
 
