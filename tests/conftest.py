@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -24,12 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fs" / "chroot")
 import current
 import debian_root
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+
 IMAGE_SIZE = 64 * 1024 * 1024
 # The build under test: "pure", or "mypyc" when tests/compiled runs the suite on the compiled one.
 EXPECTED_BUILD = os.environ.get("NBDSERVER_EXPECT_BUILD", "pure")
 # Worker processes for every server the tests start, unless a test says (pytest --processes N):
 # "" leaves the server's default.
 PROCESSES = ""
+# The client programs the tests run (nbdinfo, nbdcopy, nbdsh, qemu-img, qemu-io, fio): this
+# machine's, or with --clients current the Debian 13 chroot's (fs/chroot/current.py).
+CLIENT_PROGRAMS = ("nbdinfo", "nbdcopy", "nbdsh", "qemu-img", "qemu-io", "fio")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,11 +44,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
         help="start every server with --processes N unless a test sets it (default: the server's default)",
     )
+    parser.addoption(
+        "--clients",
+        choices=("installed", "current"),
+        default="installed",
+        help="the client programs the tests run: this machine's (default), or Debian 13's from the chroot"
+        " of fs/chroot/current.py (libnbd 1.22, qemu 10, fio 3.39); then only the tests marked 'clients' run",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     global PROCESSES
     PROCESSES = config.getoption("--processes")
+    config.addinivalue_line("markers", "clients: runs client programs, so runs again with --clients current")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--clients") != "current":
+        return
+    chosen = [item for item in items if item.get_closest_marker("clients")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+    items[:] = chosen
+
+
+@pytest.fixture(scope="session", autouse=True)
+def client_programs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """With --clients current: each client program on PATH is a script that runs the chroot's, in
+    the same working directory (the checkout and /tmp are shared with the chroot)."""
+    if request.config.getoption("--clients") != "current":
+        yield
+        return
+    chroot = current.build(log=lambda line: print(line, flush=True))  # asked for: no skipping
+    scripts = tmp_path_factory.mktemp("current-clients")
+    for program in CLIENT_PROGRAMS:
+        enter = chroot.command(["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh"], [ROOT])
+        script = scripts / program
+        script.write_text(f'#!/bin/sh\nexec {shlex.join(enter)} "$PWD" {program} "$@"\n')
+        script.chmod(0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{scripts}:{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 START_TIMEOUT = 20.0
@@ -227,12 +271,11 @@ needs_ipv6_loopback = pytest.mark.skipif(not have_ipv6_loopback(), reason="::1 c
 
 def clean_checkout(tree: Path) -> Path:
     """The files git tracks, copied to ``tree``: the project as a fresh clone has it."""
-    root = Path(__file__).resolve().parents[1]
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     for name in filter(None, tracked.decode().split("\0")):
-        if (root / name).is_file():
+        if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / name, tree / name)
+            shutil.copy2(ROOT / name, tree / name)
     return tree
 
 

@@ -53,6 +53,7 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["--size", "export-size"])
+@pytest.mark.clients
 def test_size_creates_sparse_image(start_server, tmp_path, how):
     path = tmp_path / "new.img"
     args = ["--size", "16M", path] if how == "--size" else ["--export", f"name=,path={path},size=16M"]
@@ -63,6 +64,7 @@ def test_size_creates_sparse_image(start_server, tmp_path, how):
     assert nbd_size(server.uri()) == 16 * MiB
 
 
+@pytest.mark.clients
 def test_size_keeps_existing_file(start_server, tmp_path):
     path = make_image(tmp_path / "old.img", 8 * MiB)
     path.write_bytes(b"keep" * 1024 + bytes(8 * MiB - 4096))
@@ -162,6 +164,7 @@ def test_port_in_use(image, listening, first_ok):
 
 
 @needs_ipv6_loopback
+@pytest.mark.clients
 def test_ipv6_listener(start_server, image):
     server = start_server(image, "--listen", "[::1]:0")
     assert server.host == "[::1]"
@@ -171,6 +174,7 @@ def test_ipv6_listener(start_server, image):
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-socket"])
+@pytest.mark.clients
 def test_unix_listener(start_server, image, tmp_path, stale):
     path = tmp_path / "nbd.sock"
     if stale:  # left behind by a server that died
@@ -218,6 +222,7 @@ def test_signal_keeps_unflushed_writes(server, image, disconnect, sig):
             h.pread(4096, 0)
 
 
+@pytest.mark.clients
 def test_sigterm_during_nbdcopy(start_server, tmp_path):
     image = make_image(tmp_path / "disk.img", 32 * MiB)
     server = start_server(image)
@@ -246,6 +251,7 @@ def test_sigterm_during_nbdcopy(start_server, tmp_path):
     assert written[8 * MiB :] == bytes(24 * MiB)  # nothing sent after the signal was taken
 
 
+@pytest.mark.clients
 def test_sigterm_during_fio(server, image, tmp_path):
     before = os.urandom(4 * MiB)
     with open(tmp_path / "before.bin", "wb") as f:
@@ -318,6 +324,7 @@ def test_sigterm_with_stalled_client(server, image, stage):
 # Exports --------------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 def test_read_only_refuses_writes(start_server, image):
     nbd = pytest.importorskip("nbd")
     server = start_server(image, "--read-only")
@@ -336,6 +343,7 @@ def test_read_only_refuses_writes(start_server, image):
 
 
 @pytest.mark.parametrize(("default", "size"), [(None, 4 * MiB), ("alpha", 4 * MiB), ("beta", 2 * MiB)])
+@pytest.mark.clients
 def test_default_export(start_server, tmp_path, default, size):
     alpha, beta = make_image(tmp_path / "alpha.img", 4 * MiB), make_image(tmp_path / "beta.img", 2 * MiB)
     choice = ["--default-export", default] if default else []

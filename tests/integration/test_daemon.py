@@ -112,6 +112,7 @@ def config_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.clients
 def test_serves_what_the_config_file_says(start_server, config_file, tmp_path):
     server = start_server("--config", config_file, "--metrics", "127.0.0.1:0")  # a flag overrides the file
     assert (tmp_path / "a.img").stat().st_size == 8 * MiB  # relative to the file, created
@@ -234,6 +235,7 @@ def test_watchdog_only_for_its_pid(start_server, image, tmp_path):
 # Socket activation --------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 def test_socket_activation_tcp_unix_and_metrics(start_server, image, tmp_path):
     needs("systemd-socket-activate")
     nbd_port, metrics_port = free_port(), free_port()
@@ -266,6 +268,7 @@ def test_socket_activation_tcp_unix_and_metrics(start_server, image, tmp_path):
 # Reload -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 def test_sighup_reloads_exports_read_only_and_log_level(start_server, tmp_path):
     make_image(tmp_path / "a.img", 4 * MiB)
     make_image(tmp_path / "c.img", 4 * MiB)
@@ -307,6 +310,7 @@ def test_sighup_reloads_exports_read_only_and_log_level(start_server, tmp_path):
     assert server.stop() == 0
 
 
+@pytest.mark.clients
 def test_read_only_export_cannot_be_made_writable_by_reload(start_server, tmp_path):
     make_image(tmp_path / "a.img", 4 * MiB)
     path = tmp_path / "nbdserver.toml"

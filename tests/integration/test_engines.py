@@ -326,6 +326,7 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
             on_tmpfs.unlink()
 
 
+@pytest.mark.clients
 def test_sigterm_under_full_load_exits_cleanly(engine_server, tmp_path):
     """Unthrottled 4k random writes at QD32, then SIGTERM: everything in flight completes and the server
     exits 0 in good time, whatever the engine has outstanding in the kernel."""
@@ -361,6 +362,7 @@ def test_sigterm_under_full_load_exits_cleanly(engine_server, tmp_path):
     assert took < 15, f"shutdown took {took:.1f} s"
 
 
+@pytest.mark.clients
 def test_streaming_reads_reuse_their_buffers(engine_server, export_file, tmp_path):
     """1 MiB reads at QD16 for a few seconds: each READ buffer goes back to the pool once its reply
     has left, so the pool allocates about one block per request in flight, not one per request."""

@@ -223,6 +223,7 @@ def test_bytes_received_but_not_taken_go_with_the_connection(upgradable, tmp_pat
         assert f.read(len(payload)) == payload
 
 
+@pytest.mark.clients
 def test_nbdcopy_from_a_pipe_rides_through_upgrades(upgradable, tmp_path):
     disk = make_image(tmp_path / "disk.img", 64 * MiB)
     u = upgradable(str(disk))
@@ -239,6 +240,7 @@ def test_nbdcopy_from_a_pipe_rides_through_upgrades(upgradable, tmp_path):
     assert len(u.pids) == 7
 
 
+@pytest.mark.clients
 def test_qemu_img_convert_rides_through_upgrades(upgradable, tmp_path):
     disk = make_image(tmp_path / "disk.img", 64 * MiB)
     source = tmp_path / "source.img"

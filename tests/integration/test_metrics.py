@@ -60,6 +60,7 @@ def test_no_metrics_serves_none(start_server, image):
     assert not any("metrics on" in line for line in server.log)
 
 
+@pytest.mark.clients
 def test_counters_count_what_clients_did(disk):
     h = nbd.NBD()
     h.set_strict_mode(0)

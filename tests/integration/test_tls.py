@@ -80,6 +80,7 @@ def tls_handle(server, certificates: Path, name: str = "") -> nbd.NBD:
     return h
 
 
+@pytest.mark.clients
 def test_data_flows_only_inside_tls(start_server, image, pki):
     server = start_server(image, *tls_args(pki))
     h = tls_handle(server, pki / "anonymous")

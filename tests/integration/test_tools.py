@@ -18,6 +18,8 @@ MiB = 1024 * 1024
 WRITE_FLAGS = ["flush", "fua", "trim", "zero", "fast-zero", "write"]
 ANY_FLAGS = ["cache", "multi-conn", "df", "read", "structured-reply"]
 
+pytestmark = pytest.mark.clients  # every test here runs client programs
+
 
 def run(
     *cmd: str | os.PathLike[str], timeout: float = 120, check: bool = True, **kwargs
@@ -253,3 +255,17 @@ def test_nbdsh_write_and_read(server, image):
         f.seek(70001)
         assert f.read(6000) == expected
     assert nbdsh(server.uri(), "assert h.pread(6, 70001) == b'nope!!'").returncode != 0
+
+
+def test_the_client_programs_are_of_the_generation_asked_for(request):
+    """Debian 12's on this machine, or with --clients current Debian 13's from the chroot."""
+    current = request.config.getoption("--clients") == "current"
+    expected = {
+        ("nbdinfo", "--version"): "nbdinfo 1.22." if current else "nbdinfo 1.14.",
+        ("nbdcopy", "--version"): "nbdcopy 1.22." if current else "nbdcopy 1.14.",
+        ("qemu-img", "--version"): "qemu-img version 10." if current else "qemu-img version 7.2",
+        ("qemu-io", "--version"): "qemu-io version 10." if current else "qemu-io version 7.2",
+        ("fio", "--version"): "fio-3.39" if current else "fio-3.33",
+    }
+    for argv, start in expected.items():
+        assert run(*argv).stdout.startswith(start), (argv, start)
