@@ -325,16 +325,7 @@ class Connection(asyncio.BufferedProtocol):
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
         self.export.queue.submitters += 1
-        log.info(
-            "%s: export %r, %s",
-            self.peer,
-            self.export.name,
-            "extended headers"
-            if self._tx.extended
-            else "structured replies"
-            if self._tx.structured_replies
-            else "simple replies",
-        )
+        log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
         self._staging[: len(trailing)] = trailing
         self._filled = len(trailing)
         self._consume()

@@ -12,7 +12,7 @@ latency, the server's CPU seconds per GiB moved and nbdserver's ratio to the bas
 by default the newest nbdkit's file plugin there is), and one PNG per workload group plots the
 medians relative to it.  The header gives every server's version.
 
-Servers: nbdserver (defaults, with merging off, and with the thread-pool engine), nbdkit's file
+Servers: nbdserver (defaults, with merging off, without busy polling, and with the thread-pool engine), nbdkit's file
 plugin, nbdkit's Python plugin with the minimal file plugin beside this script, qemu-nbd (cache=none
 with native AIO, and cache=writeback), nbd-server: Debian 12's, from this machine, and where the
 Debian 13 chroot has been built (fs/chroot/current.py build), the same from Debian 13 beside them,
@@ -75,6 +75,7 @@ VARIANTS = [
     Variant("nbdserver-pure", "nbdserver", ()),  # where no compiler is
     Variant("nbdserver-pure-1proc", "nbdserver", ("--processes", "1")),
     Variant("nbdserver-no-merge", "nbdserver", ("--no-merge",), build="mypyc"),
+    Variant("nbdserver-no-poll", "nbdserver", ("--busy-poll", "0"), build="mypyc"),  # the event loop sleeps at once
     Variant("nbdserver-threads", "nbdserver", ("--engine", "threads"), build="mypyc"),  # where io_uring is not
     Variant(BASELINE, "nbdkit", NBDKIT),
     Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),

@@ -117,6 +117,13 @@ class Transmission:
         self._transfer_flags = {int(c): self._allowed_flags[c] for c in transfers}
         self._transfer_max = min(self.max_payload, self.size)
 
+    @property
+    def form(self) -> str:
+        """The form of requests and replies, in words (for the log)."""
+        if self.extended:
+            return "extended headers"
+        return "structured replies" if self.structured_replies else "simple replies"
+
     def refuse_writes(self) -> None:
         """From now on, requests that change data get EPERM (the export became read-only)."""
         self.read_only = True

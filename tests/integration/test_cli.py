@@ -314,7 +314,7 @@ def test_sigterm_with_stalled_client(server, image, stage):
     with raw_client(server.port, stage):
         assert wait_for(lambda: ": connected" in server.log_text())
         if stage != "handshake":
-            assert wait_for(lambda: "structured replies off" in server.log_text())
+            assert wait_for(lambda: "simple replies" in server.log_text())
         time.sleep(0.2)
         code = stop_quickly(server)
     assert code == 0, server.log_text()
