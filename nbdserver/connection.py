@@ -454,6 +454,8 @@ class Connection(asyncio.BufferedProtocol):
             self._uncharge(request.length)
         block, request.block = request.block, None
         sending = self._transport is not None and request.command == Command.READ and not request.errno
+        if sending and request.extents and all(hole for _, hole in request.extents):
+            sending = False  # hole chunks only: the reply holds nothing of the block
         if block is not None:
             if sending:
                 self._unsent_blocks.append(block)  # given back once the transport has sent its reply
@@ -499,6 +501,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._out and transport is not None:
             transport.writelines(self._out)
+            self.server.busy_poll.replied()
             self._handed += sum(map(len, self._out))
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))

@@ -8,7 +8,9 @@ callback ready) for a few tens of microseconds after each request spares that wa
 kernel's own ``busy_poll`` does for sockets.  The CPU it takes per request is about what the
 wake-up cost; while requests queue up the loop is busy anyway and the window changes nothing.
 
-A client that thinks between requests lets the windows expire with nothing received: after a
+A window pays off when a request arrives in it after a reply has left (the client answered):
+bytes that follow other bytes with no reply between (a request's payload behind its header) do
+not count.  A client that thinks between requests lets the windows expire without one: after a
 few such windows in a row polling rests, so an idle or slow client costs a bounded trickle.
 """
 
@@ -27,8 +29,9 @@ REST = 0.1  # seconds without polling after that
 
 
 class BusyPoll:
-    """One per event loop; connections report each receive with :meth:`arrived`.  The windows,
-    those in which nothing arrived, and the time spent polling are counted in ``stats``."""
+    """One per event loop; connections report each receive with :meth:`arrived` and each batch of
+    replies sent with :meth:`replied`.  The windows, those that did not pay off, and the time
+    spent polling are counted in ``stats``."""
 
     def __init__(self, window_us: int, stats: ServerStats) -> None:
         self.window = window_us / 1e6  # seconds; 0: never poll
@@ -36,8 +39,9 @@ class BusyPoll:
         self._deadline = 0.0  # polling stops at this monotonic() time unless more arrives
         self._polling = False
         self._started = 0.0
-        self._arrivals = 0  # receives within the current window
-        self._empty = 0  # windows in a row in which nothing arrived
+        self._answers = 0  # receives in the current window that followed a reply
+        self._replied = False  # a reply left since the last receive
+        self._empty = 0  # windows in a row without an answer
         self._resting_until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -47,13 +51,19 @@ class BusyPoll:
             return
         self._deadline = now + self.window
         if self._polling:
-            self._arrivals += 1
+            if self._replied:
+                self._answers += 1
         elif now >= self._resting_until:
-            self._polling, self._arrivals, self._started = True, 0, now
+            self._polling, self._answers, self._started = True, 0, now
             self.stats.busy_poll_windows += 1
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._poll)
+        self._replied = False
+
+    def replied(self) -> None:
+        """Replies left: a receive from now on is a client's answer."""
+        self._replied = True
 
     def _poll(self) -> None:
         """Stay ready (the loop then polls without sleeping) until the deadline passes."""
@@ -63,7 +73,7 @@ class BusyPoll:
             return
         self._polling = False
         self.stats.busy_poll_seconds += now - self._started
-        if self._arrivals:
+        if self._answers:
             self._empty = 0
             return
         self.stats.busy_poll_empty_windows += 1

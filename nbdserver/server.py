@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -137,13 +138,15 @@ class Server:
         serving = self.workers is None  # else bound only, for _serve to take over
         if listener.is_unix:
             _remove_stale_socket(listener.path)
-            srv = await loop.create_unix_server(lambda: Connection(self), listener.path, start_serving=serving)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(listener.path)
             self._unix_paths.append(listener.path)
             os.chmod(listener.path, self.config.unix_socket_mode)
-        else:
-            srv = await loop.create_server(
-                lambda: Connection(self), listener.host, listener.port, reuse_address=True, start_serving=serving
-            )
+            await self._serve(sock)
+            return
+        srv = await loop.create_server(
+            lambda: Connection(self), listener.host, listener.port, reuse_address=True, start_serving=serving
+        )
         if serving:
             self._listeners.append(srv)
             self.addresses.extend(describe_socket(sock) for sock in srv.sockets)
@@ -162,7 +165,7 @@ class Server:
             listener = Acceptor(sock, self._take, self.workers.has_room)
             self.workers.on_room.append(listener.resume)
         elif sock.family == socket.AF_UNIX:
-            listener = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+            listener = await _unix_server(loop, lambda: Connection(self), sock)
         else:
             listener = await loop.create_server(lambda: Connection(self), sock=sock)
         self._listeners.append(listener)
@@ -379,6 +382,18 @@ _RESTART_FIELDS = (
     "busy_poll_us",
 )
 _EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow")
+
+
+async def _unix_server(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection], sock: socket.socket
+) -> asyncio.Server:
+    """Serve a bound Unix socket.  From Python 3.13, asyncio (and uvloop there) removes the socket's
+    file when the server closes unless told not to: the file is removed at shutdown by the server
+    that made it (_unix_paths), and by no one in a handover or when inherited, as the successor or
+    the service manager still listens on it."""
+    if sys.version_info >= (3, 13):
+        return await loop.create_unix_server(factory, sock=sock, cleanup_socket=False)
+    return await loop.create_unix_server(factory, sock=sock)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -57,6 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
     global PROCESSES
     PROCESSES = config.getoption("--processes")
     config.addinivalue_line("markers", "clients: runs client programs, so runs again with --clients current")
+    config.addinivalue_line(
+        "markers", "bindings: uses libnbd's Python bindings, so runs again by tests/in_current with libnbd 1.22"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

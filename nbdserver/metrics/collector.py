@@ -79,7 +79,9 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
         stats.busy_poll_windows,
     )
     yield _counter(
-        "busy_poll_empty_windows_total", "Busy-poll windows in which no request arrived", stats.busy_poll_empty_windows
+        "busy_poll_empty_windows_total",
+        "Busy-poll windows in which no client answered a reply",
+        stats.busy_poll_empty_windows,
     )
     yield _counter("busy_poll_seconds_total", "Time the event loops spent polling", stats.busy_poll_seconds)
     refused = CounterMetricFamily(

@@ -38,6 +38,8 @@ from .rawclient import (
     option_bytes,
 )
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 MiB = 1 << 20
 FLAGS = struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 GO = option_bytes(Opt.GO, info_request())

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import MiB, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 
 def client(server) -> RawClient:
     return RawClient(server.host, server.port, timeout=10).handshake().go()

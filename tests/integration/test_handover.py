@@ -23,6 +23,8 @@ from nbdserver.handover import QUIESCE_TIMEOUT
 from tests.conftest import MiB, ServerProcess, Upgradable, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 4096
 IN_FLIGHT = 64  # per connection; four connections keep 256 in flight

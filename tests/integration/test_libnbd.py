@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import IMAGE_SIZE, make_image, needs_ipv6_loopback
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 KiB = 1024
 MiB = 1024 * KiB
 MAX_PAYLOAD = 32 * MiB
@@ -25,8 +27,17 @@ def pattern(length: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
+# libnbd 1.18 and later ask for extended headers unless told not to: there, both header forms.
+HEADER_FORMS = ["extended", "compact"] if hasattr(nbd.NBD, "set_request_extended_headers") else ["compact"]
+
+
+@pytest.fixture(params=HEADER_FORMS)
+def header_form(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def connect():
+def connect(header_form: str):
     """Factory: ``connect(uri, ...)`` opens a libnbd handle; every handle is disconnected at teardown."""
     handles: list[nbd.NBD] = []
 
@@ -47,8 +58,12 @@ def connect():
             h.set_strict_mode(0)
         h.set_opt_mode(opt_mode)
         h.set_full_info(full_info)
+        if header_form == "compact" and hasattr(h, "set_request_extended_headers"):
+            h.set_request_extended_headers(False)
         if uri is not None:
             h.connect_uri(uri)
+            if header_form == "extended" and structured:
+                assert h.get_extended_headers_negotiated()
         return h
 
     yield open_handle

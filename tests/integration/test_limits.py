@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import MiB, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Closed, Cmd, Opt, RawClient, Rep, info_request, option_bytes
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 
 def turned_away(server, reason: str) -> float:
     return value(scrape(server.metrics_url), "nbdserver_connections_turned_away_total", reason=reason)

@@ -10,6 +10,8 @@ import signal
 import nbd
 import pytest
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 KiB = 1024
 BLOCK = 4 * KiB
 

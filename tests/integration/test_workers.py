@@ -16,6 +16,8 @@ from tests.conftest import MiB, ServerProcess, make_image, running, scrape, valu
 from tests.integration.rawclient import Cmd
 from tests.integration.test_bad_input import assert_serves, memory, negotiate
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 BLOCK = 4096
 
 

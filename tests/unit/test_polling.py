@@ -12,19 +12,37 @@ from nbdserver.polling import EMPTY_BEFORE_REST, REST, BusyPoll
 from nbdserver.stats import ServerStats
 
 
-def test_arrivals_within_the_window_keep_one_window_open():
+def test_answers_within_the_window_keep_one_window_open():
     async def scenario() -> ServerStats:
         stats = ServerStats()
         poll = BusyPoll(50_000, stats)  # 50 ms: wide enough for this machine's scheduling
         for _ in range(20):
             poll.arrived(monotonic())
+            poll.replied()
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.2)
         return stats
 
     stats = uvloop.run(scenario())
     assert stats.busy_poll_windows == 1 and stats.busy_poll_empty_windows == 0
-    assert 0.05 < stats.busy_poll_seconds < 0.2  # the 20 ms of arrivals, then one window
+    assert 0.05 < stats.busy_poll_seconds < 0.2  # the 20 ms of answers, then one window
+
+
+def test_bytes_with_no_reply_between_are_no_answer():
+    """A header, then its payload: the window they open pays off only if the client answers."""
+
+    async def scenario() -> ServerStats:
+        stats = ServerStats()
+        poll = BusyPoll(20_000, stats)
+        poll.arrived(monotonic())
+        await asyncio.sleep(0.001)
+        poll.arrived(monotonic())  # the payload, no reply yet
+        poll.replied()
+        await asyncio.sleep(0.1)  # the client does not answer
+        return stats
+
+    stats = uvloop.run(scenario())
+    assert stats.busy_poll_windows == 1 and stats.busy_poll_empty_windows == 1
 
 
 def test_the_loop_runs_while_it_polls():
