@@ -25,6 +25,7 @@ from nbdserver.protocol import (
     ExportInfo,
     Negotiated,
     ProtocolViolation,
+    RequestHeader,
     ServerHandshake,
     StartTls,
     TlsMode,
@@ -121,6 +122,23 @@ HEADERS = st.one_of(
 )
 
 
+def refused_or_within_bounds(
+    tx: Transmission, header: RequestHeader, payload: int, read_only: bool
+) -> tuple[Error, str]:
+    """The checks' verdict on a parsed header: a refusal says why; what passes stays within the export,
+    the payload limit and the export's writability, and only a WRITE brings a payload in."""
+    assert 0 <= payload <= MAX_DISCARDED_PAYLOAD
+    error, message = tx.check(header)
+    if error == Error.OK:
+        assert header.offset + header.length <= DISK.size or header.command in (2, 3)
+        assert header.length <= DISK.max_payload or header.command not in (0, 1)
+        assert not payload or header.command == 1, "only a WRITE's payload is taken"
+        assert not (read_only and header.command in (1, 4, 6))
+    else:
+        assert message
+    return error, message
+
+
 @FUZZ
 @given(raw=HEADERS, structured=st.booleans(), read_only=st.booleans())
 def test_transmission_headers_are_refused_or_within_bounds(raw: bytes, structured: bool, read_only: bool) -> None:
@@ -131,14 +149,7 @@ def test_transmission_headers_are_refused_or_within_bounds(raw: bytes, structure
         payload = tx.payload_length(header)
     except ProtocolViolation:
         return
-    assert 0 <= payload <= MAX_DISCARDED_PAYLOAD
-    error, message = tx.check(header)
-    if error == Error.OK:
-        assert header.offset + header.length <= DISK.size or header.command in (2, 3)
-        assert header.length <= DISK.max_payload or header.command not in (0, 1)
-        assert not (read_only and header.command in (1, 4, 6))
-    else:
-        assert message
+    refused_or_within_bounds(tx, header, payload, read_only)
 
 
 EXTENDED_HEADERS = st.one_of(
@@ -177,14 +188,7 @@ def test_extended_headers_are_refused_or_within_bounds(
         payload = tx.payload_length(header)
     except ProtocolViolation:
         return
-    assert 0 <= payload <= MAX_DISCARDED_PAYLOAD
-    error, message = tx.check(header)
-    if error == Error.OK:
-        assert header.offset + header.length <= DISK.size or header.command in (2, 3)
-        assert header.length <= DISK.max_payload or header.command not in (0, 1)
-        assert not payload or header.command == 1, "only a WRITE's payload is taken"
-        assert not (read_only and header.command in (1, 4, 6))
-    else:
-        assert message
+    error, _ = refused_or_within_bounds(tx, header, payload, read_only)
+    if error != Error.OK:
         [chunk] = parse_ext_chunks(b"".join(bytes(b) for b in tx.replies.error(header.cookie, header.offset, error)))
         assert chunk.flags == 1 and chunk.offset == header.offset
