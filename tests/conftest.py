@@ -232,8 +232,12 @@ class Upgradable:
         return running(self.pids[-1])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the server that serves now (and any predecessor still finishing); SIGKILL after 30 s."""
-        for pid in reversed(self.pids):
+        """Signal the server that serves now, any predecessor still finishing, and any successor an
+        upgrade started, whatever became of that upgrade (a failed test must leave none behind);
+        SIGKILL after 30 s."""
+        found = (re.search(r"successor started, pid (\d+)", line) for line in self.server.log)
+        started = [int(m.group(1)) for m in found if m]
+        for pid in reversed(list(dict.fromkeys([*self.pids, *started]))):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
