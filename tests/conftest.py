@@ -216,8 +216,12 @@ class Upgradable:
     def upgrade(self, timeout: float = 30.0) -> float:
         """SIGUSR2, then wait until the successor has taken over; returns the pause it logged."""
         done = sum("took over" in line for line in self.server.log)
+        handed = sum("handed to pid" in line for line in self.server.log)
         os.kill(self.pids[-1], signal.SIGUSR2)
         assert self.server.logged("took over", count=done + 1, timeout=timeout), self.server.log_text()[-3000:]
+        # The predecessor names its successor in a line of its own, which may come after "took over":
+        # signalling it again before then would reach a server that has handed everything over.
+        assert self.server.logged("handed to pid", count=handed + 1, timeout=timeout), self.server.log_text()[-3000:]
         self.follow()
         pause = [m for line in self.server.log if (m := re.search(r"requests waited ([\d.]+) s", line))]
         return float(pause[-1].group(1))
