@@ -2,7 +2,7 @@
 
 What a server says to its successor in an upgrade (handover.py), what it keeps in
 systemd's fd store (fdstore.py, without descriptors), and what the primary and its
-worker processes say to each other (workers.py).
+worker processes say to each other (workers.py, over channel.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 import struct
 from typing import Any
 
-_FRAME = struct.Struct(">IIB")  # head length, raw length, descriptors
+PREFIX = struct.Struct(">IIB")  # head length, raw length, descriptors
 MAX_FDS_PER_FRAME = 1
 MAX_HEAD = 1 << 20
 MAX_RAW = 64 << 20  # a staged receive (1 MiB) and the part of a WRITE payload received (32 MiB)
@@ -25,15 +25,15 @@ class FrameError(ValueError):
 
 def encode_frame(head: dict[str, Any], raw: bytes = b"", nfds: int = 0) -> bytes:
     encoded = json.dumps(head).encode()
-    return _FRAME.pack(len(encoded), len(raw), nfds) + encoded + raw
+    return PREFIX.pack(len(encoded), len(raw), nfds) + encoded + raw
 
 
 def decode_frames(data: bytes) -> list[tuple[dict[str, Any], bytes]]:
     """Frames written one after another (to a file: no descriptors ride along)."""
     frames, pos = [], 0
     while pos < len(data):
-        head_length, raw_length, _ = _FRAME.unpack_from(data, pos)
-        pos += _FRAME.size
+        head_length, raw_length, _ = PREFIX.unpack_from(data, pos)
+        pos += PREFIX.size
         if head_length > MAX_HEAD or raw_length > MAX_RAW or pos + head_length + raw_length > len(data):
             raise FrameError(f"malformed state at byte {pos}")
         head = json.loads(data[pos : pos + head_length])
@@ -47,19 +47,19 @@ def send_frame(sock: socket.socket, head: dict[str, Any], raw: bytes = b"", fds:
     """One frame; the descriptors travel with its first bytes."""
     frame = encode_frame(head, raw, len(fds or []))
     if fds:
-        sent = socket.send_fds(sock, [frame[: _FRAME.size]], fds)
-        assert sent == _FRAME.size
-        frame = frame[_FRAME.size :]
+        sent = socket.send_fds(sock, [frame[: PREFIX.size]], fds)
+        assert sent == PREFIX.size
+        frame = frame[PREFIX.size :]
     sock.sendall(frame)
 
 
 def receive_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]]:
     """The next frame; EOFError if the peer closed its end between frames."""
-    prefix, fds, _, _ = socket.recv_fds(sock, _FRAME.size, MAX_FDS_PER_FRAME)
+    prefix, fds, _, _ = socket.recv_fds(sock, PREFIX.size, MAX_FDS_PER_FRAME)
     if not prefix:
         raise EOFError("the other side closed the handover socket")
-    prefix += _receive_exactly(sock, _FRAME.size - len(prefix))
-    head_length, raw_length, nfds = _FRAME.unpack(prefix)
+    prefix += _receive_exactly(sock, PREFIX.size - len(prefix))
+    head_length, raw_length, nfds = PREFIX.unpack(prefix)
     if head_length > MAX_HEAD or raw_length > MAX_RAW or nfds != len(fds):
         for fd in fds:
             os.close(fd)

@@ -11,7 +11,6 @@ reload, an upgrade), so a worker ignores them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pickle
 import signal
@@ -22,13 +21,14 @@ from typing import Any
 
 import uvloop
 
+from .channel import Channel
 from .config import ConfigError, ServerConfig
 from .connection import Connection
 from .frames import receive_frame, send_frame
 from .handover import ConnectionTerms, Inheritance, Package, package, resume
 from .server import Server
 from .systemd import configure_logging, set_log_level
-from .workers import ANSWER_TIMEOUT, share
+from .workers import share
 
 log = logging.getLogger("nbdserver")
 
@@ -36,33 +36,37 @@ log = logging.getLogger("nbdserver")
 class Worker:
     """One worker's side of the socket pair: a frame from the primary at a time."""
 
-    def __init__(self, server: Server, channel: socket.socket) -> None:
-        self.server, self.channel = server, channel
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
         self.done = asyncio.Event()
         self._packed: Package | None = None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._adopting: set[asyncio.Task[Any]] = set()  # connections being set up
         self._taken = 0  # connections received from the primary
+        self._counting = False  # a count is due at the end of this turn of the loop
         server.on_change = self._report_count
+        self.channel = Channel(sock, self.receive, self._lost)
+
+    def _lost(self) -> None:
+        log.debug("the primary is gone")
+        self.done.set()  # finish as at a stop
 
     def _report_count(self) -> None:
+        """Say how many connections are open, once for all the changes of this turn of the loop
+        (a flood of clients would otherwise be a flood of counts)."""
+        if not self._counting:
+            self._counting = True
+            self._loop.call_soon(self._send_count)
+
+    def _send_count(self) -> None:
+        self._counting = False
         self._send({"type": "count", "connections": len(self.server.connections), "taken": self._taken})
 
     def _send(self, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> None:
-        try:
-            send_frame(self.channel, head, raw, fds)
-        except OSError:
-            self.done.set()  # the primary is gone
+        self.channel.send(head, raw, fds)  # if the primary is gone, _lost says so
 
-    def receive(self) -> None:
-        try:
-            head, raw, fds = receive_frame(self.channel)
-        except (OSError, EOFError, ValueError) as exc:
-            log.debug("the primary is gone: %r", exc)
-            self._loop.remove_reader(self.channel.fileno())
-            self.done.set()  # the primary is gone: finish as at a stop
-            return
+    def receive(self, head: dict[str, Any], raw: bytes, fds: list[int]) -> None:
         kind = head.get("type")
         if kind in ("connection", "resume"):
             self._taken += 1
@@ -143,17 +147,11 @@ async def serve(config: ServerConfig, channel: socket.socket) -> int:
     except (ConfigError, OSError) as exc:
         send_frame(channel, {"type": "failed", "why": str(exc)})
         return 1
-    worker = Worker(server, channel)
-    # The loop makes the descriptor non-blocking once it watches it: a timeout makes the socket
-    # wait (poll) for the rest of a frame that arrives in pieces.
-    channel.settimeout(ANSWER_TIMEOUT)
     send_frame(channel, {"type": "ready"})
-    asyncio.get_running_loop().add_reader(channel.fileno(), worker.receive)
+    worker = Worker(server, channel)
     await worker.done.wait()
-    with contextlib.suppress(ValueError, OSError):
-        asyncio.get_running_loop().remove_reader(channel.fileno())
     await server.shutdown()
-    channel.close()
+    worker.channel.close()
     return 0
 
 

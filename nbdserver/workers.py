@@ -15,14 +15,15 @@ workers are not merged with each other.  FLUSH and FUA keep their meaning
 across workers, since every worker writes the same file and fdatasync acts on
 the file, not on the descriptor.
 
-The primary and a worker talk over a socket pair in handover.py's frames:
+The primary and a worker talk over a socket pair in frames (frames.py), through a
+Channel (channel.py) on each side, so that neither ever waits on the other:
 
     primary                                   worker
     config + pickled (config, index, count) ──▶
                                             ◀──  ready | failed {why}
     connection + fd                         ──▶  a new client: handshake and all
     resume {terms} + fd + bytes             ──▶  a client taken over from a predecessor
-                                            ◀──  count {connections, taken}   whenever it changes
+                                            ◀──  count {connections, taken}   when it changed (once a turn of its loop)
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
     reload + pickled config                 ──▶  applied as SIGHUP applies it
@@ -49,8 +50,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
+from .channel import Channel
 from .config import ServerConfig
 from .frames import FrameError, receive_frame, send_frame
 from .stats import Snapshot
@@ -141,7 +144,7 @@ class Acceptor:
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
-    channel: socket.socket
+    channel: Channel = field(init=False)
     open: int = 0  # its connections, as it last said
     given: int = 0  # connections passed to it
     taken: int = 0  # of those, how many it had taken when it last said
@@ -195,20 +198,21 @@ class WorkerPool:
             raise WorkerError(f"cannot start worker {index}: {exc}") from None
         finally:
             theirs.close()
-        worker = _Worker(index, proc, ours)
         ours.settimeout(START_TIMEOUT)
         loop = asyncio.get_running_loop()
         try:
             send_frame(ours, {"type": "config"}, pickle.dumps((self.config, index, self.count)))
             answer, _, _ = await loop.run_in_executor(None, receive_frame, ours)
+            if answer.get("type") != "ready":
+                raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
         except (OSError, EOFError, FrameError) as exc:
-            self._kill(worker)
+            _kill(proc, ours)
             raise WorkerError(f"worker {index} did not start: {exc}") from None
-        if answer.get("type") != "ready":
-            self._kill(worker)
-            raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
-        ours.settimeout(ANSWER_TIMEOUT)
-        loop.add_reader(ours.fileno(), self._receive, worker)
+        except WorkerError:
+            _kill(proc, ours)
+            raise
+        worker = _Worker(index, proc)
+        worker.channel = Channel(ours, partial(self._receive, worker), partial(self._lost, worker))
         return worker
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -225,17 +229,9 @@ class WorkerPool:
                 )
             self._forget(worker)
 
-    def _kill(self, worker: _Worker) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.kill()
-        worker.proc.wait()
-        worker.channel.close()
-
     def _forget(self, worker: _Worker) -> None:
         if worker.alive:
             worker.alive = False
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(worker.channel.fileno())
             worker.channel.close()
             worker.replies.put_nowait(None)
 
@@ -269,13 +265,7 @@ class WorkerPool:
 
     # Talking --------------------------------------------------------------------------------
 
-    def _receive(self, worker: _Worker) -> None:
-        try:
-            frame = receive_frame(worker.channel)
-        except (OSError, EOFError, ValueError):
-            self._lost(worker)
-            return
-        head = frame[0]
+    def _receive(self, worker: _Worker, head: dict[str, Any], raw: bytes, fds: list[int]) -> None:
         if head.get("type") == "count":
             worker.open, worker.taken = head["connections"], head["taken"]
             self.on_change()
@@ -283,17 +273,10 @@ class WorkerPool:
                 for wake in self.on_room:
                     wake()
         else:
-            worker.replies.put_nowait(frame)
+            worker.replies.put_nowait((head, raw, fds))
 
     def _tell(self, worker: _Worker, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> bool:
-        if not worker.alive:
-            return False
-        try:
-            send_frame(worker.channel, head, raw, fds)
-        except OSError as exc:
-            log.warning("worker %d: %s", worker.index, exc)
-            return False
-        return True
+        return worker.alive and worker.channel.send(head, raw, fds)
 
     async def _ask(self, worker: _Worker, head: dict[str, Any], last: str) -> list[Frame]:
         """Send ``head`` and collect the answers up to one of type ``last``."""
@@ -320,8 +303,8 @@ class WorkerPool:
 
     def has_room(self) -> bool:
         """May another client be accepted now?  Not while every worker has MAX_ON_THE_WAY still
-        to take: the sockets wait in the listening socket's backlog meanwhile, and the socket
-        pairs never fill (a full one would stop this process)."""
+        to take: the sockets wait in the listening socket's backlog meanwhile, rather than in
+        the frames queued here for a busy worker."""
         return any(w.alive and w.on_the_way < MAX_ON_THE_WAY for w in self._workers)
 
     def take(self, sock: socket.socket) -> bool:
@@ -395,6 +378,13 @@ class WorkerPool:
     def take_back(self) -> None:
         for worker in self._workers:
             self._tell(worker, {"type": "take_back"})
+
+
+def _kill(proc: subprocess.Popen[bytes], channel: socket.socket) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+    channel.close()
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:

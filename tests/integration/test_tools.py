@@ -144,7 +144,9 @@ def test_qemu_img_convert_and_compare(server, image, tmp_path):
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.uri(), image)
     with open(image, "r+b") as f:  # a change behind the server's back must show
         f.seek(40 * MiB + 200)
-        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+        flipped = bytes([f.read(1)[0] ^ 0xFF])
+        f.seek(40 * MiB + 200)  # the read moved the position on
+        f.write(flipped)
     assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.uri(), source, check=False).returncode == 1
 
 
