@@ -40,12 +40,14 @@ import debian_root
 SUITE = "trixie"
 RELEASE = "Debian 13"
 # `file`: nbdinfo describes what an export holds with it, as on a system where it is installed.
-# pytest, uvloop, prometheus-client, hypothesis and iproute2 (ss): the tests that use libnbd's
-# Python bindings run in the root itself with its Python and libnbd (tests/in_current), the
-# server beside them.
+# The tests that use libnbd's Python bindings run in the root itself with its Python and libnbd
+# (tests/in_current), the server beside them; what they need: pytest, uvloop, prometheus-client,
+# hypothesis, iproute2 (ss), e2fsprogs and mount (a loop-mounted ext4, a loop device),
+# util-linux-extra (fincore), openssl (certificates) and prometheus (the dashboard's queries).
 PACKAGES = (
     *("libnbd-bin", "python3-libnbd", "qemu-utils", "nbdkit", "nbd-server", "nbd-client", "fio", "file"),
     *("python3-pytest", "python3-uvloop", "python3-prometheus-client", "python3-hypothesis", "iproute2"),
+    *("e2fsprogs", "mount", "util-linux-extra", "openssl", "prometheus"),
 )
 # Debian's archive as apt on this machine knows it (deb.debian.org), with the suite's updates and security updates.
 SOURCES = (

@@ -11,6 +11,8 @@ from pathlib import Path
 import nbd
 import pytest
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 MiB = 1024 * 1024
 
 

@@ -24,6 +24,8 @@ import pytest
 
 from tests.conftest import MiB
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 SIZE = 256 * MiB
 SLOT = 64 * 1024  # one write per slot per round: no two writes in a round overlap
 ROUNDS = int(os.environ.get("NBDSERVER_CRASH_ROUNDS", "6"))  # kills per cache mode; more on demand

@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import IO_MODES, START_TIMEOUT, MiB
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 SIZE = 64 * MiB
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import MiB, mounted_ext4
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:

@@ -23,6 +23,8 @@ import pytest
 from tests.conftest import MiB, ServerProcess, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 BLOCK = 4096
 
 # Puts the given descriptors at 3, 4, ... with LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, then runs the rest.

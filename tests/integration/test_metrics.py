@@ -22,6 +22,8 @@ import pytest
 from tests.conftest import EXPECTED_BUILD, MiB, free_port, make_image, needs_ipv6_loopback, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
+pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by tests/in_current
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "nbdserver.json"
 RULES = ROOT / "deploy" / "prometheus"

@@ -13,7 +13,10 @@ import pytest
 from tests.conftest import ServerProcess, Upgradable
 from tests.integration.rawclient import Opt, RawClient, Rep, info_request, option_bytes
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates"),
+    pytest.mark.bindings,  # libnbd's Python bindings: run again by tests/in_current
+]
 
 MiB = 1024 * 1024
 
