@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .frames import MAX_FDS_PER_FRAME, MAX_HEAD, MAX_RAW, PREFIX, FrameError, encode_frame
+from .frames import MAX_FDS_PER_FRAME, PREFIX, FrameError, encode_frame, oversized
 
 READ_SIZE = 256 << 10
 
@@ -127,7 +127,7 @@ class Channel:
         if len(self._in) < PREFIX.size:
             return None
         head_length, raw_length, nfds = PREFIX.unpack_from(self._in)
-        if head_length > MAX_HEAD or raw_length > MAX_RAW or nfds > len(self._fds):
+        if oversized(head_length, raw_length) or nfds > len(self._fds):
             raise FrameError(f"malformed frame ({head_length}, {raw_length}, {nfds} fds, {len(self._fds)} came)")
         end = PREFIX.size + head_length + raw_length
         if len(self._in) < end:

@@ -23,6 +23,11 @@ class FrameError(ValueError):
     """A frame that cannot be one: the peer is not what it should be."""
 
 
+def oversized(head_length: int, raw_length: int) -> bool:
+    """Lengths no frame has: the peer is not what it should be."""
+    return head_length > MAX_HEAD or raw_length > MAX_RAW
+
+
 def encode_frame(head: dict[str, Any], raw: bytes = b"", nfds: int = 0) -> bytes:
     encoded = json.dumps(head).encode()
     return PREFIX.pack(len(encoded), len(raw), nfds) + encoded + raw
@@ -34,7 +39,7 @@ def decode_frames(data: bytes) -> list[tuple[dict[str, Any], bytes]]:
     while pos < len(data):
         head_length, raw_length, _ = PREFIX.unpack_from(data, pos)
         pos += PREFIX.size
-        if head_length > MAX_HEAD or raw_length > MAX_RAW or pos + head_length + raw_length > len(data):
+        if oversized(head_length, raw_length) or pos + head_length + raw_length > len(data):
             raise FrameError(f"malformed state at byte {pos}")
         head = json.loads(data[pos : pos + head_length])
         pos += head_length
@@ -60,7 +65,7 @@ def receive_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]
         raise EOFError("the other side closed the handover socket")
     prefix += _receive_exactly(sock, PREFIX.size - len(prefix))
     head_length, raw_length, nfds = PREFIX.unpack(prefix)
-    if head_length > MAX_HEAD or raw_length > MAX_RAW or nfds != len(fds):
+    if oversized(head_length, raw_length) or nfds != len(fds):
         for fd in fds:
             os.close(fd)
         raise FrameError(f"malformed frame ({head_length}, {raw_length}, {nfds} fds, {len(fds)} came)")

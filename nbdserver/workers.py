@@ -203,14 +203,12 @@ class WorkerPool:
         try:
             send_frame(ours, {"type": "config"}, pickle.dumps((self.config, index, self.count)))
             answer, _, _ = await loop.run_in_executor(None, receive_frame, ours)
-            if answer.get("type") != "ready":
-                raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
         except (OSError, EOFError, FrameError) as exc:
             _kill(proc, ours)
             raise WorkerError(f"worker {index} did not start: {exc}") from None
-        except WorkerError:
+        if answer.get("type") != "ready":
             _kill(proc, ours)
-            raise
+            raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
         worker = _Worker(index, proc)
         worker.channel = Channel(ours, partial(self._receive, worker), partial(self._lost, worker))
         return worker
