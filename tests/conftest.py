@@ -174,6 +174,24 @@ class ServerProcess:
             pids[int(index)] = int(pid)
         return pids
 
+    def serving_pids(self) -> list[int]:
+        """The server's process and its workers, if it has any: every process that may hold a connection."""
+        started = any("worker processes: pids" in line for line in list(self.log))
+        return [self.proc.pid, *(self.worker_pids() if started else [])]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the server (and its workers) for the block: what clients send meanwhile waits in
+        the sockets, and is read in bursts once it runs again, as when the server is busy."""
+        pids = self.serving_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
     @property
     def port(self) -> int:
         tcp = [a for a in self.addresses if not a.startswith("unix:")]

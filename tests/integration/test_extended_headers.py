@@ -259,14 +259,20 @@ def test_qemu_io_10_writes_zeroes_and_discards_past_4_gib(current_tools, start_s
 # Merging and durability, whatever the header form -----------------------------------------------
 
 # Run by the chroot's python3: 256 adjacent 4k writes pipelined on one connection, then a flush.
+# The server (argv[3], a PID: the chroot shares the host's) is stopped while they are sent, so that
+# what it can merge does not depend on which process runs faster.
 LIBNBD_PIPELINED_WRITES = """
-import sys, nbd
+import os, signal, sys, nbd
 h = nbd.NBD()
 h.set_request_extended_headers(sys.argv[2] == "1")
 h.connect_uri(sys.argv[1])
 assert h.get_extended_headers_negotiated() == (sys.argv[2] == "1")
-for block in range(256):
-    h.aio_pwrite(bytes([block % 251 + 1]) * 4096, block * 4096)
+os.kill(int(sys.argv[3]), signal.SIGSTOP)
+try:
+    for block in range(256):
+        h.aio_pwrite(bytes([block % 251 + 1]) * 4096, block * 4096)
+finally:
+    os.kill(int(sys.argv[3]), signal.SIGCONT)
 while h.aio_in_flight():
     h.poll(-1)
 h.flush()
@@ -277,7 +283,8 @@ h.shutdown()
 @pytest.mark.parametrize("extended", [True, False], ids=["extended", "compact"])
 def test_adjacent_writes_merge_in_either_form(current_tools, start_server, image, extended):
     server = start_server(image, "--processes", "1")
-    inside(current_tools, "python3", "-c", LIBNBD_PIPELINED_WRITES, server.uri(), "1" if extended else "0")
+    flag = "1" if extended else "0"
+    inside(current_tools, "python3", "-c", LIBNBD_PIPELINED_WRITES, server.uri(), flag, str(server.proc.pid))
     requests, submissions = write_stats(server)
     assert requests == 256 and submissions <= 256 // 4
     with open(image, "rb") as f:

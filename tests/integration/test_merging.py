@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -30,8 +31,12 @@ def connect(server) -> nbd.NBD:
     return h
 
 
-def pipeline_writes(handles: list[nbd.NBD], blocks: list[list[int]], fua: frozenset[int] = frozenset()) -> None:
-    """Send every handle's writes without waiting, then wait for all replies; each must succeed."""
+def pipeline_writes(
+    handles: list[nbd.NBD], blocks: list[list[int]], fua: frozenset[int] = frozenset(), paused=None
+) -> None:
+    """Send every handle's writes without waiting, then wait for all replies; each must succeed.
+    With ``paused`` (a server), it is stopped while they are sent: how much the server finds waiting
+    in one read, and so what it can merge, does not depend on which process runs faster."""
     errors: list[int] = []
 
     def completed(error) -> int:
@@ -40,11 +45,12 @@ def pipeline_writes(handles: list[nbd.NBD], blocks: list[list[int]], fua: frozen
         return 1  # retire the command
 
     # Round-robin over the handles, so that their streams reach the server together.
-    for step in itertools.zip_longest(*blocks):
-        for h, block in zip(handles, step, strict=True):
-            if block is not None:
-                flags = nbd.CMD_FLAG_FUA if block in fua else 0
-                h.aio_pwrite(bytes([block % 251 + 1]) * BLOCK, block * BLOCK, completion=completed, flags=flags)
+    with paused.paused() if paused else contextlib.nullcontext():
+        for step in itertools.zip_longest(*blocks):
+            for h, block in zip(handles, step, strict=True):
+                if block is not None:
+                    flags = nbd.CMD_FLAG_FUA if block in fua else 0
+                    h.aio_pwrite(bytes([block % 251 + 1]) * BLOCK, block * BLOCK, completion=completed, flags=flags)
     for h in handles:
         while h.aio_in_flight():
             h.poll(-1)
@@ -79,7 +85,7 @@ def test_merging_across_connections(start_server, image):
     rounds = 0
     while rounds < 10:
         base = rounds * 512
-        pipeline_writes([a, b], [list(range(base, base + 512, 2)), list(range(base + 1, base + 512, 2))])
+        pipeline_writes([a, b], [list(range(base, base + 512, 2)), list(range(base + 1, base + 512, 2))], paused=server)
         rounds += 1
         assert a.pread(512 * BLOCK, base * BLOCK) == expected(range(base, base + 512))
     a.shutdown()
