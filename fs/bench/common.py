@@ -138,6 +138,7 @@ class FioResult:
     mibs: float  # reads and writes together
     iops: float
     p99_us: float  # completion latency of the slower direction
+    client_us: float = 0.0  # fio's own CPU (user and system) per request: where the client is the limit
 
 
 def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> FioResult:
@@ -152,18 +153,21 @@ def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None =
     out = proc.stdout
     # The nbd engine prints "connected to NBD server" before the JSON.
     report = json.loads(out[out.index("{") :])
-    mibs = iops = p99 = 0.0
+    mibs = iops = p99 = client_s = 0.0
+    requests = 0
     for job in report["jobs"]:
         if job.get("error"):
             raise RuntimeError(f"fio job {job['jobname']} failed with error {job['error']}")
+        client_s += (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
         for side in (job["read"], job["write"]):
             if side["io_bytes"]:
                 mibs += side["bw"] / 1024
                 iops += side["iops"]
+                requests += side["total_ios"]
                 p99 = max(p99, side["clat_ns"]["percentile"]["99.000000"] / 1000)
     if not mibs:
         raise RuntimeError("fio moved no data")
-    return FioResult(mibs, iops, p99)
+    return FioResult(mibs, iops, p99, client_s / requests * 1e6 if requests else 0.0)
 
 
 def spread(values: Sequence[float], fmt: str) -> str:

@@ -509,6 +509,9 @@ def render(
         lines += table(latency, rows, lambda c: [r.p99_us for r in c.runs])
         lines += table("Server CPU seconds per GiB moved", rows, lambda c: c.cpu_per_gib, ".2f")
         lines += table("Server CPU µs per request", rows, lambda c: c.cpu_per_request, ".1f")
+        lines += table(
+            "fio's own CPU µs per request (the client's cost)", rows, lambda c: [r.client_us for r in c.runs], ".1f"
+        )
         if ours:
             lines += table("nbdserver's requests per submission (merging)", rows, lambda c: c.merged, ".1f")
         if ours and any(v.name == baseline for v in variants):
