@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -28,7 +29,31 @@ from .workers import Acceptor, WorkerPool
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 100  # asyncio's, for the sockets the workers' clients arrive on
+# Not asyncio's 100: a burst of connections overflowing the queue has the kernel drop their SYNs,
+# and those clients wait 1 s, then 3 s, to try again.  The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
+
+
+class LogThrottle:
+    """At most ``burst`` lines every ``period`` seconds for one kind of event (a flood of clients
+    must not become a flood of log lines); the lines not logged are counted for the next one."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst, self.period = burst, period
+        self._since = -period
+        self._logged = self._skipped = 0
+
+    def allow(self) -> str | None:
+        """None: leave this one out.  Otherwise a suffix for the line, naming those left out before."""
+        now = time.monotonic()
+        if now - self._since >= self.period:
+            self._since, self._logged = now, 0
+        if self._logged >= self.burst:
+            self._skipped += 1
+            return None
+        self._logged += 1
+        skipped, self._skipped = self._skipped, 0
+        return f" ({skipped} more since the last such line were not logged)" if skipped else ""
 
 
 class Server:
@@ -52,6 +77,7 @@ class Server:
         self.on_change: Callable[[], None] = lambda: None  # connections came or went
         self.tls_mode = TlsMode(config.tls)
         self.tls_context = tls_context(config)  # None when TLS is off
+        self._turned_away_log = LogThrottle()
         # Worker processes serve the connections, if there are to be several (workers.py).
         count = config.worker_processes
         self.workers = WorkerPool(config, count) if count > 1 else None
@@ -145,7 +171,12 @@ class Server:
             await self._serve(sock)
             return
         srv = await loop.create_server(
-            lambda: Connection(self), listener.host, listener.port, reuse_address=True, start_serving=serving
+            lambda: Connection(self),
+            listener.host,
+            listener.port,
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
+            start_serving=serving,
         )
         if serving:
             self._listeners.append(srv)
@@ -167,7 +198,7 @@ class Server:
         elif sock.family == socket.AF_UNIX:
             listener = await _unix_server(loop, lambda: Connection(self), sock)
         else:
-            listener = await loop.create_server(lambda: Connection(self), sock=sock)
+            listener = await loop.create_server(lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
         self._listeners.append(listener)
         self.addresses.append(describe_socket(sock))
 
@@ -175,12 +206,8 @@ class Server:
         """A new client, for a worker process."""
         assert self.workers is not None
         if self.workers.connections >= self.config.max_connections:
-            self.stats.turned_away["max_connections"] += 1
-            log.warning(
-                "%s: turned away (max connections): %d connections are open already",
-                _peer(sock),
-                self.workers.connections,
-            )
+            why = f"{self.workers.connections} connections are open already"
+            self._turned_away(_peer(sock), "max_connections", why)
             sock.close()
         elif not self.workers.take(sock):
             log.error("no worker process took a new connection: closed")
@@ -298,8 +325,13 @@ class Server:
         return True
 
     def turn_away(self, connection: Connection, reason: str, why: str) -> None:
-        self.stats.turned_away[reason] += 1
-        log.warning("%s: turned away (%s): %s", connection.peer, reason.replace("_", " "), why)
+        self._turned_away(connection.peer, reason, why)
+
+    def _turned_away(self, peer: str, reason: str, why: str) -> None:
+        self.stats.turned_away[reason] += 1  # every one, logged or not
+        suffix = self._turned_away_log.allow()
+        if suffix is not None:
+            log.warning("%s: turned away (%s): %s%s", peer, reason.replace("_", " "), why, suffix)
 
     def connection_made(self, connection: Connection, how: str = "connected") -> None:
         self.connections.add(connection)
@@ -392,8 +424,8 @@ async def _unix_server(
     that made it (_unix_paths), and by no one in a handover or when inherited, as the successor or
     the service manager still listens on it."""
     if sys.version_info >= (3, 13):
-        return await loop.create_unix_server(factory, sock=sock, cleanup_socket=False)
-    return await loop.create_unix_server(factory, sock=sock)
+        return await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG, cleanup_socket=False)
+    return await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
 
 
 def _remove_stale_socket(path: str) -> None:
