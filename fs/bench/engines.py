@@ -246,19 +246,24 @@ class Cell:
     errors: list[str] = field(default_factory=list)
     cpu_per_gib: list[float] = field(default_factory=list)  # the server's CPU seconds per GiB moved
     cpu_per_request: list[float] = field(default_factory=list)  # and µs per request
+    kernel_per_request: list[float] = field(default_factory=list)  # of which in the kernel (system time)
     merged: list[float] = field(default_factory=list)  # nbdserver's requests per submission
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system time of a process, its threads and its child processes (worker processes)
-    so far, and of the children it waited for."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system (kernel) time of a process, its threads and its child processes (worker
+    processes) so far, and of the children it waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except FileNotFoundError:
-        return 0.0  # it exited meanwhile
-    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(int(child)) for child in children)
+        return 0.0, 0.0  # it exited meanwhile
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system = (int(fields[11]) + int(fields[13])) / tick, (int(fields[12]) + int(fields[14])) / tick
+    for child in children:
+        child_user, child_system = cpu_seconds(int(child))
+        user, system = user + child_user, system + child_system
+    return user, system
 
 
 def fio_args(workload: Workload, port: int, runtime: int, export: str = "") -> tuple[list[str], dict[str, str]]:
@@ -434,9 +439,11 @@ def run_cell(
     cell: Cell = cells[(workload.name, variant.name)]
     fio, env = fio_args(workload, server.port, runtime, variant.export)
     try:
-        cpu_before = cpu_seconds(server.pid)
+        user_before, system_before = cpu_seconds(server.pid)
         result = run_fio(fio, timeout=runtime + 120, env=env)
-        cpu = cpu_seconds(server.pid) - cpu_before
+        user, system = cpu_seconds(server.pid)
+        user, system = user - user_before, system - system_before
+        cpu = user + system
         if variant.program == "nbdserver":
             cell.merged.append(requests_per_submission(server))
     except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
@@ -449,6 +456,7 @@ def run_cell(
     if moved_gib:
         cell.cpu_per_gib.append(cpu / moved_gib)
         cell.cpu_per_request.append(cpu / (result.iops * runtime) * 1e6)
+        cell.kernel_per_request.append(system / (result.iops * runtime) * 1e6)
     iops = f", {result.iops:.0f} IOPS" if workload.iops else ""
     return f"{result.mibs:.0f} MiB/s{iops}, p99 {result.p99_us:.0f} µs"
 
@@ -509,6 +517,7 @@ def render(
         lines += table(latency, rows, lambda c: [r.p99_us for r in c.runs])
         lines += table("Server CPU seconds per GiB moved", rows, lambda c: c.cpu_per_gib, ".2f")
         lines += table("Server CPU µs per request", rows, lambda c: c.cpu_per_request, ".1f")
+        lines += table("of which in the kernel (system time)", rows, lambda c: c.kernel_per_request, ".1f")
         lines += table(
             "fio's own CPU µs per request (the client's cost)", rows, lambda c: [r.client_us for r in c.runs], ".1f"
         )
