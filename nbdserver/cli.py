@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or N (1: this process serves them all)",
     )
     serve.add_argument(
+        "--worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="replace a worker process that has not answered for this long (default 30; 0: never)",
+    )
+    serve.add_argument(
         "--no-merge",
         dest="merge",
         action="store_const",
@@ -260,6 +266,7 @@ _OVERRIDES = {
     "handshake_timeout": "handshake_timeout",
     "idle_timeout": "idle_timeout",
     "busy_poll": "busy_poll_us",
+    "worker_timeout": "worker_timeout",
 }
 
 

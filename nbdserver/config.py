@@ -105,6 +105,7 @@ class ServerConfig:
     handshake_timeout: float = 30.0  # seconds from accept to the end of option haggling
     idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
     busy_poll_us: int = DEFAULT_WINDOW_US  # the event loop polls this long after a request arrives (polling.py)
+    worker_timeout: float = 30.0  # seconds a worker process may leave a ping unanswered before it is replaced; 0: never
 
     @property
     def worker_processes(self) -> int:
@@ -150,6 +151,8 @@ class ServerConfig:
             raise ConfigError("max connections must be at least 1")
         if self.handshake_timeout <= 0 or self.idle_timeout < 0:
             raise ConfigError("the handshake timeout must be positive and the idle timeout not negative")
+        if self.worker_timeout < 0:
+            raise ConfigError("the worker timeout must not be negative (0: never)")
         if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
             raise ConfigError(f"busy poll must be from 0 (off) to {MAX_BUSY_POLL_US} microseconds")
         if not 0 <= self.unix_socket_mode <= 0o777:

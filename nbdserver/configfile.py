@@ -260,6 +260,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "handshake-timeout": ("handshake_timeout", _seconds),
     "idle-timeout": ("idle_timeout", _seconds),
     "busy-poll": ("busy_poll_us", _int),
+    "worker-timeout": ("worker_timeout", _seconds),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),

@@ -46,7 +46,7 @@ from .frames import FrameError, receive_frame, send_frame
 from .protocol import Negotiated, TransmissionFlag
 from .protocol.handshake import ExportInfo
 from .server import Server
-from .workers import WorkerError
+from .workers import WorkerError, wait_or_kill
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callab
         with contextlib.suppress(OSError):
             send_frame(channel, {"type": "abort", "why": why})
         channel.close()
-        loop.run_in_executor(None, _reap, proc)
+        loop.run_in_executor(None, wait_or_kill, proc, ANSWER_TIMEOUT)
         if packed is not None:
             await packed.take_back(server)
         return False
@@ -291,14 +291,6 @@ def _why(exc: BaseException, proc: subprocess.Popen[bytes]) -> str:
     if isinstance(exc, TimeoutError):
         return "the successor did not answer in time"
     return str(exc)
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        proc.wait(ANSWER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # The successor -------------------------------------------------------------------------------

@@ -412,6 +412,7 @@ _RESTART_FIELDS = (
     "handshake_timeout",
     "idle_timeout",
     "busy_poll_us",
+    "worker_timeout",
 )
 _EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow")
 

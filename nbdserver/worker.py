@@ -88,6 +88,8 @@ class Worker:
                 packed.let_go(self.server)
             elif packed is not None:
                 self._run(packed.take_back(self.server))
+        elif kind == "ping":
+            self._send({"type": "pong"})  # its loop turns: the primary's watch is answered
         elif kind == "stop":
             self.done.set()
         else:

@@ -30,13 +30,17 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
     package                                 ──▶  quiesces its connections for an upgrade
                                             ◀──  connection {terms} + fd + bytes ..., end {closed_slow}
     let_go | take_back                      ──▶
+    ping                                    ──▶
+                                            ◀──  pong
     stop, or end of file                    ──▶  finishes what is in flight, flushes, exits
 
 The primary passes at most MAX_ON_THE_WAY connections to a worker ahead of
 what the worker says it has taken; beyond that it stops accepting for a while,
 so that a busy worker holds up the listening socket's backlog, never the
 primary itself.  A worker that dies takes its connections with it; its counters are kept, so
-that the sums never go back, and another worker takes its place.
+that the sums never go back, and another worker takes its place.  So does one whose event loop
+is stuck: the primary pings every worker a few times per ``worker_timeout`` and kills one it
+has heard nothing from for that long (the service manager's watchdog sees the primary only).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -152,6 +157,8 @@ class _Worker:
     replies: asyncio.Queue[Frame | None] = field(default_factory=asyncio.Queue)  # None: it is gone
     asking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one question at a time
     alive: bool = True
+    heard: float = field(default_factory=time.monotonic)  # when it last sent anything
+    hung: bool = False  # killed for not answering: its end is on the way
 
     @property
     def on_the_way(self) -> int:
@@ -172,6 +179,8 @@ class WorkerPool:
         self._stopping = False
         self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
         self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
+        self._watching: asyncio.TimerHandle | None = None
+        self._watched = 0.0  # when the last watch ran
 
     # Life -----------------------------------------------------------------------------------
 
@@ -184,6 +193,9 @@ class WorkerPool:
             await self.stop()
             raise
         log.info("%d worker processes: pids %s", self.count, ", ".join(str(w.proc.pid) for w in self._workers))
+        if self.config.worker_timeout:
+            self._watched = time.monotonic()
+            self._watching = asyncio.get_running_loop().call_later(self._watch_interval, self._watch)
 
     async def _start(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,10 +228,12 @@ class WorkerPool:
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask every worker to finish what is in flight and exit; kill those that do not in time."""
         self._stopping = True
+        if self._watching is not None:
+            self._watching.cancel()
         for worker in self._workers:
             self._tell(worker, {"type": "stop"})
         loop = asyncio.get_running_loop()
-        waits = [loop.run_in_executor(None, _wait, w.proc, timeout) for w in self._workers]
+        waits = [loop.run_in_executor(None, wait_or_kill, w.proc, timeout) for w in self._workers]
         for worker, exited in zip(self._workers, await asyncio.gather(*waits), strict=True):
             if not exited:
                 log.warning(
@@ -261,9 +275,41 @@ class WorkerPool:
                 self._tell(new, {"type": "stop"})
             return
 
+    @property
+    def _watch_interval(self) -> float:
+        return self.config.worker_timeout / 3
+
+    def _watch(self) -> None:
+        """Ping every worker; kill one not heard from within the worker timeout (_lost replaces it)."""
+        now, timeout = time.monotonic(), self.config.worker_timeout
+        if now - self._watched > 2 * self._watch_interval:
+            # This loop was held up itself (the machine suspended, say): nobody was watching.
+            for worker in self._workers:
+                worker.heard = now
+        self._watched = now
+        for worker in self._workers:
+            if not worker.alive or worker.hung:
+                continue
+            if now - worker.heard > timeout:
+                log.error(
+                    "worker %d (pid %d) has not answered for %.0f s: killed, and its connections with it",
+                    worker.index,
+                    worker.proc.pid,
+                    now - worker.heard,
+                )
+                worker.hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+            else:
+                self._tell(worker, {"type": "ping"})
+        self._watching = asyncio.get_running_loop().call_later(self._watch_interval, self._watch)
+
     # Talking --------------------------------------------------------------------------------
 
     def _receive(self, worker: _Worker, head: dict[str, Any], raw: bytes, fds: list[int]) -> None:
+        worker.heard = time.monotonic()
+        if head.get("type") == "pong":
+            return
         if head.get("type") == "count":
             worker.open, worker.taken = head["connections"], head["taken"]
             self.on_change()
@@ -385,7 +431,8 @@ def _kill(proc: subprocess.Popen[bytes], channel: socket.socket) -> None:
     channel.close()
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for a child to exit; kill it if it has not within ``timeout``.  Did it exit by itself?"""
     try:
         proc.wait(timeout)
         return True

@@ -117,6 +117,7 @@ def test_backing_is_not_a_file(tmp_path, kind):
         (["--default-export", "zz", "{img}"], "default export 'zz' is not defined"),
         (["--workers", "0", "{img}"], "workers must be at least 1"),
         (["--busy-poll", "-1", "{img}"], "busy poll must be from 0 (off) to 10000 microseconds"),
+        (["--worker-timeout", "-1", "{img}"], "the worker timeout must not be negative (0: never)"),
         (["--name", "a"], "PATH, which is missing"),
         ([], "no exports"),
     ],

@@ -133,6 +133,41 @@ def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_worke
         h.shutdown()
 
 
+def test_a_worker_that_stops_answering_is_killed_and_replaced(start_server, image):
+    """Its event loop stuck (here: SIGSTOP), a worker serves no one; the primary's pings find it."""
+    server = start_server(image, "--processes", "2", "--worker-timeout", "1.2")
+    handles = [connect(server) for _ in range(2)]
+    assert served_by(server, 2) == {"worker 0", "worker 1"}
+    deadline = time.monotonic() + 3  # busy or idle, a worker that answers is left alone
+    while time.monotonic() < deadline:
+        for h in handles:
+            h.pwrite(b"w" * BLOCK, 0)
+        time.sleep(0.01)
+    assert "has not answered" not in server.log_text()
+    first, second = server.worker_pids()
+    first_connected = next(line for line in server.log if ": connected" in line)
+    survivor = handles[1] if "worker 0" in first_connected else handles[0]
+    os.kill(first, signal.SIGSTOP)
+    try:
+        assert server.logged(f"worker 0 (pid {first}) has not answered for"), server.log_text()
+        assert server.logged("worker 0 started again"), server.log_text()
+    finally:
+        if running(first):
+            os.kill(first, signal.SIGCONT)
+    assert not running(first)
+    new_first, still_second = server.worker_pids()
+    assert new_first != first and still_second == second
+    assert survivor.pread(BLOCK, 0) == b"w" * BLOCK
+    served_by_first = len(re.findall(r"worker 0: \S+: connected", server.log_text()))
+    fresh = [connect(server) for _ in range(2)]  # the new worker 0 has the fewest: it takes one
+    assert wait_for(lambda: len(re.findall(r"worker 0: \S+: connected", server.log_text())) > served_by_first)
+    for h in fresh:
+        assert h.pread(BLOCK, 0) == b"w" * BLOCK
+    for h in [survivor, *fresh]:
+        h.shutdown()
+    assert "worker 1 (pid" not in server.log_text()
+
+
 def test_stop_ends_every_worker(start_server, image):
     server = start_server(image, "--processes", "3")
     h = connect(server)
