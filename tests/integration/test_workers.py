@@ -135,7 +135,7 @@ def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_worke
 
 def test_a_worker_that_stops_answering_is_killed_and_replaced(start_server, image):
     """Its event loop stuck (here: SIGSTOP), a worker serves no one; the primary's pings find it."""
-    server = start_server(image, "--processes", "2", "--worker-timeout", "1.2")
+    server = start_server(image, "--processes", "2", "--worker-timeout", "2")
     handles = [connect(server) for _ in range(2)]
     assert served_by(server, 2) == {"worker 0", "worker 1"}
     deadline = time.monotonic() + 3  # busy or idle, a worker that answers is left alone
