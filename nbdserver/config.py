@@ -29,6 +29,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A TCP peer's address as the socket gives it, an IPv4 client on a dual-stack socket as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local address may carry a zone
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # shown as ::ffff:a.b.c.d
+    return ip
+
+
 @dataclass
 class ExportConfig:
     name: str
@@ -49,9 +57,7 @@ class ExportConfig:
         networks = self.allow if self.allow is not None else server.allow
         if networks is None or address is None:
             return True
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local address may carry a zone
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # a dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d
+        ip = client_ip(address)
         return any(ip in network for network in networks)
 
 

@@ -19,6 +19,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .block import Request
+from .config import client_ip
 from .protocol import (
     Aborted,
     Command,
@@ -52,12 +53,20 @@ HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds
 DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
 MAX_INFLIGHT_REQUESTS = 4096
+LOOPBACK_SEND_BUFFER = 512 * 1024  # SO_SNDBUF for a client on this machine; the kernel doubles it: 1 MiB
 _HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
 
 
-def _tune_tcp(sock: socket.socket) -> None:
-    """No Nagle delay on replies; keepalive probes that find a vanished peer in about two minutes."""
+def _tune_tcp(sock: socket.socket, address: str) -> None:
+    """No Nagle delay on replies; keepalive probes that find a vanished peer in about two minutes;
+    a fixed send buffer for a client on this machine."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if client_ip(address).is_loopback:
+        # With the send buffer the kernel grows to its limit (tcp_wmem, 4 MiB), a 1 MiB READ reply
+        # leaves in one burst that loopback delivers partly out of order: spurious retransmissions,
+        # and 1M reads at two thirds of the speed (fs/bench).  Loopback has no bandwidth-delay
+        # product for a large buffer to cover; elsewhere the kernel's own tuning stays.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SEND_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
         if hasattr(socket, option):
@@ -154,11 +163,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            _tune_tcp(sock)
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and address is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            _tune_tcp(sock, address)
         self.peer = f"{address}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if self._resume is not None:
             negotiated, pending = self._resume

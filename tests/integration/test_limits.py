@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import nbd
 import pytest
@@ -166,6 +167,31 @@ def test_server_budget_pauses_connections_of_every_export(start_server, image, t
     finally:
         for raw in (a, b, c):
             raw.close()
+
+
+def test_a_client_on_this_machine_gets_a_fixed_send_buffer(start_server, image):
+    """Over loopback the server's socket has a send buffer of its own size, not the kernel's
+    autotuned one (which let 1 MiB replies leave in bursts that loopback reordered)."""
+    from nbdserver.connection import LOOPBACK_SEND_BUFFER
+
+    server = start_server(image)
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    expected = 2 * min(LOOPBACK_SEND_BUFFER, wmem_max)  # the kernel doubles what it is given
+    seen: list[str] = []
+
+    def send_buffer() -> int | None:
+        out = subprocess.run(
+            ["ss", "-tmnH", "state", "established", f"( sport = :{server.port} )"], capture_output=True, text=True
+        ).stdout
+        seen.append(out)
+        match = re.search(r"\btb(\d+)", out)
+        return int(match.group(1)) if match else None
+
+    with RawClient(server.host, server.port) as c:
+        c.handshake().go("")
+        c.request(Cmd.READ, 0, MiB)
+        assert c.read_reply().error == 0
+        assert wait_for(lambda: send_buffer() == expected), seen[-1]
 
 
 def test_tcp_connections_carry_keepalive_probes(start_server, image):
