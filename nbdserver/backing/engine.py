@@ -1,6 +1,6 @@
 """Engines: asynchronous I/O on a :class:`~nbdserver.backing.file.Backing`.
 
-The block layer first offers a transfer to the engine's ``*_now`` methods,
+The block layer first offers a transfer (or a flush) to the engine's ``*_now`` methods,
 which do it on the event loop's thread if it needs no waiting (a page-cache
 hit, a memory-backed file): that costs a copy, where a hand-off costs two
 thread switches or a trip through the kernel's ring.  Otherwise it starts the
@@ -47,6 +47,7 @@ class Engine(Protocol):
     def readv_now(self, offset: int, segments: Sequence[Segment]) -> bool: ...
     def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None: ...
     def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool: ...
+    def flush_now(self) -> bool: ...
     def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None: ...
     def start_writev(self, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None: ...
     async def flush(self) -> None: ...
@@ -90,6 +91,9 @@ class InPlace:
 
     def writev_now(self, offset: int, segments: Sequence[Segment], dsync: bool = False) -> bool:
         return self.backing.write_now(offset, segments, dsync)
+
+    def flush_now(self) -> bool:
+        return self.backing.flush_now()
 
 
 def resolve(future: asyncio.Future, result: object, exc: BaseException | None) -> None:

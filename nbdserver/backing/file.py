@@ -348,6 +348,14 @@ class Backing:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def flush_now(self) -> bool:
+        """Flush at once if that needs no waiting; False to leave it to :meth:`flush`.
+
+        A memory-backed file has nothing to write back: its flush is done as it is
+        asked, where handing it to a worker would cost two thread switches.
+        """
+        return self.in_memory
+
     # Allocation ------------------------------------------------------------------
 
     def discard(self, offset: int, length: int) -> None:

@@ -212,11 +212,13 @@ class RequestQueue:
     # Execution -------------------------------------------------------------------------
 
     def _done_now(self, submission: Submission) -> bool:
-        """Carry out a READ or WRITE at once if the engine can without waiting (no task then)."""
+        """Carry out a READ, WRITE or FLUSH at once if the engine can without waiting (no task then)."""
         command = submission.command
         try:
             if command == Command.WRITE:
                 return self.engine.writev_now(submission.offset, submission.segments, submission.dsync)
+            if command == Command.FLUSH:
+                return self.engine.flush_now()
             if command != Command.READ:
                 return False
             self._take_buffers(submission)

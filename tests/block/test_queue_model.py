@@ -85,6 +85,12 @@ class ReorderingEngine:
         self.backing.writev(offset, segments)
         return True
 
+    def flush_now(self):
+        if not self._now():
+            return False
+        self.backing.flush()
+        return True
+
     def start_readv(self, offset, segments, done):
         self._hold("readv", offset, _total(segments), lambda: self.backing.readv(offset, segments), done)
 

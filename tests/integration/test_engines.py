@@ -287,6 +287,7 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         assert not backing.read_now(0, [bytearray(4096)])  # cold data: the engine reads it
         assert backing.hole_checks.skip()  # SEEK_DATA found data: the next miss does not ask it
         assert not backing.write_now(0, [bytearray(4096)], dsync=True)  # FUA waits for the device
+        assert not backing.flush_now()  # so does a flush
         assert on_ext4.read_bytes()[:MiB] == data
         assert backing.write_now(0, [b"\x11" * 4096])  # into the page cache, at once
         backing.slow_write = 0.0  # from now on every write counts as one the kernel made wait
@@ -318,6 +319,7 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
             whole = bytearray(INLINE_MAX)
             assert shm.read_now(0, [whole]) and whole == data[:INLINE_MAX]
             assert shm.write_now(4096, [b"\x5a" * 4096], dsync=True)
+            assert shm.flush_now()  # nothing to write back
             longer = bytearray(INLINE_MAX + 4096)
             assert not shm.read_now(0, [longer])  # longer than INLINE_MAX: the engine copies it
             assert not shm.write_now(0, [longer])
