@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--busy-poll",
         type=int,
         metavar="MICROSECONDS",
-        help=f"poll this long after a request arrives instead of sleeping (default {DEFAULT_WINDOW_US}; 0: off)",
+        help=f"poll this long after a request arrives or a reply leaves (default {DEFAULT_WINDOW_US}; 0: off)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     check = commands.add_parser(

@@ -1,10 +1,12 @@
-"""Busy polling: after a request arrives, the event loop polls for a short window instead of sleeping.
+"""Busy polling: after a request arrives or a reply leaves, the event loop polls for a short window
+instead of sleeping.
 
 A client with one request in flight at a time sends its next request a few tens of
 microseconds after it reads the reply.  An event loop asleep in ``epoll_wait`` meanwhile has to
 be woken for it: an interrupt to its CPU, then the scheduler, which on a virtual machine costs
 more than serving a 4k request does.  Polling (``epoll_wait`` with no timeout, by keeping one
-callback ready) for a few tens of microseconds after each request spares that wake-up, as the
+callback ready) for a few tens of microseconds after each request and reply spares that wake-up
+(and, while the window lasts, the one for a read from the disk), as the
 kernel's own ``busy_poll`` does for sockets.  The CPU it takes per request is about what the
 wake-up cost; while requests queue up the loop is busy anyway and the window changes nothing.
 
@@ -49,21 +51,28 @@ class BusyPoll:
         """Bytes arrived at ``now`` (``time.monotonic()``): poll for the window from now on."""
         if not self.window:
             return
-        self._deadline = now + self.window
-        if self._polling:
-            if self._replied:
-                self._answers += 1
-        elif now >= self._resting_until:
-            self._polling, self._answers, self._started = True, 0, now
-            self.stats.busy_poll_windows += 1
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._poll)
+        if self._polling and self._replied:
+            self._answers += 1
         self._replied = False
+        self._open(now)
 
     def replied(self) -> None:
-        """Replies left: a receive from now on is a client's answer."""
+        """Replies left: a receive from now on is a client's answer, awaited for a window from now
+        (a reply that had to wait for the disk may have outlasted the window its request opened)."""
+        if not self.window:
+            return
         self._replied = True
+        self._open(monotonic())
+
+    def _open(self, now: float) -> None:
+        self._deadline = now + self.window
+        if self._polling or now < self._resting_until:
+            return
+        self._polling, self._answers, self._started = True, 0, now
+        self.stats.busy_poll_windows += 1
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self._poll)
 
     def _poll(self) -> None:
         """Stay ready (the loop then polls without sleeping) until the deadline passes."""

@@ -45,6 +45,25 @@ def test_bytes_with_no_reply_between_are_no_answer():
     assert stats.busy_poll_windows == 1 and stats.busy_poll_empty_windows == 1
 
 
+def test_a_reply_after_a_slow_read_opens_a_window_for_the_answer():
+    """A read that outlasts the window its request opened: the reply opens another, and the
+    client's next request, arriving in it, is an answer."""
+
+    async def scenario() -> ServerStats:
+        stats = ServerStats()
+        poll = BusyPoll(20_000, stats)
+        poll.arrived(monotonic())
+        await asyncio.sleep(0.05)  # the disk takes longer than the window
+        poll.replied()
+        await asyncio.sleep(0.002)
+        poll.arrived(monotonic())
+        await asyncio.sleep(0.1)
+        return stats
+
+    stats = uvloop.run(scenario())
+    assert stats.busy_poll_windows == 2 and stats.busy_poll_empty_windows == 1
+
+
 def test_the_loop_runs_while_it_polls():
     """Polling keeps a callback ready: the loop goes round without sleeping, and runs other work."""
 
