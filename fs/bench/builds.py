@@ -3,6 +3,7 @@ copy of it with the hot modules compiled by mypyc (setup.py), cached by a hash o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -24,8 +25,11 @@ def _files() -> list[Path]:
     return out
 
 
+@functools.cache
 def compiled_tree(python: str = sys.executable) -> Path:
-    """A copy of the sources with the compiled modules beside them (built once per source state)."""
+    """A copy of the sources with the compiled modules beside them (built once per source state).
+
+    Asked once per benchmark: sources edited during a run do not reach its later servers."""
     digest = hashlib.sha256(python.encode())
     for path in _files():
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
