@@ -135,6 +135,11 @@ class Connection(asyncio.BufferedProtocol):
         self._payload: memoryview | None = None
         self._payload_got = 0
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
+        self._staged_end = 0  # where the last get_buffer() ended its window of the staging buffer
+        # Large payloads arrive: receive at most DIRECT_RECEIVE_MIN into the staging buffer, so that
+        # the rest of each goes straight into its request's buffer instead of being copied there.
+        self._narrow = False
+        self._copied_large = False  # the last receive copied a large payload out of the staging buffer
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
         self._refused: tuple[RequestHeader, Error, str] | None = None
@@ -206,7 +211,11 @@ class Connection(asyncio.BufferedProtocol):
             self._direct = True
             return payload[self._payload_got :]
         self._direct = False
-        return self._staging_view[self._filled :]
+        end = len(self._staging)
+        if self._narrow and self._filled < DIRECT_RECEIVE_MIN <= end:
+            end = DIRECT_RECEIVE_MIN
+        self._staged_end = end
+        return self._staging_view[self._filled : end]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received_at = now = monotonic()  # the arrival time of every request this completes
@@ -217,7 +226,8 @@ class Connection(asyncio.BufferedProtocol):
                 if self._payload is not None and self._payload_got == len(self._payload):
                     self._payload_complete()
                 return
-            full = self._filled + nbytes == len(self._staging)
+            end = self._staged_end
+            full = self._filled + nbytes == end
             self._filled += nbytes
             if self._handshake is not None:
                 self._consume_handshake()
@@ -229,8 +239,12 @@ class Connection(asyncio.BufferedProtocol):
                 self._receiving = False
             if self._out:
                 self._flush()  # the replies of requests done in place leave now, not a tick later
-            if full and len(self._staging) < STAGING_MAX and self._transport is not None:
-                self._grow_staging()
+            if self._copied_large:
+                self._copied_large, self._narrow = False, True
+            elif full:
+                self._narrow = False  # small requests fill the window: take as many as it holds
+                if end == len(self._staging) < STAGING_MAX and self._transport is not None:
+                    self._grow_staging()
         except ProtocolViolation as exc:
             self._violation(exc)
         except Exception:  # a bug must cost this connection only
@@ -372,6 +386,8 @@ class Connection(asyncio.BufferedProtocol):
             if self._payload is not None:
                 n = min(end - pos, len(self._payload) - self._payload_got)
                 self._payload[self._payload_got : self._payload_got + n] = view[pos : pos + n]
+                if n > DIRECT_RECEIVE_MIN // 2:
+                    self._copied_large = True
                 self._payload_got += n
                 pos += n
                 if self._payload_got == len(self._payload):
