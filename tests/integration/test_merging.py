@@ -65,7 +65,7 @@ def expected(blocks: range) -> bytes:
 def test_adjacent_writes_on_one_connection(start_server, image, merge):
     server = start_server(image, *([] if merge else ["--no-merge"]))
     h = connect(server)
-    pipeline_writes([h], [list(range(256))])
+    pipeline_writes([h], [list(range(256))], paused=server)
     assert h.pread(256 * BLOCK, 0) == expected(range(256))
     h.shutdown()
     requests, submissions = write_stats(server)
