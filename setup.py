@@ -23,6 +23,7 @@ COMPILED = [
     "nbdserver/connection.py",
     "nbdserver/export.py",
     "nbdserver/polling.py",
+    "nbdserver/staging.py",
 ]
 
 

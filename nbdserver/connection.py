@@ -37,6 +37,7 @@ from .protocol import (
 from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
 from .protocol.replies import Buffer
 from .protocol.transmission import encode_request_header
+from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
 
 if TYPE_CHECKING:
@@ -47,11 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGING_SIZE = 256 * 1024  # receive buffer of the transmission phase, at first
-STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
-HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds
-DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
 MAX_INFLIGHT_REQUESTS = 4096
 LOOPBACK_SEND_BUFFER = 512 * 1024  # SO_SNDBUF for a client on this machine; the kernel doubles it: 1 MiB
 _HOLE_FLAGS = AllocationState.HOLE | AllocationState.ZERO
@@ -124,9 +121,7 @@ class Connection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self._transport: Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._staging = bytearray(HANDSHAKE_STAGING_SIZE)
-        self._staging_view = memoryview(self._staging)
-        self._filled = 0  # bytes at the start of the staging buffer not yet consumed
+        self._staging = Staging()
         self._handshake: ServerHandshake | None = None  # made once the peer is known
         self._timer: asyncio.TimerHandle | None = None  # the handshake's deadline, then the idle check
         self._tx: Transmission | None = None
@@ -135,11 +130,6 @@ class Connection(asyncio.BufferedProtocol):
         self._payload: memoryview | None = None
         self._payload_got = 0
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
-        self._staged_end = 0  # where the last get_buffer() ended its window of the staging buffer
-        # Large payloads arrive: receive at most DIRECT_RECEIVE_MIN into the staging buffer, so that
-        # the rest of each goes straight into its request's buffer instead of being copied there.
-        self._narrow = False
-        self._copied_large = False  # the last receive copied a large payload out of the staging buffer
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
         self._refused: tuple[RequestHeader, Error, str] | None = None
@@ -206,16 +196,12 @@ class Connection(asyncio.BufferedProtocol):
         self.closed.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        payload = self._payload
-        if payload is not None and self._filled == 0 and len(payload) - self._payload_got >= DIRECT_RECEIVE_MIN:
+        payload, staging = self._payload, self._staging
+        if payload is not None and staging.filled == 0 and len(payload) - self._payload_got >= DIRECT_RECEIVE_MIN:
             self._direct = True
             return payload[self._payload_got :]
         self._direct = False
-        end = len(self._staging)
-        if self._narrow and self._filled < DIRECT_RECEIVE_MIN <= end:
-            end = DIRECT_RECEIVE_MIN
-        self._staged_end = end
-        return self._staging_view[self._filled : end]
+        return staging.window()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received_at = now = monotonic()  # the arrival time of every request this completes
@@ -226,9 +212,7 @@ class Connection(asyncio.BufferedProtocol):
                 if self._payload is not None and self._payload_got == len(self._payload):
                     self._payload_complete()
                 return
-            end = self._staged_end
-            full = self._filled + nbytes == end
-            self._filled += nbytes
+            full = self._staging.received(nbytes)
             if self._handshake is not None:
                 self._consume_handshake()
                 return
@@ -239,12 +223,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._receiving = False
             if self._out:
                 self._flush()  # the replies of requests done in place leave now, not a tick later
-            if self._copied_large:
-                self._copied_large, self._narrow = False, True
-            elif full:
-                self._narrow = False  # small requests fill the window: take as many as it holds
-                if end == len(self._staging) < STAGING_MAX and self._transport is not None:
-                    self._grow_staging()
+            self._staging.adapt(full)
         except ProtocolViolation as exc:
             self._violation(exc)
         except Exception:  # a bug must cost this connection only
@@ -274,8 +253,7 @@ class Connection(asyncio.BufferedProtocol):
     def _consume_handshake(self) -> None:
         assert self._handshake is not None and self._transport is not None
         handshake = self._handshake
-        data = bytes(self._staging_view[: self._filled])
-        self._filled = 0
+        data = self._staging.take()
         try:
             events = handshake.receive_data(data)
         finally:
@@ -343,14 +321,11 @@ class Connection(asyncio.BufferedProtocol):
         if self.server.config.idle_timeout:
             self._timer = self._loop.call_later(self.server.config.idle_timeout, self._check_idle)
         # Room for what came behind the handshake (or, taken over, every byte not yet taken).
-        self._staging = bytearray(max(STAGING_SIZE, len(trailing)))
-        self._staging_view = memoryview(self._staging)
+        self._staging = Staging(STAGING_SIZE, trailing)
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
         self.export.queue.submitters += 1
         log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
-        self._staging[: len(trailing)] = trailing
-        self._filled = len(trailing)
         self._consume()
 
     # Transmission: requests in --------------------------------------------------------
@@ -370,14 +345,9 @@ class Connection(asyncio.BufferedProtocol):
             self._consuming = False
             queue.finish_plug()
 
-    def _grow_staging(self) -> None:
-        """The client sends faster than one receive takes: receive more at once (up to STAGING_MAX)."""
-        staging = bytearray(min(2 * len(self._staging), STAGING_MAX))
-        staging[: self._filled] = self._staging_view[: self._filled]
-        self._staging, self._staging_view = staging, memoryview(staging)
-
     def _consume_staged(self) -> None:
-        view, end, pos = self._staging_view, self._filled, 0
+        staging = self._staging
+        view, end, pos = staging.view, staging.filled, 0
         budget = self.export.budget  # type: ignore[union-attr]
         tx = self._tx
         assert tx is not None
@@ -387,7 +357,7 @@ class Connection(asyncio.BufferedProtocol):
                 n = min(end - pos, len(self._payload) - self._payload_got)
                 self._payload[self._payload_got : self._payload_got + n] = view[pos : pos + n]
                 if n > DIRECT_RECEIVE_MIN // 2:
-                    self._copied_large = True
+                    staging.copied_large = True
                 self._payload_got += n
                 pos += n
                 if self._payload_got == len(self._payload):
@@ -412,10 +382,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._on_header(header)
             else:
                 break
-        left = end - pos
-        if left and pos:
-            view[:left] = view[pos:end]
-        self._filled = 0 if self._disconnecting else left
+        staging.keep(end if self._disconnecting else pos)
 
     def _on_header(self, header: RequestHeader) -> None:
         tx = self._tx
@@ -571,7 +538,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self._reading_paused:
             return
         self._reading_paused = False
-        if self._filled and self._tx is not None and not self._consuming:
+        if self._staging.filled and self._tx is not None and not self._consuming:
             try:
                 self._consume()
             except ProtocolViolation as exc:
@@ -657,7 +624,7 @@ class Connection(asyncio.BufferedProtocol):
             header = (request.flags, request.command, request.cookie, request.offset, request.length)
             parts.append(encode_request_header(*header, extended))
             parts.append(bytes(self._payload[: self._payload_got]))
-        parts.append(bytes(self._staging_view[: self._filled]))
+        parts.append(self._staging.unconsumed())
         return b"".join(parts)
 
     def resume(self) -> None:

@@ -1,0 +1,69 @@
+"""The staging buffer: where a connection's bytes land before they are cut into requests.
+
+Each receive fills a window of it.  The window widens (the buffer grows, up to STAGING_MAX) while
+receives keep filling it, so that many small requests arrive in one batch to plug and merge; it
+narrows to DIRECT_RECEIVE_MIN once a receive has copied a large payload out of it, so that the
+rest of each large payload is received in its request's own buffer instead of copied there.
+"""
+
+from __future__ import annotations
+
+STAGING_SIZE = 256 * 1024  # the transmission phase's buffer, at first
+STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
+HANDSHAKE_STAGING_SIZE = 4096  # options are small; longer ones arrive in pieces
+DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in place, not copied
+
+
+class Staging:
+    def __init__(self, size: int = HANDSHAKE_STAGING_SIZE, data: bytes = b"") -> None:
+        """A buffer of ``size`` bytes (or as many as ``data``), holding ``data`` unconsumed."""
+        self._buffer = bytearray(max(size, len(data)))
+        self.view = memoryview(self._buffer)
+        self._buffer[: len(data)] = data
+        self.filled = len(data)  # bytes at the start not consumed yet
+        self._end = 0  # where the last window ended
+        self._narrow = False
+        self.copied_large = False  # the consumer copied a large payload out during this receive
+
+    def window(self) -> memoryview:
+        """Where the next receive goes."""
+        end = len(self._buffer)
+        if self._narrow and self.filled < DIRECT_RECEIVE_MIN <= end:
+            end = DIRECT_RECEIVE_MIN
+        self._end = end
+        return self.view[self.filled : end]
+
+    def received(self, nbytes: int) -> bool:
+        """``nbytes`` arrived in the window; whether they filled it."""
+        self.filled += nbytes
+        return self.filled == self._end
+
+    def adapt(self, full: bool) -> None:
+        """After a receive's bytes were consumed: narrow for large payloads, widen for a full window."""
+        if self.copied_large:
+            self.copied_large, self._narrow = False, True
+        elif full:
+            self._narrow = False  # small requests fill the window: take as many as it holds
+            if self._end == len(self._buffer) < STAGING_MAX:
+                self._grow()
+
+    def _grow(self) -> None:
+        buffer = bytearray(min(2 * len(self._buffer), STAGING_MAX))
+        buffer[: self.filled] = self.view[: self.filled]
+        self._buffer, self.view = buffer, memoryview(buffer)
+
+    def keep(self, pos: int) -> None:
+        """Bytes up to ``pos`` are consumed: move the rest to the start."""
+        left = self.filled - pos
+        if left and pos:
+            self.view[:left] = self.view[pos : self.filled]
+        self.filled = left
+
+    def take(self) -> bytes:
+        """Every unconsumed byte, consumed."""
+        data = bytes(self.view[: self.filled])
+        self.filled = 0
+        return data
+
+    def unconsumed(self) -> bytes:
+        return bytes(self.view[: self.filled])
