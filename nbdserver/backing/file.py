@@ -63,7 +63,11 @@ MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_M
 # connections; so do writes for a while after one the kernel made wait (``slow_write``).
 INLINE_MAX = 1024 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
-INLINE_BACKOFF = 1.0  # seconds of writes on workers after a slow one
+INLINE_BACKOFF = 1.0  # seconds of writes (or flushes) on workers after a slow one
+# A flush is done on the event loop's thread too when at most this much was written since the
+# last one: then it is an fdatasync of a few hundred microseconds, and handing it to a worker and
+# back would add a third to it.
+INLINE_FLUSH_MAX = 4 * 1024 * 1024
 HOLE_SKIP_MAX = 64  # page-cache misses that may skip the hole check after it kept finding data
 
 # Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
@@ -161,6 +165,7 @@ class Backing:
         self.in_memory = not self.is_block_device and _filesystem_type(self.fd) in MEMORY_FILESYSTEMS
         self.slow_write = SLOW_WRITE
         self._inline_writes_from = 0.0  # monotonic time before which write_now() declines
+        self._inline_flushes_from = 0.0  # the same for flush_now()
         # read_now()'s attempts that keep failing are skipped for a while (see Backoff).
         self.hole_checks = Backoff(HOLE_SKIP_MAX)  # SEEK_DATA after a miss, where misses keep finding data
         self.cache_reads = Backoff(0)  # RWF_NOWAIT: never skipped unless an engine has better to do
@@ -348,13 +353,28 @@ class Backing:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
-    def flush_now(self) -> bool:
-        """Flush at once if that needs no waiting; False to leave it to :meth:`flush`.
+    def flush_now(self, unflushed: int) -> bool:
+        """Flush at once if that should need little waiting; False to leave it to :meth:`flush`.
+        ``unflushed``: the bytes the caller wrote since its last flush.
 
         A memory-backed file has nothing to write back: its flush is done as it is
-        asked, where handing it to a worker would cost two thread switches.
+        asked, where handing it to a worker would cost two thread switches.  Elsewhere
+        a flush after at most ``INLINE_FLUSH_MAX`` bytes is done here too.  What
+        others wrote (another worker process) is not counted: a flush slower than
+        ``slow_write`` (that, a slow device, a busy journal) sends flushes to the
+        workers for ``INLINE_BACKOFF`` seconds, as for writes.
         """
-        return self.in_memory
+        if self.in_memory:
+            return True
+        started = monotonic()
+        if unflushed > INLINE_FLUSH_MAX or started < self._inline_flushes_from:
+            return False
+        self.flush()
+        took = monotonic() - started
+        if took > self.slow_write:
+            self._inline_flushes_from = started + took + INLINE_BACKOFF
+            log.debug("%s: a flush took %.1f ms; flushes go to workers for a while", self.path, took * 1000)
+        return True
 
     # Allocation ------------------------------------------------------------------
 

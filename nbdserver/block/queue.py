@@ -35,6 +35,7 @@ from .request import Request
 from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
 
 log = logging.getLogger(__name__)
+_WRITES = (Command.WRITE, Command.WRITE_ZEROES)
 
 MAX_PLUG_REQUESTS = 1024
 MAX_PLUG_BYTES = 16 * 1024 * 1024
@@ -65,6 +66,7 @@ class RequestQueue:
         self._merging = Backoff(MERGE_SKIP_MAX)
         self._seq = 0
         self._in_flight = 0
+        self._unflushed = 0  # bytes written (not FUA) since the last FLUSH started: what it may write back
         self._depth_since = monotonic()  # when the queue depth last changed
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Future[None] | None = None  # what drain() waits on
@@ -182,6 +184,8 @@ class RequestQueue:
             submissions = self._build(ready)
             ready = []
             for submission in submissions:
+                if submission.command in _WRITES and not submission.dsync:
+                    self._unflushed += submission.length
                 if self._done_now(submission):
                     ready += self._complete(submission)
                     continue
@@ -218,7 +222,10 @@ class RequestQueue:
             if command == Command.WRITE:
                 return self.engine.writev_now(submission.offset, submission.segments, submission.dsync)
             if command == Command.FLUSH:
-                return self.engine.flush_now()
+                if not self.engine.flush_now(self._unflushed):
+                    return False
+                self._unflushed = 0
+                return True
             if command != Command.READ:
                 return False
             self._take_buffers(submission)
@@ -316,6 +323,7 @@ class RequestQueue:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
         if command == Command.FLUSH:
+            self._unflushed = 0  # what is written from now on is for the next flush
             await engine.flush()
         elif command == Command.TRIM:
             await engine.discard(offset, length, dsync=submission.dsync)

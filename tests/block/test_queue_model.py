@@ -85,7 +85,7 @@ class ReorderingEngine:
         self.backing.writev(offset, segments)
         return True
 
-    def flush_now(self):
+    def flush_now(self, unflushed):
         if not self._now():
             return False
         self.backing.flush()
@@ -393,3 +393,49 @@ def test_batches_that_never_merge_skip_the_sort_until_merging_pays_again(tmp_pat
     assert sorted_[0], "the first batch is sorted"
     assert sorted_.count(False) > 30, "most later ones go in arrival order"
     assert not merged[0] and merged[-1], "merging resumed"
+
+
+def test_a_flush_is_told_how_much_was_written_since_the_last_one(tmp_path: Path) -> None:
+    """What the backing may have to write back decides whether it flushes in place (file.py)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(64 * 1024))
+
+    class Recording(ReorderingEngine):
+        def __init__(self, backing: Backing) -> None:
+            super().__init__(backing)
+            self.unflushed: list[int] = []
+            self.flush_at_once = False
+
+        def flush_now(self, unflushed):
+            self.unflushed.append(unflushed)
+            if self.flush_at_once:
+                self.backing.flush()
+            return self.flush_at_once
+
+    async def scenario() -> None:
+        engine = Recording(Backing(path))
+        queue = RequestQueue(engine)
+        done: list[Request] = []
+
+        async def run(command: Command, offset: int, length: int, flags: int = 0) -> None:
+            payload = bytearray(length) if command == Command.WRITE else None
+            queue.submit(Request(command, flags, 0, offset, length, done.append, payload))
+            await asyncio.sleep(0)
+            while engine.pending:
+                engine.release(0)
+            await queue.drain()
+
+        await run(Command.WRITE, 0, 4096)
+        await run(Command.WRITE, 4096, 4096, CommandFlag.FUA)  # durable already: not counted
+        await run(Command.WRITE_ZEROES, 8192, 8192)
+        await run(Command.FLUSH, 0, 0)
+        await run(Command.WRITE, 0, 4096)
+        await run(Command.FLUSH, 0, 0)  # counts from the engine's flush before it
+        engine.flush_at_once = True
+        await run(Command.WRITE, 16384, 4096)
+        await run(Command.FLUSH, 0, 0)
+        await run(Command.FLUSH, 0, 0)  # counts from the flush done at once before it
+        assert engine.unflushed == [4096 + 8192, 4096, 4096, 0]
+        assert len(done) == 9 and not any(r.errno for r in done)
+
+    asyncio.run(scenario())

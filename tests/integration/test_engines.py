@@ -263,7 +263,7 @@ def test_hole_reads_never_show_earlier_buffer_contents(engine_server, flags):
 
 def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4_dir):
     from nbdserver.backing import Backing
-    from nbdserver.backing.file import INLINE_MAX
+    from nbdserver.backing.file import INLINE_FLUSH_MAX, INLINE_MAX
 
     data = pattern(7, MiB)
     on_ext4 = ext4_dir / "cached.img"
@@ -287,7 +287,6 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         assert not backing.read_now(0, [bytearray(4096)])  # cold data: the engine reads it
         assert backing.hole_checks.skip()  # SEEK_DATA found data: the next miss does not ask it
         assert not backing.write_now(0, [bytearray(4096)], dsync=True)  # FUA waits for the device
-        assert not backing.flush_now()  # so does a flush
         assert on_ext4.read_bytes()[:MiB] == data
         assert backing.write_now(0, [b"\x11" * 4096])  # into the page cache, at once
         backing.slow_write = 0.0  # from now on every write counts as one the kernel made wait
@@ -319,7 +318,7 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
             whole = bytearray(INLINE_MAX)
             assert shm.read_now(0, [whole]) and whole == data[:INLINE_MAX]
             assert shm.write_now(4096, [b"\x5a" * 4096], dsync=True)
-            assert shm.flush_now()  # nothing to write back
+            assert shm.flush_now(INLINE_FLUSH_MAX + 1)  # nothing to write back, however much was written
             longer = bytearray(INLINE_MAX + 4096)
             assert not shm.read_now(0, [longer])  # longer than INLINE_MAX: the engine copies it
             assert not shm.write_now(0, [longer])
@@ -328,6 +327,26 @@ def test_transfers_are_done_in_place_only_where_they_should_need_no_waiting(ext4
         finally:
             shm.close()
             on_tmpfs.unlink()
+
+
+def test_a_flush_is_done_in_place_only_after_little_was_written(ext4_dir):
+    from nbdserver.backing import Backing
+    from nbdserver.backing.file import INLINE_FLUSH_MAX
+
+    path = ext4_dir / "flush.img"
+    path.write_bytes(bytes(2 * MiB))
+    backing = Backing(path)
+    try:
+        backing.slow_write = 60.0  # however busy the machine: only what was written decides here
+        backing.writev(0, [b"\x01" * MiB])
+        assert backing.flush_now(MiB)  # little to write back: done at once
+        assert not backing.flush_now(INLINE_FLUSH_MAX + 1)  # more: the engine flushes it
+        backing.slow_write = 0.0  # from now on every flush counts as one that had to wait
+        assert backing.flush_now(0)
+        assert not backing.flush_now(0)  # after a slow one: workers for a while
+    finally:
+        backing.close()
+    assert path.read_bytes() == b"\x01" * MiB + bytes(MiB)
 
 
 @pytest.mark.clients
