@@ -309,11 +309,17 @@ class Backing:
         if started < self._inline_writes_from:
             return False
         self.writev(offset, segments)
-        took = monotonic() - started
-        if took > self.slow_write:
-            self._inline_writes_from = started + took + INLINE_BACKOFF
-            log.debug("%s: a write took %.1f ms; writes go to workers for a while", self.path, took * 1000)
+        self._inline_writes_from = self._in_place_again(started, "write")
         return True
+
+    def _in_place_again(self, started: float, what: str) -> float:
+        """After a ``what`` done in place since ``started``: from when on such work may be done in
+        place again (at once, unless it took longer than ``slow_write``)."""
+        took = monotonic() - started
+        if took <= self.slow_write:
+            return 0.0
+        log.debug("%s: a %s took %.1f ms; those that follow go to workers for a while", self.path, what, took * 1000)
+        return started + took + INLINE_BACKOFF
 
     def is_hole(self, offset: int, length: int) -> bool:
         """Is [offset, offset+length) unallocated?  False where the filesystem cannot tell."""
@@ -370,10 +376,7 @@ class Backing:
         if unflushed > INLINE_FLUSH_MAX or started < self._inline_flushes_from:
             return False
         self.flush()
-        took = monotonic() - started
-        if took > self.slow_write:
-            self._inline_flushes_from = started + took + INLINE_BACKOFF
-            log.debug("%s: a flush took %.1f ms; flushes go to workers for a while", self.path, took * 1000)
+        self._inline_flushes_from = self._in_place_again(started, "flush")
         return True
 
     # Allocation ------------------------------------------------------------------
