@@ -63,7 +63,11 @@ MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_M
 # connections; so do writes for a while after one the kernel made wait (``slow_write``).
 INLINE_MAX = 1024 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
-INLINE_BACKOFF = 1.0  # seconds of writes (or flushes) on workers after a slow one
+# After a slow one, writes (or flushes) go to workers for INLINE_BACKOFF seconds, or for
+# BACKOFF_FACTOR times as long as it took: work that keeps being slow in place (a flush that
+# writes back what another process dirtied, say) holds up the loop at most 1/51 of the time.
+INLINE_BACKOFF = 1.0
+BACKOFF_FACTOR = 50
 # A flush is done on the event loop's thread too when at most this much was written since the
 # last one: then it is an fdatasync of a few hundred microseconds, and handing it to a worker and
 # back would add a third to it.
@@ -293,7 +297,7 @@ class Backing:
         (dirty-page throttling, the journal, a page under writeback).  No Linux
         filesystem here takes ``RWF_NOWAIT`` on buffered writes, so the wait is
         noticed after the fact: a write slower than ``slow_write`` seconds sends
-        writes to the workers for ``INLINE_BACKOFF`` seconds.  Writes that must
+        writes to the workers for a while (``INLINE_BACKOFF``).  Writes that must
         reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
         length = sum(map(len, segments))
@@ -314,12 +318,13 @@ class Backing:
 
     def _in_place_again(self, started: float, what: str) -> float:
         """After a ``what`` done in place since ``started``: from when on such work may be done in
-        place again (at once, unless it took longer than ``slow_write``)."""
+        place again: at once, unless it took longer than ``slow_write``."""
         took = monotonic() - started
         if took <= self.slow_write:
             return 0.0
-        log.debug("%s: a %s took %.1f ms; those that follow go to workers for a while", self.path, what, took * 1000)
-        return started + took + INLINE_BACKOFF
+        backoff = max(INLINE_BACKOFF, BACKOFF_FACTOR * took)
+        log.debug("%s: a %s took %.1f ms; the next %.1f s go to the engine", self.path, what, took * 1000, backoff)
+        return started + took + backoff
 
     def is_hole(self, offset: int, length: int) -> bool:
         """Is [offset, offset+length) unallocated?  False where the filesystem cannot tell."""
@@ -368,7 +373,7 @@ class Backing:
         a flush after at most ``INLINE_FLUSH_MAX`` bytes is done here too.  What
         others wrote (another worker process) is not counted: a flush slower than
         ``slow_write`` (that, a slow device, a busy journal) sends flushes to the
-        workers for ``INLINE_BACKOFF`` seconds, as for writes.
+        workers for a while, as for writes.
         """
         if self.in_memory:
             return True

@@ -349,6 +349,30 @@ def test_a_flush_is_done_in_place_only_after_little_was_written(ext4_dir):
     assert path.read_bytes() == b"\x01" * MiB + bytes(MiB)
 
 
+def test_work_slow_in_place_keeps_off_the_loop_for_long_enough(ext4_dir):
+    """After a write or flush that was slow in place, such work goes to the engine for at least a
+    second, and for BACKOFF_FACTOR times as long as it took: slow work may take at most 1/51 of
+    the loop's time."""
+    from time import monotonic
+
+    from nbdserver.backing import Backing
+    from nbdserver.backing.file import BACKOFF_FACTOR, INLINE_BACKOFF
+
+    path = ext4_dir / "backoff.img"
+    path.write_bytes(bytes(MiB))
+    backing = Backing(path)
+    try:
+        now = monotonic()
+        assert backing._in_place_again(now, "write") == 0.0  # quick: in place again at once
+        for took in (0.005, 0.1, 2.0):
+            started = now - took
+            until = backing._in_place_again(started, "flush")
+            assert until >= now + max(INLINE_BACKOFF, BACKOFF_FACTOR * took)
+            assert until < now + max(INLINE_BACKOFF, BACKOFF_FACTOR * took) + 1.0
+    finally:
+        backing.close()
+
+
 @pytest.mark.clients
 def test_sigterm_under_full_load_exits_cleanly(engine_server, tmp_path):
     """Unthrottled 4k random writes at QD32, then SIGTERM: everything in flight completes and the server
