@@ -8,6 +8,7 @@ from dataclasses import replace
 from .backing import Backing, open_engine
 from .block import RequestQueue
 from .block.buffers import PAGE_SIZE, BufferPool, ByteBudget
+from .block.ledger import Ledger
 from .config import ConfigError, ExportConfig, ServerConfig
 from .protocol import ExportInfo
 from .protocol import TransmissionFlag as TF
@@ -32,8 +33,14 @@ MAX_HAZARD_GRANULE = 1 << 20
 
 class Export:
     def __init__(
-        self, config: ExportConfig, server: ServerConfig, pool: BufferPool, budget: ByteBudget | None = None
+        self,
+        config: ExportConfig,
+        server: ServerConfig,
+        pool: BufferPool,
+        ledger: Ledger,
+        budget: ByteBudget | None = None,
     ) -> None:
+        """``ledger``: where the writes to its backing file are counted (by every process serving it)."""
         self.config = config
         self.pool = pool
         # Its own in-flight budget, within the server's (``budget``).
@@ -43,13 +50,19 @@ class Export:
         )
         try:
             self.engine = open_engine(server.engine, backing, server.workers)
+            written = ledger.account(backing.fd)
         except BaseException:
             backing.close()
             raise
         # Direct and page-cache I/O meet on whole pages: order requests that share one.
         granule = min(max(PAGE_SIZE, backing.offset_align), MAX_HAZARD_GRANULE) if backing.direct else 1
         self.queue = RequestQueue(
-            self.engine, merge=server.merge, limits=server.merge_limits, pool=pool, hazard_granule=granule
+            self.engine,
+            merge=server.merge,
+            limits=server.merge_limits,
+            pool=pool,
+            hazard_granule=granule,
+            written=written,
         )
         self.info = ExportInfo(
             name=config.name,

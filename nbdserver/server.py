@@ -16,6 +16,7 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry
 
 from .block.buffers import BufferPool, ByteBudget
+from .block.ledger import Ledger
 from .config import ConfigError, ExportConfig, Listener, ServerConfig
 from .connection import Connection
 from .export import Export
@@ -57,7 +58,8 @@ class LogThrottle:
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, ledger: Ledger | None = None) -> None:
+        """``ledger``: shared with the other processes serving the same exports (a worker's)."""
         config.validate()
         self.config = config
         self.exports: dict[str, Export] = {}
@@ -67,6 +69,7 @@ class Server:
         self.catalog = ExportCatalog([], None)
         self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
         self.budget = ByteBudget(config.max_server_inflight_bytes)  # in flight across every export
+        self.ledger = ledger or Ledger()  # bytes written since each backing file's last flush
         self.stats = ServerStats()
         self.busy_poll = BusyPoll(config.busy_poll_us, self.stats)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -94,7 +97,7 @@ class Server:
         self._update_catalog()
 
     def _open_export(self, config: ExportConfig) -> None:
-        export = Export(config, self.config, self.pool, self.budget)
+        export = Export(config, self.config, self.pool, self.ledger, self.budget)
         self.exports[export.name] = export
         for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
             self.stats.refused[export.name, error.name] += 0  # shown from zero

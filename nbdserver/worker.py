@@ -21,6 +21,7 @@ from typing import Any
 
 import uvloop
 
+from .block.ledger import Ledger
 from .channel import Channel
 from .config import ConfigError, ServerConfig
 from .connection import Connection
@@ -142,9 +143,9 @@ class Worker:
         log.debug("reloaded: %s", "; ".join(changed))
 
 
-async def serve(config: ServerConfig, channel: socket.socket) -> int:
+async def serve(config: ServerConfig, channel: socket.socket, ledger: Ledger) -> int:
     try:
-        server = Server(config)
+        server = Server(config, ledger)
         server.open_exports()
     except (ConfigError, OSError) as exc:
         send_frame(channel, {"type": "failed", "why": str(exc)})
@@ -166,7 +167,8 @@ def main(argv: list[str]) -> int:
         return 2
     config, index, count = pickle.loads(raw)
     configure_logging(config.log_level, prefix=f"worker {index}: ")
-    return uvloop.run(serve(share(config, count), channel))
+    ledger = Ledger(count, index, int(argv[2]))
+    return uvloop.run(serve(share(config, count), channel, ledger))
 
 
 if __name__ == "__main__":

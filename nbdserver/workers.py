@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from .block.ledger import shared_memory
 from .channel import Channel
 from .config import ServerConfig
 from .frames import FrameError, receive_frame, send_frame
@@ -174,6 +175,7 @@ class WorkerPool:
     def __init__(self, config: ServerConfig, count: int) -> None:
         self.config = config
         self.count = count
+        self._ledger = shared_memory(count)  # the workers' counts of what each flush may write back
         self._workers: list[_Worker] = []
         self._retired: list[Snapshot] = []  # the last counters of workers that died
         self._stopping = False
@@ -201,8 +203,8 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nbdserver.worker", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
+                [sys.executable, "-m", "nbdserver.worker", str(theirs.fileno()), str(self._ledger)],
+                pass_fds=[theirs.fileno(), self._ledger],
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:

@@ -366,14 +366,14 @@ class Backing:
 
     def flush_now(self, unflushed: int) -> bool:
         """Flush at once if that should need little waiting; False to leave it to :meth:`flush`.
-        ``unflushed``: the bytes the caller wrote since its last flush.
+        ``unflushed``: the bytes written since the last flush started (by every process, see
+        block/ledger.py).
 
         A memory-backed file has nothing to write back: its flush is done as it is
         asked, where handing it to a worker would cost two thread switches.  Elsewhere
-        a flush after at most ``INLINE_FLUSH_MAX`` bytes is done here too.  What
-        others wrote (another worker process) is not counted: a flush slower than
-        ``slow_write`` (that, a slow device, a busy journal) sends flushes to the
-        workers for a while, as for writes.
+        a flush after at most ``INLINE_FLUSH_MAX`` bytes is done here too.  One
+        slower than ``slow_write`` (a slow device, a busy journal, another program
+        writing the file) sends flushes to the workers for a while, as for writes.
         """
         if self.in_memory:
             return True

@@ -30,6 +30,7 @@ from ..protocol import Command
 from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
 from .buffers import BufferPool
 from .hazards import HazardTracker, ordered
+from .ledger import Account
 from .merge import MergeLimits, Submission, build_submissions, could_merge, split_extents
 from .request import Request
 from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
@@ -51,7 +52,10 @@ class RequestQueue:
         limits: MergeLimits | None = None,
         pool: BufferPool | None = None,
         hazard_granule: int = 1,
+        written: Account | None = None,
     ) -> None:
+        """``written``: the backing file's count of bytes written since its last flush, shared with
+        the other processes writing it (ledger.py); a count of this queue's alone if None."""
         self.engine = engine
         self.merge = merge
         self.limits = limits or MergeLimits()
@@ -66,7 +70,7 @@ class RequestQueue:
         self._merging = Backoff(MERGE_SKIP_MAX)
         self._seq = 0
         self._in_flight = 0
-        self._unflushed = 0  # bytes written (not FUA) since the last FLUSH started: what it may write back
+        self.written = written or Account.private()  # writes not FUA: what a flush may write back
         self._depth_since = monotonic()  # when the queue depth last changed
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Future[None] | None = None  # what drain() waits on
@@ -185,7 +189,7 @@ class RequestQueue:
             ready = []
             for submission in submissions:
                 if submission.command in _WRITES and not submission.dsync:
-                    self._unflushed += submission.length
+                    self.written.wrote(submission.length)
                 if self._done_now(submission):
                     ready += self._complete(submission)
                     continue
@@ -222,9 +226,11 @@ class RequestQueue:
             if command == Command.WRITE:
                 return self.engine.writev_now(submission.offset, submission.segments, submission.dsync)
             if command == Command.FLUSH:
-                if not self.engine.flush_now(self._unflushed):
+                written = self.written
+                total = written.total()
+                if not self.engine.flush_now(written.unflushed(total)):
                     return False
-                self._unflushed = 0
+                written.flushing(total)
                 return True
             if command != Command.READ:
                 return False
@@ -323,7 +329,7 @@ class RequestQueue:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
         if command == Command.FLUSH:
-            self._unflushed = 0  # what is written from now on is for the next flush
+            self.written.flushing(self.written.total())  # what is written from now on is the next one's
             await engine.flush()
         elif command == Command.TRIM:
             await engine.discard(offset, length, dsync=submission.dsync)

@@ -16,6 +16,7 @@ in flight takes a batch without overlaps past the hazard tracker.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 from nbdserver.backing import Backing
 from nbdserver.backing.engine import Done, resolve
 from nbdserver.block import Request, RequestQueue
+from nbdserver.block.ledger import Ledger, shared_memory
 from nbdserver.block.merge import MergeLimits
 from nbdserver.block.queue import MERGE_SKIP_MAX
 from nbdserver.protocol import Command, CommandFlag
@@ -437,5 +439,48 @@ def test_a_flush_is_told_how_much_was_written_since_the_last_one(tmp_path: Path)
         await run(Command.FLUSH, 0, 0)  # counts from the flush done at once before it
         assert engine.unflushed == [4096 + 8192, 4096, 4096, 0]
         assert len(done) == 9 and not any(r.errno for r in done)
+
+    asyncio.run(scenario())
+
+
+def test_a_flush_counts_what_other_processes_wrote_to_the_file(tmp_path: Path) -> None:
+    """Two workers' queues of one file, each on its own mapping of the shared ledger: a flush in
+    one is told of the other's writes, and starts the count again for both."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(64 * 1024))
+    told: list[int] = []
+
+    class Recording(ReorderingEngine):
+        def flush_now(self, unflushed):
+            told.append(unflushed)
+            return False
+
+    async def scenario() -> None:
+        fd = shared_memory(2)
+        engines, queues = [], []
+        for slot in (0, 1):
+            backing = Backing(path)
+            engines.append(Recording(backing))
+            queues.append(RequestQueue(engines[-1], written=Ledger(2, slot, fd).account(backing.fd)))
+        done: list[Request] = []
+
+        async def run(worker: int, command: Command, offset: int, length: int) -> None:
+            payload = bytearray(length) if command == Command.WRITE else None
+            queues[worker].submit(Request(command, 0, 0, offset, length, done.append, payload))
+            await asyncio.sleep(0)
+            while engines[worker].pending:
+                engines[worker].release(0)
+            await queues[worker].drain()
+
+        await run(0, Command.WRITE, 0, 32768)
+        await run(1, Command.WRITE, 32768, 4096)
+        await run(1, Command.FLUSH, 0, 0)  # the other worker's writes too
+        await run(0, Command.WRITE, 0, 4096)
+        await run(0, Command.FLUSH, 0, 0)  # only what came after the other's flush
+        assert told == [32768 + 4096, 4096]
+        assert len(done) == 5 and not any(r.errno for r in done)
+        for engine in engines:
+            engine.backing.close()
+        os.close(fd)
 
     asyncio.run(scenario())

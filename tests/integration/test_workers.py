@@ -12,6 +12,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from nbdserver.block.ledger import ROWS
 from tests.conftest import MiB, ServerProcess, make_image, running, scrape, value, wait_for
 from tests.integration.rawclient import Cmd
 from tests.integration.test_bad_input import assert_serves, memory, negotiate
@@ -74,6 +75,37 @@ def test_metrics_sum_every_worker(two_workers):
         for h in handles:
             h.shutdown()
     assert wait_for(lambda: value(scrape(two_workers.metrics_url), "nbdserver_connections", export="disk") == 0)
+
+
+def ledger_row(server: ServerProcess) -> list[int]:
+    """The one used row of the primary's ledger (block/ledger.py), read through /proc: the file,
+    the total at the start of the last flush, and what each worker wrote."""
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    (memfd,) = [fd for fd in fds.iterdir() if os.readlink(fd).startswith("/memfd:nbd-ledger")]
+    words = memoryview(memfd.read_bytes()).cast("Q")
+    width = len(words) // ROWS
+    rows = [list(words[base : base + width]) for base in range(0, len(words), width) if words[base]]
+    assert len(rows) == 1, rows
+    return rows[0][3:]
+
+
+def test_a_flush_counts_what_every_worker_wrote(two_workers):
+    """Whether a flush is done in place depends on what it may write back: a flush on one
+    worker's connection counts the writes of the other worker's too."""
+    handles = [connect(two_workers, "disk") for _ in range(2)]
+    try:
+        assert served_by(two_workers, 2) == {"worker 0", "worker 1"}
+        handles[0].pwrite(b"a" * 8 * MiB, 0)
+        handles[1].pwrite(b"b" * BLOCK, 8 * MiB)
+        assert sorted(ledger_row(two_workers)[1:]) == [BLOCK, 8 * MiB]
+        handles[1].flush()
+        assert ledger_row(two_workers)[0] == 8 * MiB + BLOCK  # the flush covered both
+        handles[0].pwrite(b"c" * BLOCK, 0)
+        handles[0].flush()
+        assert ledger_row(two_workers)[0] == 8 * MiB + 2 * BLOCK
+    finally:
+        for h in handles:
+            h.shutdown()
 
 
 def test_requests_of_one_connection_are_merged_in_its_worker(two_workers):
