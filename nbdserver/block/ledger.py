@@ -36,6 +36,8 @@ def shared_memory(slots: int) -> int:
 
 
 class Ledger:
+    """The table, as one process maps it."""
+
     def __init__(self, slots: int = 1, slot: int = 0, fd: int | None = None) -> None:
         """A table for ``slots`` processes, of which this one is ``slot``.  ``fd``: the shared
         memory (see :func:`shared_memory`) or None for a process of its own."""
@@ -86,7 +88,8 @@ class Account:
 
     @classmethod
     def private(cls) -> Account:
-        """An account for a process of its own (and for tests)."""
+        """An account no other process sees: for a queue on its own (tests), and for files beyond
+        the table."""
         return cls(memoryview(bytearray((_HEAD + 1) * 8)).cast("Q"), 0, 1, 0)
 
     def wrote(self, nbytes: int) -> None:
