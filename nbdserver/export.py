@@ -49,8 +49,8 @@ class Export:
             config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
         )
         try:
-            self.engine = open_engine(server.engine, backing, server.workers)
             written = ledger.account(backing.fd)
+            self.engine = open_engine(server.engine, backing, server.workers)
         except BaseException:
             backing.close()
             raise

@@ -167,7 +167,9 @@ def main(argv: list[str]) -> int:
         return 2
     config, index, count = pickle.loads(raw)
     configure_logging(config.log_level, prefix=f"worker {index}: ")
-    ledger = Ledger(count, index, int(argv[2]))
+    # A primary of the version before the ledger (restarting a worker after an upgrade was
+    # installed, before it hands over) passes none: count this worker's writes alone.
+    ledger = Ledger(count, index, int(argv[2])) if len(argv) > 2 else Ledger()
     return uvloop.run(serve(share(config, count), channel, ledger))
 
 

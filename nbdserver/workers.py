@@ -3,7 +3,7 @@
 With ``processes`` above 1, the process that was started (the primary) binds or
 inherits the listening sockets, accepts, and passes each client's socket to the
 worker process that has the fewest connections.  A worker is this package run
-again (``python -m nbdserver.worker FD``, see worker.py): it opens every export
+again (``python -m nbdserver.worker FD LEDGER_FD``, see worker.py): it opens every export
 itself, with its own request queue and engine and an equal share of the
 server's and the exports' in-flight budgets, and serves the connections it is
 given from the handshake to the end.  The primary keeps the listeners, the
@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -242,6 +243,9 @@ class WorkerPool:
                     "worker %d (pid %d) did not stop within %.0f s: killed", worker.index, worker.proc.pid, timeout
                 )
             self._forget(worker)
+        if self._ledger >= 0:
+            os.close(self._ledger)
+            self._ledger = -1
 
     def _forget(self, worker: _Worker) -> None:
         if worker.alive:
@@ -266,6 +270,8 @@ class WorkerPool:
         log.error("worker %d (pid %d) exited with status %d: its connections are gone", old.index, old.proc.pid, status)
         while not self._stopping:
             await asyncio.sleep(RESTART_DELAY)
+            if self._stopping:  # meanwhile: the ledger's descriptor is closed
+                return
             try:
                 new = await self._start(old.index)
             except WorkerError as exc:

@@ -5,19 +5,24 @@ worker processes, the writes to one file arrive at several of them (a kernel cli
 its requests over its connections, and the connections over the workers), and a flush in one
 must count the others' writes too.  So the counts live in memory the primary shares with its
 workers: a table with a row per backing file, and in each row the bytes written by each process
-(one counter per worker, written by that worker only) and the total at the start of the last
-flush (written by whichever flushes).  Aligned 8-byte words are read and written whole, and the
-one race left (two flushes storing their totals at once) can only leave a count too large.
+(one counter per worker, written by that worker only, as its writes complete) and, once a flush
+is done, the total at its start (written by whichever flushed).  A flush still under way counts
+for nothing: one that comes meanwhile would wait for its writeback.  Aligned 8-byte words are
+read and written whole, and the one race left (two flushes storing their totals at once) can only
+leave a count too large.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 ROWS = 256  # backing files a server can count for; those beyond are counted by each process alone
 _USED, _DEV, _INO, _FLUSHED = range(4)  # a row's first words; a counter per process follows
@@ -59,6 +64,11 @@ class Ledger:
                 elif words[base + _DEV] == dev and words[base + _INO] == ino:
                     return Account(words, base, self.slots, self.slot)
             if free is None:
+                log.warning(
+                    "more than %d backing files since the server started: flushes of this one count "
+                    "only this process's writes to it",
+                    ROWS,
+                )
                 return Account.private()
             words[free + _DEV], words[free + _INO], words[free + _USED] = dev, ino, 1
             return Account(words, free, self.slots, self.slot)
@@ -103,7 +113,7 @@ class Account:
         """Of ``total``, what no flush has started to write back."""
         return total - self._words[self._flushed]
 
-    def flushing(self, total: int) -> None:
-        """A flush starts: what was written up to ``total`` is its to write back."""
+    def flushed(self, total: int) -> None:
+        """A flush is done that started when :meth:`total` was ``total``."""
         if total > self._words[self._flushed]:
             self._words[self._flushed] = total

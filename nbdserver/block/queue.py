@@ -188,8 +188,6 @@ class RequestQueue:
             submissions = self._build(ready)
             ready = []
             for submission in submissions:
-                if submission.command in _WRITES and not submission.dsync:
-                    self.written.wrote(submission.length)
                 if self._done_now(submission):
                     ready += self._complete(submission)
                     continue
@@ -230,7 +228,7 @@ class RequestQueue:
                 total = written.total()
                 if not self.engine.flush_now(written.unflushed(total)):
                     return False
-                written.flushing(total)
+                written.flushed(total)
                 return True
             if command != Command.READ:
                 return False
@@ -285,6 +283,8 @@ class RequestQueue:
     def _complete(self, submission: Submission) -> list[Request]:
         """Account for a finished submission and complete its requests; returns those it unblocked."""
         stats, command, requests = self.stats, submission.command, submission.requests
+        if command in _WRITES and not submission.dsync:  # counted done: an unfinished write is no flush's
+            self.written.wrote(submission.length)
         stats.submissions[command] += 1
         stats.merged[command] += len(requests) - 1
         stats.bytes[command] += submission.length
@@ -329,8 +329,9 @@ class RequestQueue:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
         if command == Command.FLUSH:
-            self.written.flushing(self.written.total())  # what is written from now on is the next one's
+            total = self.written.total()  # what this flush writes back (later writes: the next one)
             await engine.flush()
+            self.written.flushed(total)  # not before: a flush meanwhile must not think it has little to do
         elif command == Command.TRIM:
             await engine.discard(offset, length, dsync=submission.dsync)
         elif command == Command.WRITE_ZEROES:

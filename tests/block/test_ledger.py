@@ -19,7 +19,7 @@ from nbdserver.block.ledger import Ledger
 fd, slot, path, action = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 account = Ledger(2, slot, fd).account(os.open(path, os.O_RDONLY))  # closed on exit
 if action == "flush":
-    account.flushing(account.total())
+    account.flushed(account.total())
 else:
     account.wrote(int(action))
 print(account.unflushed(account.total()))
@@ -72,7 +72,7 @@ def test_a_file_has_one_row_however_it_is_opened(tmp_path):
     a.wrote(100)
     b.wrote(7)
     assert also_a.unflushed(also_a.total()) == 100
-    also_a.flushing(also_a.total())
+    also_a.flushed(also_a.total())
     assert a.unflushed(a.total()) == 0
     assert b.unflushed(b.total()) == 7
 
@@ -83,8 +83,8 @@ def test_a_flush_that_started_earlier_does_not_take_back_a_later_ones_mark(tmp_p
     account.wrote(100)
     early = account.total()
     account.wrote(50)
-    account.flushing(account.total())
-    account.flushing(early)  # stored after the later one: must not make the 50 unflushed again
+    account.flushed(account.total())
+    account.flushed(early)  # done after the later one: must not make the 50 unflushed again
     assert account.unflushed(account.total()) == 0
 
 

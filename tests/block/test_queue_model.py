@@ -445,7 +445,8 @@ def test_a_flush_is_told_how_much_was_written_since_the_last_one(tmp_path: Path)
 
 def test_a_flush_counts_what_other_processes_wrote_to_the_file(tmp_path: Path) -> None:
     """Two workers' queues of one file, each on its own mapping of the shared ledger: a flush in
-    one is told of the other's writes, and starts the count again for both."""
+    one is told of the other's writes, and once done starts the count again for both; a flush
+    still under way in one counts for nothing in the other, and a write counts once done."""
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(64 * 1024))
     told: list[int] = []
@@ -464,21 +465,38 @@ def test_a_flush_counts_what_other_processes_wrote_to_the_file(tmp_path: Path) -
             queues.append(RequestQueue(engines[-1], written=Ledger(2, slot, fd).account(backing.fd)))
         done: list[Request] = []
 
-        async def run(worker: int, command: Command, offset: int, length: int) -> None:
+        async def submit(worker: int, command: Command, offset: int = 0, length: int = 0) -> None:
+            """Submit, and let the engine take it (and hold it)."""
             payload = bytearray(length) if command == Command.WRITE else None
             queues[worker].submit(Request(command, 0, 0, offset, length, done.append, payload))
-            await asyncio.sleep(0)
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+        async def release(worker: int) -> None:
             while engines[worker].pending:
                 engines[worker].release(0)
             await queues[worker].drain()
 
+        async def run(worker: int, command: Command, offset: int = 0, length: int = 0) -> None:
+            await submit(worker, command, offset, length)
+            await release(worker)
+
         await run(0, Command.WRITE, 0, 32768)
         await run(1, Command.WRITE, 32768, 4096)
-        await run(1, Command.FLUSH, 0, 0)  # the other worker's writes too
+        await run(1, Command.FLUSH)  # the other worker's writes too
         await run(0, Command.WRITE, 0, 4096)
-        await run(0, Command.FLUSH, 0, 0)  # only what came after the other's flush
-        assert told == [32768 + 4096, 4096]
-        assert len(done) == 5 and not any(r.errno for r in done)
+        await run(0, Command.FLUSH)  # only what came after the other's flush
+        await run(1, Command.WRITE, 32768, 8192)
+        await submit(1, Command.FLUSH)  # held in the engine
+        await run(0, Command.FLUSH)  # the other's flush under way: all of it still to write back
+        await release(1)
+        await run(0, Command.FLUSH)  # that one done: nothing
+        await submit(0, Command.WRITE, 0, 4096)  # held: not written yet
+        await run(1, Command.FLUSH)
+        await release(0)
+        await run(1, Command.FLUSH)  # written now
+        assert told == [32768 + 4096, 4096, 8192, 8192, 0, 0, 4096]
+        assert len(done) == 12 and not any(r.errno for r in done)
         for engine in engines:
             engine.backing.close()
         os.close(fd)

@@ -90,8 +90,9 @@ def ledger_row(server: ServerProcess) -> list[int]:
 
 
 def test_a_flush_counts_what_every_worker_wrote(two_workers):
-    """Whether a flush is done in place depends on what it may write back: a flush on one
-    worker's connection counts the writes of the other worker's too."""
+    """What a flush may write back (which decides whether it is done in place) is counted for
+    both workers in the primary's shared table: a flush on one worker's connection covers the
+    other worker's writes too."""
     handles = [connect(two_workers, "disk") for _ in range(2)]
     try:
         assert served_by(two_workers, 2) == {"worker 0", "worker 1"}
