@@ -366,8 +366,8 @@ class Backing:
 
     def flush_now(self, unflushed: int) -> bool:
         """Flush at once if that should need little waiting; False to leave it to :meth:`flush`.
-        ``unflushed``: the bytes written since the last flush started (by every process, see
-        block/ledger.py).
+        ``unflushed``: the bytes written (by every process, see block/ledger.py) since the
+        start of the last flush that is done.
 
         A memory-backed file has nothing to write back: its flush is done as it is
         asked, where handing it to a worker would cost two thread switches.  Elsewhere

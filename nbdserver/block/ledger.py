@@ -29,11 +29,15 @@ _USED, _DEV, _INO, _FLUSHED = range(4)  # a row's first words; a counter per pro
 _HEAD = 4
 
 
+def _size(slots: int) -> int:
+    return ROWS * (_HEAD + slots) * 8
+
+
 def shared_memory(slots: int) -> int:
     """Memory for a table that ``slots`` workers share: the primary passes them the descriptor."""
     fd = os.memfd_create("nbd-ledger", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, ROWS * (_HEAD + slots) * 8)
+        os.ftruncate(fd, _size(slots))
     except BaseException:
         os.close(fd)
         raise
@@ -47,8 +51,7 @@ class Ledger:
         """A table for ``slots`` processes, of which this one is ``slot``.  ``fd``: the shared
         memory (see :func:`shared_memory`) or None for a process of its own."""
         self.slots, self.slot, self.fd = slots, slot, fd
-        size = ROWS * (_HEAD + slots) * 8
-        self._memory = mmap.mmap(-1 if fd is None else fd, size)
+        self._memory = mmap.mmap(-1 if fd is None else fd, _size(slots))
         self._words = memoryview(self._memory).cast("Q")
 
     def account(self, fd: int) -> Account:
@@ -110,7 +113,7 @@ class Account:
         return sum(self._words[self._first : self._end])
 
     def unflushed(self, total: int) -> int:
-        """Of ``total``, what no flush has started to write back."""
+        """Of ``total``, what no flush that is done was to write back."""
         return total - self._words[self._flushed]
 
     def flushed(self, total: int) -> None:
