@@ -20,10 +20,10 @@ COMPILED = [
     "nbdserver/protocol",
     "nbdserver/block",
     "nbdserver/backing",
-    "nbdserver/connection.py",
-    "nbdserver/export.py",
-    "nbdserver/polling.py",
-    "nbdserver/staging.py",
+    "nbdserver/serving/connection.py",
+    "nbdserver/serving/export.py",
+    "nbdserver/serving/polling.py",
+    "nbdserver/serving/staging.py",
 ]
 
 

@@ -13,7 +13,8 @@ import platform
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 
-from . import __version__, connection
+from . import __version__
+from .serving import connection
 
 
 def kind() -> str:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import uvloop
 
-from . import build, configfile, daemon
+from . import build, configfile
 from .backing import DEFAULT_WORKERS, ENGINES
 from .config import (
     AUTO_PROCESSES_MAX,
     CACHE_MODES,
     DEFAULT_METRICS,
+    DEFAULT_WINDOW_US,
     LOG_LEVELS,
     TLS_MODES,
     ConfigError,
@@ -28,9 +29,9 @@ from .config import (
     parse_size,
 )
 from .metrics import top
-from .polling import DEFAULT_WINDOW_US
-from .systemd import configure_logging
-from .tls import tls_context
+from .process import daemon
+from .process.systemd import configure_logging
+from .serving.tls import tls_context
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,10 @@ from pathlib import Path
 from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.file import IOV_MAX
 from .block.merge import MAX_SEGMENTS, MAX_SUBMISSION_BYTES, MergeLimits
-from .polling import DEFAULT_WINDOW_US
 from .protocol.constants import NBD_DEFAULT_PORT
+
+DEFAULT_WINDOW_US = 100  # microseconds the event loop polls after a request arrives (serving/polling.py)
+METRICS_FD_NAME = "metrics"  # an inherited socket of this name serves /metrics; the others serve NBD
 
 
 class ConfigError(ValueError):

@@ -54,7 +54,7 @@ def test_a_compiler_that_fails_gives_the_pure_build_which_serves(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         archive.extractall(site)
-    assert "nbdserver/connection.py" in names and not [n for n in names if n.endswith(".so")]
+    assert "nbdserver/serving/connection.py" in names and not [n for n in names if n.endswith(".so")]
     program = [sys.executable, "-m", "nbdserver"]
     run_env = {"PYTHONPATH": str(site)}
     version = subprocess.run(  # away from the checkout, whose package ``-m`` would find first

@@ -19,7 +19,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from nbdserver.handover import QUIESCE_TIMEOUT
+from nbdserver.process.handover import QUIESCE_TIMEOUT
 from tests.conftest import MiB, ServerProcess, Upgradable, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
 
@@ -296,7 +296,7 @@ def test_the_newly_installed_version_takes_over(tmp_path):
 
 def test_a_successor_of_another_state_version_takes_nothing(tmp_path):
     site = installed_copy(tmp_path)
-    module = site / "nbdserver" / "handover.py"
+    module = site / "nbdserver" / "process" / "handover.py"
     text = module.read_text()
     assert "STATE_VERSION = 1 " in text
     module.write_text(text.replace("STATE_VERSION = 1 ", "STATE_VERSION = 2 "))

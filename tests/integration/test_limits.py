@@ -172,7 +172,7 @@ def test_server_budget_pauses_connections_of_every_export(start_server, image, t
 def test_a_client_on_this_machine_gets_a_fixed_send_buffer(start_server, image):
     """Over loopback the server's socket has a send buffer of its own size, not the kernel's
     autotuned one (which let 1 MiB replies leave in bursts that loopback reordered)."""
-    from nbdserver.connection import LOOPBACK_SEND_BUFFER
+    from nbdserver.serving.connection import LOOPBACK_SEND_BUFFER
 
     server = start_server(image)
     wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())

@@ -9,8 +9,8 @@ from typing import Any
 
 import uvloop
 
-from nbdserver.channel import Channel
-from nbdserver.frames import PREFIX
+from nbdserver.process.channel import Channel
+from nbdserver.process.frames import PREFIX
 
 FRAMES = 5000  # far more than a socket pair's buffer holds
 

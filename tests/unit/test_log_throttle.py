@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from nbdserver.server import LogThrottle
+from nbdserver.serving.server import LogThrottle
 
 
 def test_a_burst_is_logged_then_the_rest_counted_for_the_next_period():

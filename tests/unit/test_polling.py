@@ -8,7 +8,7 @@ from time import monotonic
 
 import uvloop
 
-from nbdserver.polling import EMPTY_BEFORE_REST, REST, BusyPoll
+from nbdserver.serving.polling import EMPTY_BEFORE_REST, REST, BusyPoll
 from nbdserver.stats import ServerStats
 
 

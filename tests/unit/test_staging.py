@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdserver.staging import DIRECT_RECEIVE_MIN, STAGING_MAX, STAGING_SIZE, Staging
+from nbdserver.serving.staging import DIRECT_RECEIVE_MIN, STAGING_MAX, STAGING_SIZE, Staging
 
 
 def fill(staging: Staging, data: bytes) -> bool:

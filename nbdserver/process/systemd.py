@@ -20,7 +20,6 @@ from collections.abc import MutableMapping
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
-METRICS_FD_NAME = "metrics"  # an inherited socket of this name serves /metrics; the others serve NBD
 
 
 class Notifier:

@@ -41,12 +41,12 @@ from functools import partial
 from time import monotonic
 from typing import Any
 
-from .connection import Connection
+from ..protocol import Negotiated, TransmissionFlag
+from ..protocol.handshake import ExportInfo
+from ..serving.connection import Connection
+from ..serving.server import Server
 from .frames import FrameError, receive_frame, send_frame
-from .protocol import Negotiated, TransmissionFlag
-from .protocol.handshake import ExportInfo
-from .server import Server
-from .workers import WorkerError, wait_or_kill
+from .workers import WorkerError, pool_of, wait_or_kill
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,10 @@ class Package:
         server.disown_sockets()
         for connection in self.moving:
             connection.let_go()
-        if server.workers is not None:
+        workers = pool_of(server)
+        if workers is not None:
             self._close_workers_copies()
-            server.workers.let_go()
+            workers.let_go()
 
     async def take_back(self, server: Server) -> None:
         """Undo: listen again and take requests again."""
@@ -163,9 +164,10 @@ class Package:
             await server.start([(name, sock) for name, _, sock in self.listeners])
         for connection in self.moving:
             connection.resume()
-        if server.workers is not None:
+        workers = pool_of(server)
+        if workers is not None:
             self._close_workers_copies()
-            server.workers.take_back()
+            workers.take_back()
 
     def _close_workers_copies(self) -> None:
         """Our copies of the sockets of the workers' connections (the workers keep theirs)."""
@@ -188,9 +190,10 @@ async def package(server: Server, listeners: bool = True) -> Package:
         frames.append(
             ({"type": "connection", "terms": terms.to_json()}, connection.pending(), connection.transport_socket)
         )
-    if server.workers is not None:
+    workers = pool_of(server)
+    if workers is not None:
         try:
-            theirs, their_slow = await server.workers.package()
+            theirs, their_slow = await workers.package()
         except WorkerError as exc:
             await Package(copies, moving, frames, {}).take_back(server)  # the workers' too
             raise HandoverError(f"the worker processes could not hand over: {exc}") from None
@@ -367,8 +370,9 @@ def _receive_state(channel: socket.socket) -> Inheritance:
 async def resume(server: Server, inherited: Inheritance) -> int:
     """Serve the connections taken over (here, or in the worker processes); returns how many
     resumed (the others are closed)."""
-    if server.workers is not None:
-        resumed = sum(server.workers.resume(t.to_json(), p, s) for t, s, p in inherited.connections)
+    workers = pool_of(server)
+    if workers is not None:
+        resumed = sum(workers.resume(t.to_json(), p, s) for t, s, p in inherited.connections)
         server.stats.turned_away["handover_timeout"] += inherited.closed_slow
         return resumed
     loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """A worker process: serves the connections the primary passes it (see workers.py).
 
-    python -m nbdserver.worker FD
+    python -m nbdserver.process.worker FD LEDGER_FD
 
 FD is its end of the socket pair to the primary, whose first frame is the
 configuration.  It answers to the primary alone: the service manager's
@@ -21,13 +21,13 @@ from typing import Any
 
 import uvloop
 
-from .block.ledger import Ledger
+from ..block.ledger import Ledger
+from ..config import ConfigError, ServerConfig
+from ..serving.connection import Connection
+from ..serving.server import Server
 from .channel import Channel
-from .config import ConfigError, ServerConfig
-from .connection import Connection
 from .frames import receive_frame, send_frame
 from .handover import ConnectionTerms, Inheritance, Package, package, resume
-from .server import Server
 from .systemd import configure_logging, set_log_level
 from .workers import share
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .backing import Backing, open_engine
-from .block import RequestQueue
-from .block.buffers import PAGE_SIZE, BufferPool, ByteBudget
-from .block.ledger import Ledger
-from .config import ConfigError, ExportConfig, ServerConfig
-from .protocol import ExportInfo
-from .protocol import TransmissionFlag as TF
+from ..backing import Backing, open_engine
+from ..block import RequestQueue
+from ..block.buffers import PAGE_SIZE, BufferPool, ByteBudget
+from ..block.ledger import Ledger
+from ..config import ConfigError, ExportConfig, ServerConfig
+from ..protocol import ExportInfo
+from ..protocol import TransmissionFlag as TF
 
 log = logging.getLogger(__name__)
 

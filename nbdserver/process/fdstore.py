@@ -21,9 +21,9 @@ import logging
 import os
 from collections.abc import MutableMapping
 
+from ..serving.server import Server
 from .frames import decode_frames, encode_frame
 from .handover import HandoverError, Inheritance, package
-from .server import Server
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)

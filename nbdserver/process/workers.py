@@ -3,7 +3,7 @@
 With ``processes`` above 1, the process that was started (the primary) binds or
 inherits the listening sockets, accepts, and passes each client's socket to the
 worker process that has the fewest connections.  A worker is this package run
-again (``python -m nbdserver.worker FD LEDGER_FD``, see worker.py): it opens every export
+again (``python -m nbdserver.process.worker FD LEDGER_FD``, see worker.py): it opens every export
 itself, with its own request queue and engine and an equal share of the
 server's and the exports' in-flight budgets, and serves the connections it is
 given from the handshake to the end.  The primary keeps the listeners, the
@@ -59,11 +59,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from .block.ledger import shared_memory
+from ..block.ledger import shared_memory
+from ..config import ServerConfig
+from ..serving.server import Server
+from ..stats import Snapshot
 from .channel import Channel
-from .config import ServerConfig
 from .frames import FrameError, receive_frame, send_frame
-from .stats import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ START_TIMEOUT = 60.0  # for a worker to open its exports
 ANSWER_TIMEOUT = 30.0  # for a snapshot, or the connections of a package
 STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
 MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then accepting waits
-ACCEPT_BURST = 64  # clients accepted at once before the loop runs other work
-ACCEPT_RETRY = 1.0  # seconds, after accept() failed (out of descriptors)
 RESTART_DELAY = 1.0  # before a worker that died is replaced: one that dies at once must not spin
 
 Frame = tuple[dict[str, Any], bytes, list[int]]
@@ -97,54 +96,6 @@ def share(config: ServerConfig, count: int) -> ServerConfig:
         buffer_pool_bytes=config.buffer_pool_bytes // count,
         processes=1,  # a worker serves its connections itself
     )
-
-
-class Acceptor:
-    """A listening socket whose clients go to ``take`` (for a worker) rather than to a connection
-    here.  Like an ``asyncio.Server``, it has ``sockets`` and ``close()``."""
-
-    def __init__(
-        self, sock: socket.socket, take: Callable[[socket.socket], None], ready: Callable[[], bool] = lambda: True
-    ) -> None:
-        """``ready``: may another client be taken now?  If not, accepting waits for ``resume()``."""
-        self._sock, self._take, self._ready = sock, take, ready
-        self._loop = asyncio.get_running_loop()
-        self._waiting = False
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return (self._sock,) if self._sock.fileno() >= 0 else ()
-
-    def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BURST):
-            if not self._ready():
-                self._loop.remove_reader(self._sock.fileno())
-                self._waiting = True
-                return
-            try:
-                client, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors, say: try again later rather than spin
-                log.error("cannot accept: %s; trying again in %.0f s", exc, ACCEPT_RETRY)
-                self._loop.remove_reader(self._sock.fileno())
-                self._waiting = True
-                self._loop.call_later(ACCEPT_RETRY, self.resume)
-                return
-            self._take(client)
-
-    def resume(self) -> None:
-        """Accept again, if accepting waits."""
-        if self._waiting and self._sock.fileno() >= 0:
-            self._waiting = False
-            self._loop.add_reader(self._sock.fileno(), self._accept)
 
 
 @dataclass
@@ -204,7 +155,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nbdserver.worker", str(theirs.fileno()), str(self._ledger)],
+                [sys.executable, "-m", "nbdserver.process.worker", str(theirs.fileno()), str(self._ledger)],
                 pass_fds=[theirs.fileno(), self._ledger],
                 stdin=subprocess.DEVNULL,
             )
@@ -430,6 +381,13 @@ class WorkerPool:
     def take_back(self) -> None:
         for worker in self._workers:
             self._tell(worker, {"type": "take_back"})
+
+
+def pool_of(server: Server) -> WorkerPool | None:
+    """The worker processes of a server, if it has any (the serving layer knows them only as
+    ``Workers``)."""
+    workers = server.workers
+    return workers if isinstance(workers, WorkerPool) else None
 
 
 def _kill(proc: subprocess.Popen[bytes], channel: socket.socket) -> None:

@@ -15,11 +15,12 @@ import socket
 from collections.abc import Callable
 from time import monotonic
 
-from . import build, fdstore, handover
-from .config import ConfigError, ServerConfig
-from .server import Server
+from .. import build
+from ..config import ConfigError, ServerConfig
+from ..serving.server import Server
+from . import fdstore, handover
 from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
-from .workers import WorkerError
+from .workers import WorkerError, WorkerPool
 
 log = logging.getLogger("nbdserver")
 
@@ -35,7 +36,8 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     successor_env = {k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ}
     notifier = Notifier()
     try:
-        server = Server(config)
+        count = config.worker_processes
+        server = Server(config, workers=WorkerPool(config, count) if count > 1 else None)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ServerConfig
+from ..config import ConfigError, ServerConfig
 
 
 @dataclass(frozen=True)

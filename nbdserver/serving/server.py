@@ -12,21 +12,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from .block.buffers import BufferPool, ByteBudget
-from .block.ledger import Ledger
-from .config import ConfigError, ExportConfig, Listener, ServerConfig
+from ..block.buffers import BufferPool, ByteBudget
+from ..block.ledger import Ledger
+from ..config import METRICS_FD_NAME, ConfigError, ExportConfig, Listener, ServerConfig
+from ..metrics import MetricsEndpoint, ServerCollector
+from ..protocol import Error, ExportCatalog, TlsMode
+from ..stats import ExportSnapshot, ServerStats, Snapshot
+from .acceptor import Acceptor
 from .connection import Connection
 from .export import Export
-from .metrics import MetricsEndpoint, ServerCollector
 from .polling import BusyPoll
-from .protocol import Error, ExportCatalog, TlsMode
-from .stats import ExportSnapshot, ServerStats, Snapshot
-from .systemd import METRICS_FD_NAME
 from .tls import tls_context
-from .workers import Acceptor, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,29 @@ class LogThrottle:
         return f" ({skipped} more since the last such line were not logged)" if skipped else ""
 
 
+class Workers(Protocol):
+    """The worker processes a primary passes its clients to (process/workers.py's ``WorkerPool``),
+    as the server sees them: the process layer above owns them, this layer only uses them."""
+
+    count: int
+    on_change: Callable[[], None]  # a worker's number of connections changed
+    on_room: list[Callable[[], None]]  # called when has_room() may have become true
+
+    @property
+    def connections(self) -> int: ...
+    def has_room(self) -> bool: ...
+    def take(self, sock: socket.socket) -> bool: ...
+    async def start(self) -> None: ...
+    async def refresh(self) -> None: ...
+    def add_to(self, snapshot: Snapshot) -> Snapshot: ...
+    def reload(self, config: ServerConfig) -> None: ...
+    async def stop(self, timeout: float) -> None: ...
+
+
 class Server:
-    def __init__(self, config: ServerConfig, ledger: Ledger | None = None) -> None:
-        """``ledger``: shared with the other processes serving the same exports (a worker's)."""
+    def __init__(self, config: ServerConfig, ledger: Ledger | None = None, workers: Workers | None = None) -> None:
+        """``ledger``: shared with the other processes serving the same exports (a worker's).
+        ``workers``: the worker processes that serve this server's clients (the primary's)."""
         config.validate()
         self.config = config
         self.exports: dict[str, Export] = {}
@@ -81,9 +101,7 @@ class Server:
         self.tls_mode = TlsMode(config.tls)
         self.tls_context = tls_context(config)  # None when TLS is off
         self._turned_away_log = LogThrottle()
-        # Worker processes serve the connections, if there are to be several (workers.py).
-        count = config.worker_processes
-        self.workers = WorkerPool(config, count) if count > 1 else None
+        self.workers = workers
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""

@@ -23,9 +23,8 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .stats import ServerStats
+    from ..stats import ServerStats
 
-DEFAULT_WINDOW_US = 100  # microseconds polled after a request arrives
 EMPTY_BEFORE_REST = 4  # windows in a row that received nothing, before polling rests
 REST = 0.1  # seconds without polling after that
 

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .block import Request
-from .config import client_ip
-from .protocol import (
+from ..block import Request
+from ..config import client_ip
+from ..protocol import (
     Aborted,
     Command,
     Error,
@@ -34,17 +34,17 @@ from .protocol import (
     Transmission,
     error_from_errno,
 )
-from .protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
-from .protocol.replies import Buffer
-from .protocol.transmission import encode_request_header
+from ..protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
+from ..protocol.replies import Buffer
+from ..protocol.transmission import encode_request_header
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
+    from ..stats import ServerStats
     from .export import Export
     from .polling import BusyPoll
-    from .stats import ServerStats
 
 log = logging.getLogger(__name__)
 

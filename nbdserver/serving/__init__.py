@@ -1,0 +1,1 @@
+"""The serving layer: connections around the protocol core, listeners, exports, the server."""
