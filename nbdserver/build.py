@@ -27,6 +27,21 @@ def interpreter() -> str:
     return f"{platform.python_implementation()} {platform.python_version()}"
 
 
+def location() -> str:
+    """The folder this package was imported from."""
+    return os.path.dirname(os.path.realpath(__file__))
+
+
 def describe() -> str:
-    """E.g. 'nbdserver 0.1.0 (mypyc) on CPython 3.11.2 (/usr/bin/python3.11)'."""
-    return f"nbdserver {__version__} ({kind()}) on {interpreter()} ({os.path.realpath(sys.executable)})"
+    """E.g. 'nbdserver 0.1.0 (mypyc) on CPython 3.11.2 (/usr/bin/python3.11) from /usr/lib/.../nbdserver'."""
+    python = os.path.realpath(sys.executable)
+    return f"nbdserver {__version__} ({kind()}) on {interpreter()} ({python}) from {location()}"
+
+
+def child_command(*args: str) -> list[str]:
+    """The command line of a process this one starts (a worker, a successor): this interpreter,
+    importing this package as installed.  ``-P`` keeps the working directory (``-m``) or the
+    script's folder off ``sys.path``: a server started from a source tree, or from a folder where
+    someone else put an ``nbdserver/`` package, must not run that code in its children.
+    ``PYTHONPATH`` is still honoured (the compiled modules of ``tests/compiled`` are found by it)."""
+    return [sys.executable, "-P", *args]

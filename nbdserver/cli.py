@@ -35,7 +35,12 @@ from .serving.tls import tls_context
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbdserver", description="Network Block Device server.")
+    # Raw: the version line (with the package's folder in it) is not folded to the terminal's width.
+    parser = argparse.ArgumentParser(
+        prog="nbdserver",
+        description="Network Block Device server.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=build.describe())
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -56,8 +56,10 @@ OWN_METRICS_PORT = ("--metrics", "127.0.0.1:0")
 
 
 def nbdserver_command(image: Path | str, extra: Sequence[str] = (), python: str = sys.executable) -> list[str]:
-    """The server on a port the kernel picks; `start_server` reads it from the log."""
-    return [python, "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra]
+    """The server on a port the kernel picks; `start_server` reads it from the log.  As a user runs it:
+    the build on ``PYTHONPATH`` (or installed), never the working directory's (``-P``), as its
+    worker processes and successors run it."""
+    return [python, "-P", "-m", "nbdserver", "serve", str(image), "--listen", "127.0.0.1:0", *extra]
 
 
 def start_server(

@@ -106,7 +106,7 @@ class Variant:
 
     def version(self) -> str:
         """The first line the server prints about its version."""
-        program = [sys.executable, "-m", "nbdserver"] if self.program == "nbdserver" else [self.program]
+        program = [sys.executable, "-P", "-m", "nbdserver"] if self.program == "nbdserver" else [self.program]
         argv = [*program, *self.version_args]
         if self.program == "nbdserver":
             tree = tree_of(self.build)

@@ -58,7 +58,7 @@ def round_(handles: list[nbd.NBD], chunk: bytes) -> tuple[float, float]:
 
 def measure(tree: Path, image: str, rounds: int) -> list[tuple[float, float]]:
     argv = nbdserver_command(image, ["--processes", "2", "--metrics", "127.0.0.1:0"])
-    server = start_server(argv, env={"PYTHONPATH": str(tree)}, cwd=tree)  # "-m" puts the cwd first
+    server = start_server(argv, env={"PYTHONPATH": str(tree)}, cwd=tree)
     handles: list[nbd.NBD] = []
     try:
         for _ in range(4):

@@ -41,6 +41,7 @@ from functools import partial
 from time import monotonic
 from typing import Any
 
+from .. import build
 from ..protocol import Negotiated, TransmissionFlag
 from ..protocol.handshake import ExportInfo
 from ..serving.connection import Connection
@@ -102,7 +103,7 @@ class ConnectionTerms:
 
 def successor_command() -> list[str]:
     """This process's own command line, run again: a newly installed version takes over."""
-    return [sys.executable, *sys.orig_argv[1:]]
+    return build.child_command(*sys.orig_argv[1:])
 
 
 def start_successor(env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], socket.socket]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvloop
 
+from .. import build
 from ..block.ledger import Ledger
 from ..config import ConfigError, ServerConfig
 from ..serving.connection import Connection
@@ -167,6 +168,7 @@ def main(argv: list[str]) -> int:
         return 2
     config, index, count = pickle.loads(raw)
     configure_logging(config.log_level, prefix=f"worker {index}: ")
+    log.info("%s", build.describe())  # what this worker runs, as the primary says what it runs
     # A primary of the version before the ledger (restarting a worker after an upgrade was
     # installed, before it hands over) passes none: count this worker's writes alone.
     ledger = Ledger(count, index, int(argv[2])) if len(argv) > 2 else Ledger()

@@ -52,13 +52,13 @@ import os
 import pickle
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from .. import build
 from ..block.ledger import shared_memory
 from ..config import ServerConfig
 from ..serving.server import Server
@@ -155,7 +155,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nbdserver.process.worker", str(theirs.fileno()), str(self._ledger)],
+                build.child_command("-m", "nbdserver.process.worker", str(theirs.fileno()), str(self._ledger)),
                 pass_fds=[theirs.fileno(), self._ledger],
                 stdin=subprocess.DEVNULL,
             )
