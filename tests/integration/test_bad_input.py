@@ -423,11 +423,30 @@ def test_disc_answers_requests_in_flight(server, mode):
             blob += [client.request_bytes(Cmd.WRITE, (16 + i) * size, size), new[i]]
             blob.append(client.request_bytes(Cmd.READ, i * size, size))
         blob.append(client.request_bytes(Cmd.DISC))
-        client.send(b"".join(blob))
+        outcome: list[BaseException | None] = []
+
+        # Every request is sent before any reply is awaited (all are in flight when DISC comes), but the
+        # replies are read meanwhile: a client that takes none makes the server stop reading (flow
+        # control), and then neither side moves.
+        def send() -> None:
+            try:
+                for piece in blob:  # each sendall with its own timeout, however slow the machine
+                    client.send(piece)
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         replies = {}
-        for _ in range(2 * count):
-            reply = client.read_reply()
-            replies[reply.cookie] = reply
+        try:
+            for _ in range(2 * count):
+                reply = client.read_reply()
+                replies[reply.cookie] = reply
+        finally:
+            sender.join(TIMEOUT)
+        assert outcome == [None], f"sending the requests: {outcome or 'still under way'}"
         assert client.wait_closed()
     reads = [r for r in replies.values() if r.data]
     assert all(r.error == Err.OK for r in replies.values())
