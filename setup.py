@@ -24,6 +24,8 @@ COMPILED = [
     "nbdserver/serving/export.py",
     "nbdserver/serving/polling.py",
     "nbdserver/serving/staging.py",
+    "nbdserver/serving/journal.py",
+    "nbdserver/serving/counts.py",
 ]
 
 

@@ -94,7 +94,7 @@ class ServerConfig:
     metrics: Listener | None = DEFAULT_METRICS  # where /metrics is served; None: nowhere
     engine: str = "auto"  # one of ENGINES
     workers: int = DEFAULT_WORKERS
-    processes: int = AUTO_PROCESSES  # worker processes serving connections; 1: all in this one (workers.py)
+    processes: int = AUTO_PROCESSES  # processes serving connections; 1: all in this one (process/workers.py)
     max_inflight_bytes: int = 256 * 1024 * 1024  # per connection; reading pauses above it
     max_export_inflight_bytes: int = 512 * 1024 * 1024  # across an export's connections
     buffer_pool_bytes: int = 64 * 1024 * 1024  # idle request buffers kept for reuse
@@ -117,9 +117,11 @@ class ServerConfig:
 
     @property
     def worker_processes(self) -> int:
-        """How many processes serve connections (1: this one, with no workers)."""
+        """How many worker processes serve connections (0: this one serves them itself).  Left to
+        itself, the server runs one per CPU, and one on a single CPU too: a worker that dies costs
+        its clients a pause (process/recovery.py), where this process's death would end them."""
         if self.processes != AUTO_PROCESSES:
-            return self.processes
+            return self.processes if self.processes > 1 else 0
         return min(len(os.sched_getaffinity(0)), AUTO_PROCESSES_MAX)
 
     @property

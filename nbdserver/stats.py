@@ -12,6 +12,8 @@ from .protocol.errors import VIOLATION_KINDS
 
 # Why connections are closed by the server without a protocol violation.
 TURNED_AWAY = ("max_connections", "not_allowed", "handshake_timeout", "idle_timeout", "handover_timeout")
+# What became of the connections of a serving process that died.
+RECOVERY_OUTCOMES = ("resumed", "closed")
 
 
 @dataclass
@@ -29,6 +31,13 @@ class ServerStats:
     busy_poll_windows: int = 0
     busy_poll_empty_windows: int = 0
     busy_poll_seconds: float = 0.0
+    # Serving processes that died and whose connections a replacement took over (process/recovery.py):
+    # how many, their connections by outcome (resumed, closed), and the pause from the death to the
+    # replacement's going on (the last, and the sum over all).
+    recoveries: int = 0
+    recovered: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(RECOVERY_OUTCOMES, 0)))
+    recovery_pause: float | None = None
+    recovery_pause_total: float = 0.0
 
     def add(self, other: ServerStats) -> None:
         self.connections += other.connections
@@ -40,6 +49,11 @@ class ServerStats:
         self.busy_poll_windows += other.busy_poll_windows
         self.busy_poll_empty_windows += other.busy_poll_empty_windows
         self.busy_poll_seconds += other.busy_poll_seconds
+        self.recoveries += other.recoveries
+        self.recovered.update(other.recovered)
+        if other.recovery_pause is not None:
+            self.recovery_pause = other.recovery_pause
+        self.recovery_pause_total += other.recovery_pause_total
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,11 +63,12 @@ class ServerStats:
             "turned_away": self.turned_away,
             "handover_pause": self.handover_pause,
             "busy_poll": [self.busy_poll_windows, self.busy_poll_empty_windows, self.busy_poll_seconds],
+            "recovery": [self.recoveries, self.recovered, self.recovery_pause, self.recovery_pause_total],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerStats:
-        return cls(
+        stats = cls(
             data["connections"],
             Counter(data["protocol_errors"]),
             Counter({(export, error): count for export, error, count in data["refused"]}),
@@ -61,6 +76,10 @@ class ServerStats:
             data["handover_pause"],
             *data["busy_poll"],
         )
+        if "recovery" in data:  # absent from a process of the version before recoveries
+            stats.recoveries, recovered, stats.recovery_pause, stats.recovery_pause_total = data["recovery"]
+            stats.recovered.update(recovered)
+        return stats
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Request:
         "offset",
         "on_done",
         "seq",
+        "slot",
         "sparse",
         "tracked",
         "waiters",
@@ -61,6 +62,7 @@ class Request:
         self.message = ""
         self.extents: list[Extent] | None = None
         self.seq = 0  # arrival order at the queue
+        self.slot = -1  # where the connection's journal holds it (serving/journal.py); -1: nowhere
         self.arrival = 0.0  # time.monotonic() when the queue took it
         self.tracked = False  # in the hazard tracker: later requests may wait for it
         self.blocked_by = 0  # earlier overlapping requests still to complete

@@ -74,6 +74,30 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
             stats.handover_pause,
         )
     yield _counter(
+        "recoveries_total",
+        "Serving processes that died (a crash, SIGKILL, a hang) and were replaced with their connections",
+        stats.recoveries,
+    )
+    recovered = CounterMetricFamily(
+        f"{PREFIX}_recovered_connections",
+        "Connections of serving processes that died: resumed by the replacement, or closed",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(stats.recovered.items()):
+        recovered.add_metric([outcome], count)
+    yield recovered
+    yield _counter(
+        "recovery_pause_seconds_total",
+        "Time from each serving process's death to its replacement's going on with its connections, summed",
+        stats.recovery_pause_total,
+    )
+    if stats.recovery_pause is not None:
+        yield _gauge(
+            "recovery_pause_seconds",
+            "Time from the last serving process's death to its replacement's going on with its connections",
+            stats.recovery_pause,
+        )
+    yield _counter(
         "busy_poll_windows_total",
         "Windows the event loops polled for after a request instead of sleeping",
         stats.busy_poll_windows,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -31,13 +32,14 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     ``reread`` gives the configuration anew (file and command line) for SIGHUP.
     """
     log.info("%s", build.describe())
+    _raise_descriptor_limit()
     channel = handover.inherited_channel()  # started by a predecessor to take over from it
     # The service manager's variables, for a successor (the notifier takes them out of the environment).
     successor_env = {k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ}
     notifier = Notifier()
     try:
         count = config.worker_processes
-        server = Server(config, workers=WorkerPool(config, count) if count > 1 else None)
+        server = Server(config, workers=WorkerPool(config, count) if count else None)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
@@ -89,6 +91,19 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         watchdog.cancel()
     notifier.close()
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """The soft limit on open files up to the hard one: the primary holds a copy of every
+    connection its workers serve (so that a worker's crash costs them a pause), beside its own
+    descriptors, and a shell's soft limit of 1024 would cap the connections below max_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # the kernel's nr_open, by default
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
 
 
 class _Watchdog:

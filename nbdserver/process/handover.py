@@ -35,7 +35,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from time import monotonic
@@ -103,7 +103,10 @@ class ConnectionTerms:
 
 def successor_command() -> list[str]:
     """This process's own command line, run again: a newly installed version takes over."""
-    return build.child_command(*sys.orig_argv[1:])
+    args = sys.orig_argv[1:]
+    while args[:1] == ["-P"]:  # this process's own, as a successor: child_command adds it once
+        args = args[1:]
+    return build.child_command(*args)
 
 
 def start_successor(env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
@@ -376,20 +379,31 @@ async def resume(server: Server, inherited: Inheritance) -> int:
         resumed = sum(workers.resume(t.to_json(), p, s) for t, s, p in inherited.connections)
         server.stats.turned_away["handover_timeout"] += inherited.closed_slow
         return resumed
-    loop = asyncio.get_running_loop()
     transports = []
     for terms, sock, pending in inherited.connections:
-        export = server.exports.get(terms.export)
-        try:
-            if export is None:
-                raise HandoverError(f"export {terms.export!r} is not configured here")
-            negotiated = terms.negotiated(export.info)
-        except HandoverError as exc:
-            log.warning("%s: not taken over, closed: %s", terms.peer, exc)
-            sock.close()
-            continue
-        sock.setblocking(False)
-        transports.append(loop.connect_accepted_socket(partial(Connection, server, (negotiated, pending)), sock))
+        coroutine = adopt(server, terms, sock, pending)
+        if coroutine is not None:
+            transports.append(coroutine)
     await asyncio.gather(*transports)
     server.stats.turned_away["handover_timeout"] += inherited.closed_slow
     return len(transports)
+
+
+def adopt(
+    server: Server, terms: ConnectionTerms, sock: socket.socket, pending: bytes, tag: int = -1, resend: bytes = b""
+) -> Awaitable[Any] | None:
+    """Serve a connection in the transmission phase here, on the terms it negotiated elsewhere, with
+    the bytes received there and not taken (and what of its replies the client is still to receive:
+    see recovery.py); None, the socket closed, if it cannot be served here."""
+    export = server.exports.get(terms.export)
+    try:
+        if export is None:
+            raise HandoverError(f"export {terms.export!r} is not configured here")
+        negotiated = terms.negotiated(export.info)
+    except HandoverError as exc:
+        log.warning("%s: not taken over, closed: %s", terms.peer, exc)
+        sock.close()
+        return None
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    return loop.connect_accepted_socket(partial(Connection, server, (negotiated, pending), resend, tag), sock)

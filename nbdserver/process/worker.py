@@ -1,9 +1,10 @@
 """A worker process: serves the connections the primary passes it (see workers.py).
 
-    python -m nbdserver.process.worker FD LEDGER_FD
+    python -m nbdserver.process.worker FD LEDGER_FD ARENA_FD
 
 FD is its end of the socket pair to the primary, whose first frame is the
-configuration.  It answers to the primary alone: the service manager's
+configuration; ARENA_FD the memory its request buffers and journals are kept in, which the
+primary keeps should this process die (recovery.py).  It answers to the primary alone: the service manager's
 signals go to the primary, which tells its workers what to do (a stop, a
 reload, an upgrade), so a worker ignores them.
 """
@@ -22,13 +23,15 @@ from typing import Any
 import uvloop
 
 from .. import build
+from ..block.buffers import Arena
 from ..block.ledger import Ledger
 from ..config import ConfigError, ServerConfig
 from ..serving.connection import Connection
 from ..serving.server import Server
 from .channel import Channel
 from .frames import receive_frame, send_frame
-from .handover import ConnectionTerms, Inheritance, Package, package, resume
+from .handover import ConnectionTerms, Package, adopt, package
+from .recovery import Recovery
 from .systemd import configure_logging, set_log_level
 from .workers import share
 
@@ -47,7 +50,10 @@ class Worker:
         self._adopting: set[asyncio.Task[Any]] = set()  # connections being set up
         self._taken = 0  # connections received from the primary
         self._counting = False  # a count is due at the end of this turn of the loop
+        self._recovery: Recovery | None = None  # a dead worker's connections, being taken over
         server.on_change = self._report_count
+        server.on_journaled = self._journaled
+        server.on_lost = self._ended
         self.channel = Channel(sock, self.receive, self._lost)
 
     def _lost(self) -> None:
@@ -73,10 +79,22 @@ class Worker:
         if kind in ("connection", "resume"):
             self._taken += 1
         if kind == "connection":
-            self._adopt(self._take(socket.socket(fileno=fds[0])))
+            self._adopt(self._take(socket.socket(fileno=fds[0]), head.get("id", -1)))
         elif kind == "resume":
             terms = ConnectionTerms.from_json(head["terms"])
-            self._adopt(resume(self.server, Inheritance(connections=[(terms, socket.socket(fileno=fds[0]), raw)])))
+            resumed = adopt(self.server, terms, socket.socket(fileno=fds[0]), raw, head.get("id", -1))
+            if resumed is not None:
+                self._adopt(resumed)
+            else:
+                self._send({"type": "ended", "id": head.get("id", -1)})
+        elif kind == "arena":
+            self._recovery = Recovery(fds[0])
+        elif kind == "recover" and self._recovery is not None:
+            terms = ConnectionTerms.from_json(head["terms"])
+            sock = socket.socket(fileno=fds[0])
+            self._adopt(self._take_over(self._recovery, terms, head, sock))
+        elif kind == "recovered":
+            self._run(self._recovered())
         elif kind == "snapshot":
             self._run(self._snapshot())
         elif kind == "reload":
@@ -120,13 +138,40 @@ class Worker:
             await asyncio.wait(list(self._adopting))
         self._send({"type": "snapshot", "data": self.server.snapshot().to_json()})
 
-    async def _take(self, sock: socket.socket) -> None:
+    async def _take(self, sock: socket.socket, tag: int) -> None:
         sock.setblocking(False)
         try:
-            await self._loop.connect_accepted_socket(partial(Connection, self.server), sock)
+            await self._loop.connect_accepted_socket(partial(Connection, self.server, tag=tag), sock)
         except OSError as exc:  # the client left already
             log.debug("connection lost on arrival: %s", exc)
             sock.close()
+            self._send({"type": "ended", "id": tag})
+
+    def _journaled(self, connection: Connection) -> None:
+        """Tell the primary what it needs to have this connection taken over, should this process die."""
+        if connection.tag >= 0 and connection.journal is not None and connection.negotiated is not None:
+            terms = ConnectionTerms.of(connection.negotiated, connection.peer).to_json()
+            self._send({"type": "journaled", "id": connection.tag, "terms": terms, "record": connection.journal.record})
+
+    def _ended(self, connection: Connection) -> None:
+        """The primary may let go of its copy of the connection's socket."""
+        if connection.tag >= 0:
+            self._send({"type": "ended", "id": connection.tag})
+
+    async def _take_over(
+        self, recovery: Recovery, terms: ConnectionTerms, head: dict[str, Any], sock: socket.socket
+    ) -> None:
+        if not await recovery.take(self.server, terms, head["record"], head["was"], sock, head["id"]):
+            self._send({"type": "ended", "id": head["id"]})
+
+    async def _recovered(self) -> None:
+        """Every connection of the dead worker was taken over, or closed: its arena is let go."""
+        if self._adopting:
+            await asyncio.wait(list(self._adopting))
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:
+            recovery.close()
+            self._send({"type": "recovered", "resumed": recovery.resumed, "closed": recovery.closed})
 
     async def _package(self) -> None:
         self._packed = packed = await package(self.server, listeners=False)
@@ -144,9 +189,9 @@ class Worker:
         log.debug("reloaded: %s", "; ".join(changed))
 
 
-async def serve(config: ServerConfig, channel: socket.socket, ledger: Ledger) -> int:
+async def serve(config: ServerConfig, channel: socket.socket, ledger: Ledger, arena: Arena | None) -> int:
     try:
-        server = Server(config, ledger)
+        server = Server(config, ledger, arena=arena)
         server.open_exports()
     except (ConfigError, OSError) as exc:
         send_frame(channel, {"type": "failed", "why": str(exc)})
@@ -172,7 +217,8 @@ def main(argv: list[str]) -> int:
     # A primary of the version before the ledger (restarting a worker after an upgrade was
     # installed, before it hands over) passes none: count this worker's writes alone.
     ledger = Ledger(count, index, int(argv[2])) if len(argv) > 2 else Ledger()
-    return uvloop.run(serve(share(config, count), channel, ledger))
+    arena = Arena(int(argv[3])) if len(argv) > 3 else None  # likewise: without one, nothing is journaled
+    return uvloop.run(serve(share(config, count), channel, ledger, arena))
 
 
 if __name__ == "__main__":

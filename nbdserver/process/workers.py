@@ -21,9 +21,14 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
     primary                                   worker
     config + pickled (config, index, count) ──▶
                                             ◀──  ready | failed {why}
-    connection + fd                         ──▶  a new client: handshake and all
-    resume {terms} + fd + bytes             ──▶  a client taken over from a predecessor
+    connection {id} + fd                    ──▶  a new client: handshake and all
+    resume {id, terms} + fd + bytes         ──▶  a client taken over from a predecessor
                                             ◀──  count {connections, taken}   when it changed (once a turn of its loop)
+                                            ◀──  journaled {id, terms, record}   in transmission, with a journal
+                                            ◀──  ended {id}                      the primary may close its copy
+    arena + fd, recover {id, terms, record} + fd ..., recovered
+                                            ──▶  a dead worker's connections, to a replacement (recovery.py)
+                                            ◀──  recovered {resumed, closed}
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
     reload + pickled config                 ──▶  applied as SIGHUP applies it
@@ -37,16 +42,23 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
 The primary passes at most MAX_ON_THE_WAY connections to a worker ahead of
 what the worker says it has taken; beyond that it stops accepting for a while,
 so that a busy worker holds up the listening socket's backlog, never the
-primary itself.  A worker that dies takes its connections with it; its counters are kept, so
-that the sums never go back, and another worker takes its place.  So does one whose event loop
-is stuck: the primary pings every worker a few times per ``worker_timeout`` and kills one it
-has heard nothing from for that long (the service manager's watchdog sees the primary only).
+primary itself.
+
+The primary keeps a copy of every connection it passes, and each worker's arena (the memory of its
+request buffers and journals), until the worker says the connection ended.  A worker that dies
+(a crash, SIGKILL, the OOM killer) is replaced at once, and the replacement takes over every
+connection the worker had journaled, from the exact byte where it stopped (recovery.py); the
+others (handshakes, TLS, Unix sockets) are closed.  Its counters are kept, so that the sums never
+go back.  So is a worker whose event loop is stuck: the primary pings every worker a few times per
+``worker_timeout`` and kills one it has heard nothing from for that long (the service manager's
+watchdog sees the primary only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -59,10 +71,11 @@ from functools import partial
 from typing import Any
 
 from .. import build
+from ..block.buffers import arena_memory
 from ..block.ledger import shared_memory
 from ..config import ServerConfig
 from ..serving.server import Server
-from ..stats import Snapshot
+from ..stats import ServerStats, Snapshot
 from .channel import Channel
 from .frames import FrameError, receive_frame, send_frame
 
@@ -72,7 +85,8 @@ START_TIMEOUT = 60.0  # for a worker to open its exports
 ANSWER_TIMEOUT = 30.0  # for a snapshot, or the connections of a package
 STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
 MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then accepting waits
-RESTART_DELAY = 1.0  # before a worker that died is replaced: one that dies at once must not spin
+RESTART_DELAY = 1.0  # before a worker that died young is replaced: one that dies at once must not spin
+YOUNG = 10.0  # seconds: a worker that dies sooner after its start is replaced after RESTART_DELAY
 
 Frame = tuple[dict[str, Any], bytes, list[int]]
 
@@ -99,9 +113,25 @@ def share(config: ServerConfig, count: int) -> ServerConfig:
 
 
 @dataclass
+class _Held:
+    """The primary's copy of a connection a worker serves, and what a replacement needs of it."""
+
+    sock: socket.socket
+    terms: dict[str, Any] | None = None  # once it is journaled
+    record: int = -1  # where its journal is in the worker's arena
+
+    def close(self) -> None:
+        """Let go of the copy: with the worker's gone (or passed on in an upgrade), the last one."""
+        self.sock.close()
+
+
+@dataclass
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
+    arena: int  # the memory of its request buffers and journals (kept when it dies)
+    started: float = field(default_factory=time.monotonic)
+    held: dict[int, _Held] = field(default_factory=dict)  # its connections, by id
     channel: Channel = field(init=False)
     open: int = 0  # its connections, as it last said
     given: int = 0  # connections passed to it
@@ -135,6 +165,9 @@ class WorkerPool:
         self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
         self._watching: asyncio.TimerHandle | None = None
         self._watched = 0.0  # when the last watch ran
+        self._ids = itertools.count()  # of the connections passed to workers
+        self._recovering: dict[int, tuple[float, int]] = {}  # worker index -> (when its predecessor died, arena)
+        self.recovery = ServerStats()  # what /metrics shows of recoveries (the rest of it stays zero)
 
     # Life -----------------------------------------------------------------------------------
 
@@ -154,13 +187,21 @@ class WorkerPool:
     async def _start(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            arena = arena_memory()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise WorkerError(f"cannot make worker {index}'s memory: {exc}") from None
+        try:
+            args = [str(theirs.fileno()), str(self._ledger), str(arena)]
             proc = subprocess.Popen(
-                build.child_command("-m", "nbdserver.process.worker", str(theirs.fileno()), str(self._ledger)),
-                pass_fds=[theirs.fileno(), self._ledger],
+                build.child_command("-m", "nbdserver.process.worker", *args),
+                pass_fds=[theirs.fileno(), self._ledger, arena],
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
             ours.close()
+            os.close(arena)
             raise WorkerError(f"cannot start worker {index}: {exc}") from None
         finally:
             theirs.close()
@@ -171,11 +212,13 @@ class WorkerPool:
             answer, _, _ = await loop.run_in_executor(None, receive_frame, ours)
         except (OSError, EOFError, FrameError) as exc:
             _kill(proc, ours)
+            os.close(arena)
             raise WorkerError(f"worker {index} did not start: {exc}") from None
         if answer.get("type") != "ready":
             _kill(proc, ours)
+            os.close(arena)
             raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
-        worker = _Worker(index, proc)
+        worker = _Worker(index, proc, arena)
         worker.channel = Channel(ours, partial(self._receive, worker), partial(self._lost, worker))
         return worker
 
@@ -194,6 +237,10 @@ class WorkerPool:
                     "worker %d (pid %d) did not stop within %.0f s: killed", worker.index, worker.proc.pid, timeout
                 )
             self._forget(worker)
+            self._close_held(worker)
+        for _, arena in self._recovering.values():
+            os.close(arena)
+        self._recovering.clear()
         if self._ledger >= 0:
             os.close(self._ledger)
             self._ledger = -1
@@ -204,25 +251,52 @@ class WorkerPool:
             worker.channel.close()
             worker.replies.put_nowait(None)
 
+    def _close_held(self, worker: _Worker, keep: bool = False) -> None:
+        """Close the copies of a worker's connections (``keep``: those a replacement can take over)
+        and, unless kept for a replacement, its arena."""
+        for id_, held in list(worker.held.items()):
+            if not (keep and held.terms is not None):
+                del worker.held[id_]
+                held.close()
+        if not keep and worker.arena >= 0:
+            os.close(worker.arena)
+            worker.arena = -1
+
     def _lost(self, worker: _Worker) -> None:
-        """Its channel closed: it died, and its connections with it.  Another takes its place."""
+        """Its channel closed: it died.  Another takes its place, and its journaled connections."""
+        died = time.monotonic()
         self._forget(worker)
         if self._stopping:
             return
         if worker.last is not None:
             self._retired.append(worker.last)
         worker.open = worker.given = worker.taken = 0
+        closed = sum(held.terms is None for held in worker.held.values())
+        _, arena = self._recovering.pop(worker.index, (0.0, -1))
+        if arena >= 0:  # it died taking over from its predecessor: what it had not journaled is lost
+            os.close(arena)
+        self._close_held(worker, keep=True)
+        self.recovery.recovered["closed"] += closed
         self.on_change()
-        asyncio.get_running_loop().create_task(self._replace(worker))
+        asyncio.get_running_loop().create_task(self._replace(worker, died))
 
-    async def _replace(self, old: _Worker) -> None:
+    async def _replace(self, old: _Worker, died: float) -> None:
         loop = asyncio.get_running_loop()
         status = await loop.run_in_executor(None, old.proc.wait)
-        log.error("worker %d (pid %d) exited with status %d: its connections are gone", old.index, old.proc.pid, status)
+        log.error(
+            "worker %d (pid %d) exited with status %d: %d connection(s) to take over",
+            old.index,
+            old.proc.pid,
+            status,
+            len(old.held),
+        )
+        young = died - old.started < YOUNG
         while not self._stopping:
-            await asyncio.sleep(RESTART_DELAY)
+            if young:
+                await asyncio.sleep(RESTART_DELAY)
+            young = True  # a start that fails is not tried again at once
             if self._stopping:  # meanwhile: the ledger's descriptor is closed
-                return
+                break
             try:
                 new = await self._start(old.index)
             except WorkerError as exc:
@@ -232,7 +306,49 @@ class WorkerPool:
             log.info("worker %d started again: pid %d", new.index, new.proc.pid)
             if self._stopping:
                 self._tell(new, {"type": "stop"})
+                break
+            self._hand_over_held(old, new, died)
             return
+        self._close_held(old)
+
+    def _hand_over_held(self, old: _Worker, new: _Worker, died: float) -> None:
+        """Pass a dead worker's arena and journaled connections to its replacement (recovery.py)."""
+        if not old.held:
+            self._close_held(old)
+            return
+        self._tell(new, {"type": "arena"}, fds=[old.arena])
+        for old_id, held in old.held.items():
+            id_ = next(self._ids)
+            head = {"type": "recover", "id": id_, "was": old_id, "terms": held.terms, "record": held.record}
+            if self._tell(new, head, fds=[held.sock.fileno()]):
+                new.held[id_] = _Held(held.sock)  # journaled again once the replacement has it
+                new.given += 1
+            else:
+                held.close()
+        old.held.clear()
+        self._tell(new, {"type": "recovered"})
+        self._recovering[new.index] = (died, old.arena)  # closed once the replacement has read it
+        old.arena = -1
+        self.recovery.recoveries += 1
+
+    def _recovered(self, worker: _Worker, head: dict[str, Any]) -> None:
+        died, arena = self._recovering.pop(worker.index, (time.monotonic(), -1))
+        if arena >= 0:
+            os.close(arena)
+        pause = time.monotonic() - died
+        stats = self.recovery
+        stats.recovered["resumed"] += head["resumed"]
+        stats.recovered["closed"] += head["closed"]
+        stats.recovery_pause = pause
+        stats.recovery_pause_total += pause
+        log.warning(
+            "worker %d (pid %d) took over %d connection(s) of its predecessor %.3f s after it died (%d closed)",
+            worker.index,
+            worker.proc.pid,
+            head["resumed"],
+            pause,
+            head["closed"],
+        )
 
     @property
     def _watch_interval(self) -> float:
@@ -267,7 +383,21 @@ class WorkerPool:
 
     def _receive(self, worker: _Worker, head: dict[str, Any], raw: bytes, fds: list[int]) -> None:
         worker.heard = time.monotonic()
-        if head.get("type") == "pong":
+        kind = head.get("type")
+        if kind == "pong":
+            return
+        if kind == "journaled":
+            held = worker.held.get(head["id"])
+            if held is not None:
+                held.terms, held.record = head["terms"], head["record"]
+            return
+        if kind == "ended":
+            held = worker.held.pop(head["id"], None)
+            if held is not None:
+                held.sock.close()
+            return
+        if kind == "recovered":
+            self._recovered(worker, head)
             return
         if head.get("type") == "count":
             worker.open, worker.taken = head["connections"], head["taken"]
@@ -319,14 +449,15 @@ class WorkerPool:
         return self._pass(sock, {"type": "resume", "terms": terms}, pending)
 
     def _pass(self, sock: socket.socket, head: dict[str, Any], raw: bytes = b"") -> bool:
-        try:
-            for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
-                if self._tell(worker, head, raw, [sock.fileno()]):
-                    worker.given += 1
-                    return True
-            return False
-        finally:
-            sock.close()  # the worker has its own copy
+        """Pass a connection to the worker with the fewest; this process keeps a copy (see _Held)."""
+        for worker in sorted((w for w in self._workers if w.alive), key=lambda w: w.connections):
+            id_ = next(self._ids)
+            if self._tell(worker, {**head, "id": id_}, raw, [sock.fileno()]):
+                worker.given += 1
+                worker.held[id_] = _Held(sock)
+                return True
+        sock.close()
+        return False
 
     async def refresh(self) -> None:
         """Ask every worker for its counters (a worker that does not answer keeps its last ones)."""
@@ -344,6 +475,7 @@ class WorkerPool:
     def add_to(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` (the primary's own, left as it is) plus every worker's last counters."""
         total = Snapshot.from_json(snapshot.to_json())
+        total.server.add(self.recovery)
         for part in [*self._retired, *(w.last for w in self._workers if w.last is not None)]:
             total.add(part)
         return total

@@ -37,6 +37,8 @@ from ..protocol import (
 from ..protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
 from ..protocol.replies import Buffer
 from ..protocol.transmission import encode_request_header
+from . import counts
+from .journal import Journal
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
 
@@ -108,13 +110,23 @@ class Host(Protocol):
 
     def connection_lost(self, connection: Connection) -> None: ...
 
+    def journaled(self, connection: Connection) -> None:
+        """The connection is in the transmission phase with a journal (``connection.journal``)."""
+
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: Host, resume: tuple[Negotiated, bytes] | None = None) -> None:
+    def __init__(
+        self, server: Host, resume: tuple[Negotiated, bytes] | None = None, resend: bytes = b"", tag: int = -1
+    ) -> None:
         """``resume``: a connection taken over from a predecessor, with the terms it negotiated there
-        and the bytes received there but not taken (see handover.py)."""
+        and the bytes received there but not taken (see process/handover.py); ``resend``: what of the
+        predecessor's replies the client is still to receive, sent first (a crashed predecessor's,
+        see journal.py).  ``tag``: what the process that passed the connection here calls it."""
         self.server = server
         self._resume = resume
+        self._resend = resend
+        self.tag = tag
+        self.journal: Journal | None = None  # what a replacement would need, should this process die
         self._handing_over = False  # taking no new request: the connection is being handed over
         self.handed_over = False  # the successor has it
         self.peer = "?"
@@ -132,7 +144,7 @@ class Connection(asyncio.BufferedProtocol):
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
-        self._refused: tuple[RequestHeader, Error, str] | None = None
+        self._refused: tuple[RequestHeader, Error, str, int] | None = None  # and its journal slot
         self._out: list[Buffer] = []
         self._flush_scheduled = False
         self._received_at = 0.0  # time.monotonic() of the last bytes received
@@ -168,6 +180,9 @@ class Connection(asyncio.BufferedProtocol):
             negotiated, pending = self._resume
             self._resume = None
             self.server.connection_made(self, "taken over")
+            if self._resend:
+                transport.write(self._resend)  # the client is in the middle of these
+                self._resend = b""
             self._start_transmission(negotiated, pending)
             if self.export is not None and self.export.config.read_only:
                 self.refuse_writes()  # made read-only since the client was told otherwise
@@ -192,15 +207,20 @@ class Connection(asyncio.BufferedProtocol):
             self.export.queue.submitters -= 1  # type: ignore[union-attr]
         self._out.clear()
         self._abandon_payload()  # it refers back to us through its callback: free it now
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         self.server.connection_lost(self)
         self.closed.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         payload, staging = self._payload, self._staging
-        if payload is not None and staging.filled == 0 and len(payload) - self._payload_got >= DIRECT_RECEIVE_MIN:
-            self._direct = True
+        direct = payload is not None and staging.filled == 0 and len(payload) - self._payload_got >= DIRECT_RECEIVE_MIN
+        self._direct = direct
+        if self.journal is not None:
+            self.journal.receiving(direct)
+        if payload is not None and direct:
             return payload[self._payload_got :]
-        self._direct = False
         return staging.window()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -209,6 +229,8 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if self._direct:
                 self._payload_got += nbytes
+                if self.journal is not None and self._payload_request is not None:
+                    self.journal.received(self._payload_request.slot, self._payload_got)
                 if self._payload is not None and self._payload_got == len(self._payload):
                     self._payload_complete()
                 return
@@ -320,13 +342,32 @@ class Connection(asyncio.BufferedProtocol):
             self._timer = None
         if self.server.config.idle_timeout:
             self._timer = self._loop.call_later(self.server.config.idle_timeout, self._check_idle)
-        # Room for what came behind the handshake (or, taken over, every byte not yet taken).
-        self._staging = Staging(STAGING_SIZE, trailing)
         self._tx = Transmission(negotiated)
         self.export = self.server.exports[negotiated.export.name]
         self.export.queue.submitters += 1
+        # Room for what came behind the handshake (or, taken over, every byte not yet taken).
+        self._staging = self._open_journal(trailing) or Staging(STAGING_SIZE, trailing)
         log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
+        if self.journal is not None:
+            self.server.journaled(self)
         self._consume()
+
+    def _open_journal(self, staged: bytes) -> Staging | None:
+        """Journal this connection, where the server's memory outlives this process and the kernel
+        counts the connection's bytes (TCP; not TLS, whose keys die with the process)."""
+        transport, export = self._transport, self.export
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if self.tag < 0 or export is None or export.pool.arena is None or self._tls_task is not None:
+            return None
+        if not counts.is_tcp(sock):
+            return None
+        assert transport is not None and sock is not None
+        read, written = counts.bytes_read(sock), counts.bytes_written(sock)
+        assert read is not None and written is not None
+        out_base = written + transport.get_write_buffer_size()
+        journal = Journal(export.pool, self.tag, read - len(staged), out_base, len(staged))
+        self.journal = journal
+        return Staging(STAGING_SIZE, staged, journal.halves, journal.moved)
 
     # Transmission: requests in --------------------------------------------------------
 
@@ -352,6 +393,7 @@ class Connection(asyncio.BufferedProtocol):
         tx = self._tx
         assert tx is not None
         header_size = tx.header_size
+        journal = self.journal
         while pos < end and not self._disconnecting:
             if self._payload is not None:
                 n = min(end - pos, len(self._payload) - self._payload_got)
@@ -360,12 +402,16 @@ class Connection(asyncio.BufferedProtocol):
                     staging.copied_large = True
                 self._payload_got += n
                 pos += n
+                if journal is not None:
+                    journal.consumed(pos)
                 if self._payload_got == len(self._payload):
                     self._payload_complete()
             elif self._discard_left:
                 n = min(end - pos, self._discard_left)
                 self._discard_left -= n
                 pos += n
+                if journal is not None:
+                    journal.consumed(pos)
                 if not self._discard_left:
                     self._refuse_now()
             elif self._reading_paused or budget.exhausted:
@@ -378,22 +424,27 @@ class Connection(asyncio.BufferedProtocol):
                     break  # a block status filter comes with its header: wait for the rest
                 if taken > header_size:
                     tx.take_filter(header, view, pos + header_size)
+                self._on_header(header, pos, taken)
                 pos += taken
-                self._on_header(header)
             else:
                 break
         staging.keep(end if self._disconnecting else pos)
 
-    def _on_header(self, header: RequestHeader) -> None:
-        tx = self._tx
+    def _on_header(self, header: RequestHeader, at: int, taken: int) -> None:
+        """A request header (``taken`` bytes with its filter, at ``at`` of the staging buffer)."""
+        tx, journal = self._tx, self.journal
         assert tx is not None
         payload = tx.payload_length(header)
         if header.command == Command.DISC:
+            if journal is not None:
+                journal.consumed(at + taken)
+                journal.disconnecting()
             self._begin_disconnect()
             return
         error, message = tx.check(header)
         if error:
-            self._refused = (header, error, message)
+            slot = journal.taken(self._staging.view, at, taken, payload, None) if journal is not None else -1
+            self._refused = (header, error, message, slot)
             self._discard_left = payload
             if not payload:
                 self._refuse_now()
@@ -412,9 +463,11 @@ class Connection(asyncio.BufferedProtocol):
             request.block = self.export.pool.take(payload)
             request.buffer = request.block[:payload]
             self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
-        else:
-            if header.command == Command.WRITE:
-                request.buffer = bytearray()
+        elif header.command == Command.WRITE:
+            request.buffer = bytearray()
+        if journal is not None:
+            request.slot = journal.taken(self._staging.view, at, taken, payload, request.block)
+        if not payload:
             self._submit(request)
 
     def _payload_complete(self) -> None:
@@ -432,11 +485,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _refuse_now(self) -> None:
         assert self._refused is not None and self._tx is not None
-        header, error, message = self._refused
+        header, error, message, slot = self._refused
         self._refused = None
         log.debug("%s: refused %s: %s", self.peer, header, message)
         self.server.stats.refused[self.export.name, error.name] += 1  # type: ignore[union-attr]
-        self._send(self._tx.replies.error(header.cookie, header.offset, error, message))
+        self._send(self._tx.replies.error(header.cookie, header.offset, error, message), slot=slot)
 
     # Transmission: replies out ---------------------------------------------------------
 
@@ -455,7 +508,9 @@ class Connection(asyncio.BufferedProtocol):
                 self.export.pool.give(block)  # type: ignore[union-attr]
         if self._transport is None:
             return  # the client is gone; the I/O itself was still carried out
-        self._send(self._encode_reply(request), request.length if sending else 0)  # resumes reading
+        # (Given back above and taken again only after this, a WRITE's block is still whole for the
+        # journal until its reply is logged.)
+        self._send(self._encode_reply(request), request.length if sending else 0, request, block)  # resumes reading
         if self._disconnecting and not self._in_flight:
             self._close_after_flush()
 
@@ -476,7 +531,21 @@ class Connection(asyncio.BufferedProtocol):
             return replies.block_status(request.cookie, request.offset, context_id, extents, _HOLE_FLAGS)
         return replies.ok(request.cookie, request.offset)
 
-    def _send(self, buffers: list[Buffer], data_bytes: int = 0) -> None:
+    def _send(
+        self,
+        buffers: list[Buffer],
+        data_bytes: int = 0,
+        request: Request | None = None,
+        block: memoryview | None = None,
+        slot: int = -1,
+    ) -> None:
+        """Queue a reply (to ``request`` with its ``block``, or to the request in journal ``slot``)."""
+        journal = self.journal
+        if journal is not None:
+            if request is not None:
+                journal.reply(request.slot, buffers, request.buffer, block)
+            else:
+                journal.reply(slot, buffers, None, None)
         self._out.extend(buffers)
         self._reply_bytes += data_bytes
         if not self._flush_scheduled and not self._receiving:  # buffer_updated() flushes after receiving
@@ -519,7 +588,17 @@ class Connection(asyncio.BufferedProtocol):
         held = self._in_flight_bytes + self._reply_bytes
         if transport is not None:
             held += transport.get_write_buffer_size()
-        return held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS
+        return held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS or self._journal_crowded()
+
+    def _journal_crowded(self) -> bool:
+        """The journal's log of replies not yet known to be written is full enough to stop taking
+        requests (a client that reads no replies)."""
+        journal, transport = self.journal, self._transport
+        if journal is None or not journal.crowded:
+            return False
+        if not self._out and transport is not None:
+            journal.written(journal.out - transport.get_write_buffer_size())
+        return journal.crowded
 
     def _update_reading(self) -> None:
         """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from ..block.buffers import BufferPool, ByteBudget
+from ..block.buffers import Arena, BufferPool, ByteBudget
 from ..block.ledger import Ledger
 from ..config import METRICS_FD_NAME, ConfigError, ExportConfig, Listener, ServerConfig
 from ..metrics import MetricsEndpoint, ServerCollector
@@ -77,9 +77,17 @@ class Workers(Protocol):
 
 
 class Server:
-    def __init__(self, config: ServerConfig, ledger: Ledger | None = None, workers: Workers | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        ledger: Ledger | None = None,
+        workers: Workers | None = None,
+        arena: Arena | None = None,
+    ) -> None:
         """``ledger``: shared with the other processes serving the same exports (a worker's).
-        ``workers``: the worker processes that serve this server's clients (the primary's)."""
+        ``workers``: the worker processes that serve this server's clients (the primary's).
+        ``arena``: memory that outlives this process, for the request buffers and the connections'
+        journals (a worker's: its primary keeps the arena, see journal.py)."""
         config.validate()
         self.config = config
         self.exports: dict[str, Export] = {}
@@ -87,7 +95,7 @@ class Server:
         self._listeners: list[asyncio.Server | Acceptor] = []
         self.addresses: list[str] = []
         self.catalog = ExportCatalog([], None)
-        self.pool = BufferPool(config.buffer_pool_bytes)  # request buffers, shared by every export
+        self.pool = BufferPool(config.buffer_pool_bytes, arena)  # request buffers, shared by every export
         self.budget = ByteBudget(config.max_server_inflight_bytes)  # in flight across every export
         self.ledger = ledger or Ledger()  # bytes written since each backing file's last flush
         self.stats = ServerStats()
@@ -98,6 +106,8 @@ class Server:
         self.metrics_addresses: list[str] = []
         self._unix_paths: list[str] = []  # sockets we created, removed at shutdown
         self.on_change: Callable[[], None] = lambda: None  # connections came or went
+        self.on_journaled: Callable[[Connection], None] = lambda connection: None  # see journaled()
+        self.on_lost: Callable[[Connection], None] = lambda connection: None  # a connection ended
         self.tls_mode = TlsMode(config.tls)
         self.tls_context = tls_context(config)  # None when TLS is off
         self._turned_away_log = LogThrottle()
@@ -360,7 +370,11 @@ class Server:
         log.info("%s: %s", connection.peer, how)
         self.on_change()
 
+    def journaled(self, connection: Connection) -> None:
+        self.on_journaled(connection)
+
     def connection_lost(self, connection: Connection) -> None:
+        self.on_lost(connection)
         if connection not in self.connections:
             return  # turned away on arrival
         self.connections.discard(connection)

@@ -4,9 +4,15 @@ Each receive fills a window of it.  The window widens (the buffer grows, up to S
 receives keep filling it, so that many small requests arrive in one batch to plug and merge; it
 narrows to DIRECT_RECEIVE_MIN once a receive has copied a large payload out of it, so that the
 rest of each large payload is received in its request's own buffer instead of copied there.
+
+A journaled connection (journal.py) stages into two halves of memory its primary keeps: what is
+left when the front is dropped moves to the other half, never over itself, so that the bytes not
+taken yet are whole in one half or the other at every instant.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 STAGING_SIZE = 256 * 1024  # the transmission phase's buffer, at first
 STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
@@ -15,11 +21,22 @@ DIRECT_RECEIVE_MIN = 64 * 1024  # payload remainders this large are received in 
 
 
 class Staging:
-    def __init__(self, size: int = HANDSHAKE_STAGING_SIZE, data: bytes = b"") -> None:
-        """A buffer of ``size`` bytes (or as many as ``data``), holding ``data`` unconsumed."""
-        self._buffer = bytearray(max(size, len(data)))
-        self.view = memoryview(self._buffer)
-        self._buffer[: len(data)] = data
+    def __init__(
+        self,
+        size: int = HANDSHAKE_STAGING_SIZE,
+        data: bytes = b"",
+        halves: tuple[memoryview, memoryview] | None = None,
+        on_move: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """A buffer of ``size`` bytes (or as many as ``data``), holding ``data`` unconsumed.  With
+        ``halves`` (each as large as it may grow), it stages into those, and ``on_move(dropped,
+        half)`` is told whenever bytes at the front are dropped."""
+        size = max(size, len(data))
+        self._halves, self._on_move = halves, on_move
+        self._half = 0
+        self.view = halves[0] if halves is not None else memoryview(bytearray(size))
+        self._size = size  # where windows end (before narrowing); grows to STAGING_MAX
+        self.view[: len(data)] = data
         self.filled = len(data)  # bytes at the start not consumed yet
         self._end = 0  # where the last window ended
         self._narrow = False
@@ -27,7 +44,7 @@ class Staging:
 
     def window(self) -> memoryview:
         """Where the next receive goes."""
-        end = len(self._buffer)
+        end = self._size
         if self._narrow and self.filled < DIRECT_RECEIVE_MIN <= end:
             end = DIRECT_RECEIVE_MIN
         self._end = end
@@ -44,18 +61,31 @@ class Staging:
             self.copied_large, self._narrow = False, True
         elif full:
             self._narrow = False  # small requests fill the window: take as many as it holds
-            if self._end == len(self._buffer) < STAGING_MAX:
+            if self._end == self._size < STAGING_MAX:
                 self._grow()
 
     def _grow(self) -> None:
-        buffer = bytearray(min(2 * len(self._buffer), STAGING_MAX))
-        buffer[: self.filled] = self.view[: self.filled]
-        self._buffer, self.view = buffer, memoryview(buffer)
+        size = min(2 * self._size, STAGING_MAX)
+        if self._halves is None:
+            buffer = memoryview(bytearray(size))
+            buffer[: self.filled] = self.view[: self.filled]
+            self.view = buffer
+        self._size = size
 
     def keep(self, pos: int) -> None:
         """Bytes up to ``pos`` are consumed: move the rest to the start."""
         left = self.filled - pos
-        if left and pos:
+        halves = self._halves
+        if halves is not None:
+            if pos:
+                if left:
+                    self._half ^= 1
+                    target = halves[self._half]
+                    target[:left] = self.view[pos : self.filled]
+                    self.view = target
+                assert self._on_move is not None
+                self._on_move(pos, self._half)
+        elif left and pos:
             self.view[:left] = self.view[pos : self.filled]
         self.filled = left
 

@@ -138,7 +138,7 @@ def test_max_connections_counts_the_connections_of_every_worker(start_server, im
             h.shutdown()
 
 
-def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_workers):
+def test_a_worker_that_dies_is_replaced_and_its_connections_taken_over(two_workers):
     handles = [connect(two_workers, "disk") for _ in range(2)]
     assert served_by(two_workers, 2) == {"worker 0", "worker 1"}
     for h in handles:
@@ -146,24 +146,26 @@ def test_a_worker_that_dies_takes_only_its_connections_and_is_replaced(two_worke
         h.flush()
     before = value(scrape(two_workers.metrics_url), "nbdserver_requests_total", export="disk", op="write")
     first, second = two_workers.worker_pids()
-    first_connected = next(line for line in two_workers.log if ": connected" in line)
-    victim = handles[0] if "worker 0" in first_connected else handles[1]
-    survivor = handles[1] if victim is handles[0] else handles[0]
     os.kill(first, signal.SIGKILL)
     assert two_workers.logged("worker 0 started again"), two_workers.log_text()
-    assert "worker 0 (pid" in two_workers.log_text() and "its connections are gone" in two_workers.log_text()
-    with pytest.raises(nbd.Error):
-        victim.pread(BLOCK, 0)
-    assert survivor.pread(BLOCK, 0) == b"d" * BLOCK
-    fresh = [connect(two_workers, "disk") for _ in range(2)]  # served again by two workers
-    for h in fresh:
+    assert two_workers.logged("took over 1 connection(s) of its predecessor"), two_workers.log_text()
+    for h in handles:  # the dead worker's client too: it saw a pause
         assert h.pread(BLOCK, 0) == b"d" * BLOCK
+        h.pwrite(b"e" * BLOCK, BLOCK)
+    fresh = [connect(two_workers, "disk") for _ in range(2)]
+    for h in fresh:
+        assert h.pread(2 * BLOCK, 0) == b"d" * BLOCK + b"e" * BLOCK
     new_first, still_second = two_workers.worker_pids()
     assert new_first != first and still_second == second and running(new_first)
+    samples = scrape(two_workers.metrics_url)
+    assert value(samples, "nbdserver_recoveries_total") == 1
+    assert value(samples, "nbdserver_recovered_connections_total", outcome="resumed") == 1
+    assert value(samples, "nbdserver_recovered_connections_total", outcome="closed") == 0
+    assert 0 < value(samples, "nbdserver_recovery_pause_seconds") < 30
     # The dead worker's counts stay in the sums: counters never go back.
-    after = value(scrape(two_workers.metrics_url), "nbdserver_requests_total", export="disk", op="write")
+    after = value(samples, "nbdserver_requests_total", export="disk", op="write")
     assert after >= before == 2
-    for h in [survivor, *fresh]:
+    for h in [*handles, *fresh]:
         h.shutdown()
 
 
@@ -253,7 +255,9 @@ def test_processes_must_be_auto_or_at_least_one(start_server, image, processes):
 
 def test_the_export_budget_holds_across_the_workers(start_server, image):
     """40 connections each stall a 32 MiB WRITE: together the workers hold no more than the export's
-    in-flight budget (each its share of it) and one request over it each."""
+    in-flight budget (each its share of it) and one request over it each.  (The buffers are carved
+    from the workers' arenas, whose pages are used only as payload bytes arrive: what the budget
+    bounds is counted by the server, and the memory stays that of the interpreters.)"""
     server = start_server(image, "--processes", "2", "--max-export-inflight", "128M")
     pids = server.worker_pids()
     before = sum(memory(pid)["VmRSS"] for pid in pids)
@@ -261,10 +265,15 @@ def test_the_export_budget_holds_across_the_workers(start_server, image):
     try:
         for client in clients:
             client.send(client.request_bytes(Cmd.WRITE, 0, 32 * MiB) + b"x")
-        assert wait_for(lambda: sum(memory(pid)["VmRSS"] for pid in pids) - before > 128)  # both took some
+
+        def held() -> float:
+            return value(scrape(server.metrics_url), "nbdserver_inflight_bytes", export="") / MiB
+
+        assert wait_for(lambda: held() >= 128)  # both workers took their share
         time.sleep(2)  # and no more comes
+        print(f"40 stalled 32 MiB WRITEs over 2 workers: {held():.0f} MiB in flight")
+        assert held() <= 128 + 2 * 32  # the budget, and one request over each worker's share
         grown = sum(memory(pid)["VmHWM"] for pid in pids) - before
-        print(f"40 stalled 32 MiB WRITEs over 2 workers: {grown:.0f} MiB")
         assert grown < 128 + 2 * 32 + 32  # the budget, one request over each worker's share, the interpreters
     finally:
         for client in clients:
@@ -273,14 +282,12 @@ def test_the_export_budget_holds_across_the_workers(start_server, image):
 
 
 @pytest.mark.parametrize("cpus", ["0", "0,1"])
-def test_auto_starts_a_worker_per_cpu_and_none_on_one(start_server, image, cpus):
+def test_auto_starts_a_worker_per_cpu_and_one_on_one(start_server, image, cpus):
+    """One CPU too: a worker under the primary, so that a crash of the serving code costs a pause."""
     if len(os.sched_getaffinity(0)) < len(cpus.split(",")):
         pytest.skip(f"fewer than {len(cpus.split(','))} CPUs here")
     server = start_server(image, "--processes", "auto", wrapper=["taskset", "-c", cpus])
-    if cpus == "0":  # one CPU: this process serves, as without workers
-        assert "worker processes" not in server.log_text()
-    else:
-        assert len(server.worker_pids()) == 2
+    assert len(server.worker_pids()) == len(cpus.split(","))
     h = connect(server)
     h.pwrite(b"a" * BLOCK, 0)
     assert h.pread(BLOCK, 0) == b"a" * BLOCK

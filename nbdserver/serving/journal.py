@@ -1,0 +1,425 @@
+"""A connection's journal: what a process serving it leaves behind, at every instant, for a
+replacement to go on exactly where it stopped should it die (a crash, SIGKILL, the OOM killer).
+
+The journal lives in the process's arena (block/buffers.py), memory the primary keeps when the
+process dies, beside the request buffers it refers to.  It holds three things:
+
+- the **consumed** mark: the stream offset (counted from the connection's first byte, as the
+  kernel counts, serving/counts.py) up to which the client's bytes were cut into requests;
+- a **slot** per request taken and not answered: its header as the client sent it, where its
+  header ended in the stream, and the arena block its payload is received into.  A slot counts
+  only once the consumed mark has passed its header, so a slot and the mark never tell two stories;
+- a **reply log**: each reply, as it is queued to be sent, with its stream offset on the way out:
+  its header bytes, and for data the arena block that holds it (kept until the kernel has it).
+
+And where the bytes after the consumed mark are: in one half of the staging buffer (kept in the
+arena too, in two halves so that moving what is left to the front never overwrites it), or, while
+a large payload is received in place, in that request's block.
+
+A replacement asks the kernel how many bytes were read from the connection and written to it, and
+from those and the journal it finishes the reply the kernel has only part of (from the exact byte),
+sends the replies queued and never written, and receives again, as if the client had just sent
+them, the requests taken and not answered (in arrival order) and the bytes read after them.  No
+request is answered twice, and none is lost: every NBD command may be carried out again.
+
+Every record is written before the word that makes it count (the consumed mark, a slot's state,
+the log's head), each an aligned 8-byte store: whatever instant the process dies, the journal
+tells one consistent story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..block.buffers import BufferPool
+from ..protocol import Command
+from ..protocol.replies import Buffer
+from ..protocol.transmission import encode_request_header
+from .staging import STAGING_MAX
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MAGIC = 0x4E42444A524E0000 | VERSION  # "NBDJRN", version
+SIZE = 2 << 20  # one connection's journal, a block of the arena
+HEAD_SIZE = 4096
+SLOT_SIZE = 128
+SLOTS = 4096 + 64  # requests in flight on a connection (MAX_INFLIGHT_REQUESTS), a refusal, and room
+_SLOT_HEADER = 48  # a slot's header bytes start here: its words come first
+MAX_HEADER = SLOT_SIZE - _SLOT_HEADER  # a request header with its block status filter
+RING_START = HEAD_SIZE + SLOTS * SLOT_SIZE
+RING_SIZE = SIZE - RING_START
+CROWDED = RING_SIZE // 2  # the log holds this much not yet written: take no new request meanwhile
+NONE = (1 << 64) - 1
+
+# Words of the head.
+_MAGIC, _FLAGS, _CONSUMED, _BASE, _DIRECT, _HEAD, _TAIL, _HALF0, _HALF1, _HALF_SIZE, _TAG = range(11)
+FLAG_DISCONNECTING = 1  # the client asked to disconnect: answer what was taken, then close
+FLAG_GIVEN_UP = 2  # the journal could not keep up (see ``give_up``): the connection cannot be recovered
+# Words of a slot: seq << 1 | 1 while taken (0: free), where its header ended, its payload's length,
+# its block's offset (NONE: no block), its header's length.
+_S_STATE, _S_END, _S_PAYLOAD, _S_BLOCK, _S_HEADER = range(5)
+_INLINE, _REF = 0, 1  # a piece of a logged reply: bytes in the log, or a slice of the arena
+_ZERO_WORD = bytes(8)  # where a record's first word is 0, the next one is at the start of the log
+
+
+class JournalError(Exception):
+    """A journal a replacement cannot trust: the connection is closed rather than served wrongly."""
+
+
+class Journal:
+    """The writer: one connection's journal, as the process serving it keeps it."""
+
+    def __init__(self, pool: BufferPool, tag: int, in_base: int, out_base: int, staged: int) -> None:
+        """``tag``: the connection's name to the primary; ``in_base``/``out_base``: the stream offsets
+        of the first byte staged (``staged`` bytes are) and of the next reply byte."""
+        arena = pool.arena
+        assert arena is not None
+        self._pool, self._arena = pool, arena
+        self._block = pool.take(SIZE)
+        self.record = arena.offset_of(self._block)  # how the primary names this journal
+        halves = max(staged, STAGING_MAX)
+        self.halves = (pool.take(halves), pool.take(halves))  # the staging buffer's two halves
+        self._words = self._block[:RING_START].cast("Q")
+        self._bytes = self._block
+        self._ring = self._block[RING_START:]
+        self._base = in_base  # the stream offset of byte 0 of the staging half in use
+        self._half = 0
+        self._direct = False
+        self._free = list(range(SLOTS - 1, -1, -1))
+        self._ends = [0] * SLOTS  # each slot's header end, as written
+        self._seq = 0
+        self._head = self._tail = 0  # bytes ever appended to / dropped from the log
+        self.out = out_base  # the stream offset of the next reply byte queued
+        self.given_up = self.record < 0 or any(arena.offset_of(h) < 0 for h in self.halves)
+        words = self._words
+        words[: HEAD_SIZE // 8] = memoryview(bytes(HEAD_SIZE)).cast("Q")
+        for slot in range(SLOTS):
+            words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] = 0
+        words[_CONSUMED] = in_base
+        words[_BASE] = in_base << 1
+        words[_HALF0], words[_HALF1] = (max(arena.offset_of(h), 0) for h in self.halves)
+        words[_HALF_SIZE] = halves
+        words[_TAG] = tag
+        words[_FLAGS] = FLAG_GIVEN_UP if self.given_up else 0
+        words[_MAGIC] = MAGIC  # last: now the journal counts
+
+    def close(self) -> None:
+        """The connection ended: its blocks go back to the pool."""
+        self._words[_MAGIC] = 0
+        self._words.release()
+        self._pool.give(self._block)
+        for half in self.halves:
+            self._pool.give(half)
+
+    # Requests in ---------------------------------------------------------------------------
+
+    def taken(self, view: memoryview, pos: int, length: int, payload: int, block: memoryview | None) -> int:
+        """A request header at ``pos`` of the staging buffer, ``length`` bytes with its filter, whose
+        payload (``payload`` bytes) goes to ``block``; the header is consumed.  Returns its slot
+        (-1: none, the journal gave up)."""
+        end = self._base + pos + length
+        if not self._free or length > MAX_HEADER:
+            self.give_up("no room for a request")
+            self._words[_CONSUMED] = end
+            return -1
+        slot = self._free.pop()
+        self._seq += 1
+        at = HEAD_SIZE + slot * SLOT_SIZE
+        w = at // 8
+        words = self._words
+        words[w + _S_END] = end
+        words[w + _S_PAYLOAD] = payload
+        if block is None:
+            words[w + _S_BLOCK] = NONE
+        else:
+            offset = self._arena.offset_of(block)
+            if offset < 0:
+                self.give_up("a payload outside the arena")
+            words[w + _S_BLOCK] = NONE if offset < 0 else offset
+        words[w + _S_HEADER] = length
+        self._bytes[at + _SLOT_HEADER : at + _SLOT_HEADER + length] = view[pos : pos + length]
+        words[w + _S_STATE] = self._seq << 1 | 1
+        words[_CONSUMED] = end  # the commit: the slot counts from here
+        self._ends[slot] = end
+        return slot
+
+    def consumed(self, pos: int) -> None:
+        """Bytes of the staging buffer up to ``pos`` are taken (a payload copied out, a header)."""
+        self._words[_CONSUMED] = self._base + pos
+
+    def receiving(self, direct: bool) -> None:
+        """The next receive goes into the payload being received itself (``direct``), or into the
+        staging buffer."""
+        if direct != self._direct:
+            self._direct = direct
+            self._words[_DIRECT] = 1 if direct else 0
+
+    def received(self, slot: int, got: int) -> None:
+        """``got`` bytes of ``slot``'s payload are in its block."""
+        if slot >= 0:
+            self._words[_CONSUMED] = self._ends[slot] + got
+
+    def moved(self, pos: int, half: int) -> None:
+        """The staging buffer dropped its first ``pos`` bytes; what was left is in ``half`` now."""
+        self._base += pos
+        self._half = half
+        self._words[_BASE] = self._base << 1 | half
+
+    def disconnecting(self) -> None:
+        self._words[_FLAGS] |= FLAG_DISCONNECTING
+
+    # Replies out ---------------------------------------------------------------------------
+
+    def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
+        """A reply queued to be sent; the request in ``slot`` (-1: none) is answered.  ``data``
+        (a slice of ``block``) is where the pieces that are not bytes come from."""
+        length = 0
+        size = 32
+        for piece in pieces:
+            n = len(piece)
+            length += n
+            size += 16 if isinstance(piece, memoryview) else 8 + (n + 7) // 8 * 8
+        if not self.given_up:
+            self._append(slot, pieces, length, size, data, block)
+        self.out += length
+        if slot >= 0:
+            self._words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] = 0
+            self._free.append(slot)
+
+    def _append(
+        self,
+        slot: int,
+        pieces: Sequence[Buffer],
+        length: int,
+        size: int,
+        data: Buffer | None,
+        block: memoryview | None,
+    ) -> None:
+        ring, at = self._ring, self._head % RING_SIZE
+        skip = RING_SIZE - at if at + size > RING_SIZE else 0  # records do not wrap
+        if self._head + skip + size - self._tail > RING_SIZE:
+            self.give_up("the reply log is full")
+            return
+        if skip:
+            ring[at : at + 8] = _ZERO_WORD  # the next record is at the start
+            at = 0
+        words = ring[at : at + size].cast("Q")
+        words[0] = (self._seq if slot < 0 else self._slot_seq(slot)) << 1 | 1
+        words[1] = self.out
+        words[2] = length
+        words[3] = size
+        w = 4
+        arena = self._arena
+        for piece in pieces:
+            n = len(piece)
+            if isinstance(piece, memoryview):
+                offset = -1
+                if piece is data and block is not None:
+                    offset = arena.offset_of(block)  # data is the block's first bytes
+                if offset < 0:
+                    offset = arena.offset_within(piece)
+                if offset < 0:
+                    words.release()
+                    self.give_up("reply data outside the arena")
+                    return
+                words[w] = n << 1 | _REF
+                words[w + 1] = offset
+                w += 2
+            else:
+                words[w] = n << 1 | _INLINE
+                start = at + (w + 1) * 8
+                ring[start : start + n] = piece
+                w += 1 + (n + 7) // 8
+        words.release()
+        self._head += skip + size
+        self._words[_HEAD] = self._head  # the commit: the reply counts from here
+
+    def _slot_seq(self, slot: int) -> int:
+        return self._words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] >> 1
+
+    @property
+    def crowded(self) -> bool:
+        """The log holds so much not yet known to be written that no new request should be taken."""
+        return self._head - self._tail > CROWDED
+
+    def written(self, offset: int) -> None:
+        """Every reply byte before stream offset ``offset`` is the kernel's: drop their records."""
+        ring, tail = self._ring, self._tail
+        while tail < self._head:
+            at = tail % RING_SIZE
+            if ring[at : at + 8] == _ZERO_WORD:  # the next record is at the start
+                tail += RING_SIZE - at
+                continue
+            record = ring[at : at + 32].cast("Q")
+            start, length, size = record[1], record[2], record[3]
+            record.release()
+            if start + length > offset:
+                break
+            tail += size
+        if tail != self._tail:
+            self._tail = tail
+            self._words[_TAIL] = tail
+
+    def give_up(self, why: str) -> None:
+        """Stop journaling this connection: it cannot be recovered (it is served on as before)."""
+        if not self.given_up:
+            self.given_up = True
+            self._words[_FLAGS] |= FLAG_GIVEN_UP
+            log.warning("connection journal: %s: this connection would not survive a crash", why)
+
+
+# The replacement's side ------------------------------------------------------------------------
+
+
+@dataclass
+class Recovered:
+    """What a replacement does for a connection: send ``resend`` first, then take ``pending`` as if
+    just received."""
+
+    resend: bytes  # the rest of the replies the kernel had not been given
+    pending: bytes  # the requests taken and not answered, as the client sent them, then what came after
+    requests: int  # how many requests are taken again
+    disconnecting: bool  # the client had asked to disconnect: what it sent after that is not taken
+
+
+def recover(arena: memoryview, record: int, tag: int, read: int, written: int, extended: bool) -> Recovered:
+    """Read the journal at ``record`` of a dead process's arena, of the connection it called ``tag``;
+    ``read``/``written``: every byte
+    read from and written to the connection, as the kernel counts them; ``extended``: whether the
+    connection has extended headers.  JournalError if the journal cannot be trusted."""
+    if record < 0 or record + SIZE > len(arena):
+        raise JournalError("the journal is outside the arena")
+    block = arena[record : record + SIZE]
+    words = block[:RING_START].cast("Q").tolist()
+    if words[_MAGIC] != MAGIC:
+        raise JournalError(f"no journal of version {VERSION} there")
+    if words[_TAG] != tag:
+        raise JournalError("the journal there is another connection's")
+    if words[_FLAGS] & FLAG_GIVEN_UP:
+        raise JournalError("the connection's journal had been given up")
+    disconnecting = bool(words[_FLAGS] & FLAG_DISCONNECTING)
+    replies = _replies(arena, block[RING_START:], words[_TAIL], words[_HEAD])
+    resend = _resend(replies, written)
+    answered = {seq for seq, _, _ in replies}
+    consumed = words[_CONSUMED]
+    requests, partial = _unanswered(arena, block, words, consumed, answered)
+    pending = [header + payload for header, payload in requests]
+    if partial is not None:
+        pending.append(partial)
+    if disconnecting:  # after what it had sent before, as it asked then
+        pending.append(encode_request_header(0, Command.DISC, 0, 0, 0, extended))
+    else:
+        pending.append(_after(arena, block, words, consumed, read))
+    return Recovered(resend, b"".join(pending), len(requests) + (partial is not None), disconnecting)
+
+
+def _replies(arena: memoryview, ring: memoryview, tail: int, head: int) -> list[tuple[int, int, bytes]]:
+    """(seq, stream offset, bytes) of every reply in the log, in order."""
+    out = []
+    while tail < head:
+        at = tail % RING_SIZE
+        if ring[at : at + 8] == _ZERO_WORD:
+            tail += RING_SIZE - at
+            continue
+        seq, offset, length, size = ring[at : at + 32].cast("Q").tolist()
+        if size < 32 or at + size > RING_SIZE:
+            raise JournalError("a torn reply record")
+        words = ring[at : at + size].cast("Q")
+        parts, w = [], 4
+        while w * 8 < size:
+            tag = words[w]
+            n = tag >> 1
+            if tag & 1 == _REF:
+                start = words[w + 1]
+                if start + n > len(arena):
+                    raise JournalError("a reply's data outside the arena")
+                parts.append(bytes(arena[start : start + n]))
+                w += 2
+            else:
+                start = at + (w + 1) * 8
+                parts.append(bytes(ring[start : start + n]))
+                w += 1 + (n + 7) // 8
+        data = b"".join(parts)
+        if len(data) != length:
+            raise JournalError("a reply of the wrong length")
+        out.append((seq >> 1, offset, data))
+        tail += size
+    return out
+
+
+def _resend(replies: list[tuple[int, int, bytes]], written: int) -> bytes:
+    """What of the logged replies the kernel was not given, from the exact byte."""
+    if not replies:
+        return b""
+    first, last = replies[0][1], replies[-1][1] + len(replies[-1][2])
+    expected = first
+    for _, offset, data in replies:
+        if offset != expected:
+            raise JournalError("the reply log has a gap")
+        expected += len(data)
+    if not first <= written <= last:
+        raise JournalError(f"the kernel wrote {written} bytes; the log holds {first} to {last}")
+    out = []
+    for _, offset, data in replies:
+        end = offset + len(data)
+        if end > written:
+            out.append(data[max(0, written - offset) :])
+    return b"".join(out)
+
+
+def _unanswered(
+    arena: memoryview, block: memoryview, words: list[int], consumed: int, answered: set[int]
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The requests taken and not answered, in arrival order, as (header, payload); and the one whose
+    payload is not all here, as header and what came of its payload (None if there is none)."""
+    taken = []
+    for slot in range(SLOTS):
+        at = HEAD_SIZE + slot * SLOT_SIZE
+        state, end, payload, where, length = words[at // 8 : at // 8 + 5]
+        if not state & 1 or end > consumed or state >> 1 in answered:
+            continue  # free, not counted yet, or answered
+        if length > MAX_HEADER:
+            raise JournalError("a torn request slot")
+        header = bytes(block[at + _SLOT_HEADER : at + _SLOT_HEADER + length])
+        taken.append((state >> 1, header, end, payload, where))
+    taken.sort()
+    complete, partial = [], None
+    for i, (_, header, end, payload, where) in enumerate(taken):
+        got = min(payload, consumed - end)
+        if got < payload and i != len(taken) - 1:
+            raise JournalError("a payload cut short before the last request")
+        if where == NONE:
+            data = bytes(got)  # a refused payload, discarded again
+        elif where + got > len(arena):
+            raise JournalError("a payload outside the arena")
+        else:
+            data = bytes(arena[where : where + got])
+        if got < payload:
+            partial = header + data
+        else:
+            complete.append((header, data))
+    return complete, partial
+
+
+def _after(arena: memoryview, block: memoryview, words: list[int], consumed: int, read: int) -> bytes:
+    """The bytes read after the consumed mark: in the staging buffer, or in the block of the payload
+    being received in place."""
+    if read < consumed:
+        raise JournalError(f"the kernel read {read} bytes, fewer than the {consumed} consumed")
+    if words[_DIRECT]:
+        slots = [words[(HEAD_SIZE + s * SLOT_SIZE) // 8 : (HEAD_SIZE + s * SLOT_SIZE) // 8 + 5] for s in range(SLOTS)]
+        receiving = [s for s in slots if s[0] & 1 and s[1] <= consumed < s[1] + s[2] and s[3] != NONE]
+        if len(receiving) != 1:
+            raise JournalError("a payload received in place, but no request it belongs to")
+        _, end, payload, where, _ = receiving[0]
+        if read > end + payload:
+            raise JournalError("more read in place than the payload holds")
+        return bytes(arena[where + consumed - end : where + read - end])
+    base, half = words[_BASE] >> 1, words[_BASE] & 1
+    start, size = words[_HALF0 + half], words[_HALF_SIZE]
+    if not base <= consumed or read - base > size or start + size > len(arena):
+        raise JournalError("the staged bytes are not where the journal says")
+    return bytes(arena[start + consumed - base : start + read - base])

@@ -1,0 +1,224 @@
+"""The connection journal (serving/journal.py) read back as a replacement reads it, at the instants
+a crash can hit: what it sends again and what it takes again, byte for byte."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from nbdserver.block.buffers import Arena, BufferPool, arena_memory
+from nbdserver.protocol.constants import Command
+from nbdserver.protocol.transmission import encode_request_header
+from nbdserver.serving.journal import RING_SIZE, SLOTS, Journal, JournalError, recover
+from nbdserver.serving.staging import Staging
+
+SIZE = 1 << 30  # of the test's arena: address space only
+TAG = 7
+IN_BASE, OUT_BASE = 1000, 500  # the handshake's bytes, as the kernel counts them
+
+
+@pytest.fixture
+def pool() -> Iterator[BufferPool]:
+    fd = arena_memory(SIZE)
+    yield BufferPool(arena=Arena(fd, SIZE))
+    os.close(fd)
+
+
+class Side:
+    """A connection's journal and staging buffer, fed as the connection feeds them."""
+
+    def __init__(self, pool: BufferPool, staged: bytes = b"") -> None:
+        self.pool = pool
+        self.journal = Journal(pool, TAG, IN_BASE - len(staged), OUT_BASE, len(staged))
+        self.staging = Staging(4096, staged, self.journal.halves, self.journal.moved)
+        self.read = IN_BASE  # every byte read, as the kernel counts them
+
+    def receive(self, data: bytes) -> None:
+        window = self.staging.window()
+        window[: len(data)] = data
+        self.staging.received(len(data))
+        self.read += len(data)
+
+    def take(
+        self, pos: int, header: bytes, payload: bytes = b"", got: int | None = None
+    ) -> tuple[int, memoryview | None]:
+        """Take the request whose header is at ``pos``, and ``got`` bytes of its payload (all, if
+        None) from the staging buffer."""
+        block = self.pool.take(len(payload)) if payload else None
+        slot = self.journal.taken(self.staging.view, pos, len(header), len(payload), block)
+        if block is not None:
+            got = len(payload) if got is None else got
+            start = pos + len(header)
+            block[:got] = self.staging.view[start : start + got]
+            self.journal.consumed(start + got)
+        return slot, block
+
+    def recovered(self, written: int, extended: bool = False) -> tuple[bytes, bytes]:
+        got = recover(self.pool.arena.view, self.journal.record, TAG, self.read, written, extended)  # type: ignore[union-attr]
+        return got.resend, got.pending
+
+
+def write(cookie: int, offset: int, data: bytes) -> tuple[bytes, bytes]:
+    return encode_request_header(0, Command.WRITE, cookie, offset, len(data), False), data
+
+
+def read(cookie: int, offset: int, length: int) -> bytes:
+    return encode_request_header(0, Command.READ, cookie, offset, length, False)
+
+
+def test_a_request_taken_and_not_answered_is_taken_again_and_one_answered_is_not(pool):
+    side = Side(pool)
+    first, second = write(1, 0, b"a" * 100), write(2, 4096, b"b" * 50)
+    side.receive(b"".join(first) + b"".join(second))
+    slot, _ = side.take(0, *first)
+    side.take(len(b"".join(first)), *second)
+    side.staging.keep(side.staging.filled)
+    side.journal.reply(slot, [b"R" * 16], None, None)  # the first is answered
+    resend, pending = side.recovered(written=OUT_BASE + 16)
+    assert resend == b""
+    assert pending == b"".join(second)
+
+
+def test_a_reply_half_written_is_finished_from_the_exact_byte(pool):
+    side = Side(pool)
+    header = read(3, 0, 4096)
+    side.receive(header)
+    slot, _ = side.take(0, header)
+    side.staging.keep(len(header))
+    data = pool.take(4096)
+    data[:4096] = os.urandom(4096)
+    reply = [b"H" * 16, data[:4096]]
+    side.journal.reply(slot, reply, reply[1], data)
+    whole = b"H" * 16 + bytes(data[:4096])
+    for written in (0, 1, 16, 17, 2000, 4112):
+        resend, pending = side.recovered(written=OUT_BASE + written)
+        assert resend == whole[written:]
+        assert pending == b""  # answered: never taken again
+
+
+def test_the_kernel_counts_must_fit_the_journal(pool):
+    side = Side(pool)
+    side.journal.reply(-1, [b"E" * 16], None, None)
+    with pytest.raises(JournalError):
+        side.recovered(written=OUT_BASE + 17)  # more written than was ever queued
+    with pytest.raises(JournalError):
+        side.recovered(written=OUT_BASE - 1)  # less than the journal started from
+    side.read = IN_BASE - 1
+    with pytest.raises(JournalError):
+        side.recovered(written=OUT_BASE)
+
+
+def test_half_a_header_and_half_a_payload_are_received_again(pool):
+    side = Side(pool)
+    header, payload = write(4, 0, bytes(range(256)) * 4)
+    side.receive(header + payload[:300])
+    slot, block = side.take(0, header, payload, got=300)  # the payload's first 300 bytes, copied out
+    side.staging.keep(side.staging.filled)
+    assert side.recovered(OUT_BASE)[1] == header + payload[:300]
+    side.receive(payload[300:700])  # staged, not copied out yet: a crash now
+    assert side.recovered(OUT_BASE)[1] == header + payload[:700]
+    # Received in place: the next bytes land in the request's block, not the staging buffer.
+    assert block is not None
+    block[300:700] = payload[300:700]
+    side.journal.consumed(side.staging.filled)
+    side.staging.keep(side.staging.filled)
+    side.journal.receiving(True)
+    block[700:900] = payload[700:900]
+    side.read += 200  # read, and the process died before it said so
+    assert side.recovered(OUT_BASE)[1] == header + payload[:900]
+    side.journal.received(slot, 900)
+    assert side.recovered(OUT_BASE)[1] == header + payload[:900]
+
+
+def test_what_follows_a_request_in_the_staging_buffer_survives_a_move(pool):
+    side = Side(pool, staged=b"xy")  # two bytes came behind the handshake
+    assert side.recovered(OUT_BASE)[1] == b"xy"
+    header = read(5, 0, 512)
+    side.receive(header[2:] + header[:10])  # completes a header with b"xy", and half of another
+    full = b"xy" + header[2:]
+    side.take(0, full)
+    side.staging.keep(len(full))  # moves the half header to the other half
+    assert side.recovered(OUT_BASE)[1] == full + header[:10]
+
+
+def test_a_request_answered_in_the_same_instant_its_slot_was_freed(pool):
+    """The reply is logged before the slot is freed: a crash between the two answers once."""
+    side = Side(pool)
+    header = read(6, 0, 512)
+    side.receive(header)
+    slot, _ = side.take(0, header)
+    side.journal.reply(slot, [b"O" * 16], None, None)
+    assert side.recovered(OUT_BASE + 16) == (b"", b"")
+    assert side.recovered(OUT_BASE) == (b"O" * 16, b"")
+
+
+def test_a_disconnect_asked_for_is_asked_again_after_what_was_taken(pool):
+    side = Side(pool)
+    first = write(8, 0, b"w" * 64)
+    disc = encode_request_header(0, Command.DISC, 9, 0, 0, True)
+    side.receive(b"".join(first) + disc)
+    side.take(0, *first)
+    side.journal.consumed(len(b"".join(first)) + len(disc))
+    side.journal.disconnecting()
+    side.staging.keep(side.staging.filled)
+    assert side.recovered(OUT_BASE, extended=True)[1] == b"".join(first) + encode_request_header(
+        0, Command.DISC, 0, 0, 0, True
+    )
+
+
+def test_requests_are_taken_again_in_the_order_they_arrived(pool):
+    side = Side(pool)
+    requests = [write(10 + i, 0, bytes([i]) * 16) for i in range(40)]
+    pos = 0
+    slots = []
+    for header, payload in requests:
+        side.receive(header + payload)
+        slots.append(side.take(pos, header, payload)[0])
+        pos += len(header) + len(payload)
+    for slot in slots[::3]:
+        side.journal.reply(slot, [b"K" * 16], None, None)  # out of order, as the block layer may
+    side.staging.keep(side.staging.filled)
+    written = OUT_BASE + 16 * len(slots[::3])
+    expected = b"".join(h + p for i, (h, p) in enumerate(requests) if i % 3)
+    assert side.recovered(written) == (b"", expected)
+
+
+def test_the_log_wraps_and_drops_what_was_written(pool):
+    side = Side(pool)
+    reply = [b"Z" * 200]
+    out = OUT_BASE
+    for _ in range(3 * RING_SIZE // 256):
+        side.journal.reply(-1, reply, None, None)
+        out += 200
+        side.journal.written(out - 400)  # the kernel has all but the last two
+        assert not side.journal.given_up
+    assert side.recovered(out - 300) == (b"Z" * 300, b"")
+
+
+def test_a_journal_that_cannot_be_trusted_is_refused(pool):
+    side = Side(pool)
+    got = recover(pool.arena.view, side.journal.record, TAG, IN_BASE, OUT_BASE, False)  # type: ignore[union-attr]
+    assert (got.resend, got.pending) == (b"", b"")
+    with pytest.raises(JournalError, match="another connection"):
+        recover(pool.arena.view, side.journal.record, TAG + 1, IN_BASE, OUT_BASE, False)  # type: ignore[union-attr]
+    side.journal.give_up("for the test")
+    with pytest.raises(JournalError, match="given up"):
+        side.recovered(OUT_BASE)
+    side.journal.close()  # the connection ended: nothing there to take over
+    with pytest.raises(JournalError, match="no journal"):
+        side.recovered(OUT_BASE)
+
+
+def test_more_requests_than_slots_give_up_rather_than_lose_one(pool):
+    side = Side(pool)
+    header = read(1, 0, 512)
+    for _ in range(SLOTS):
+        side.receive(header)
+        assert side.journal.taken(side.staging.view, 0, len(header), 0, None) >= 0
+        side.staging.keep(len(header))
+    assert not side.journal.given_up
+    side.receive(header)
+    assert side.journal.taken(side.staging.view, 0, len(header), 0, None) == -1
+    assert side.journal.given_up
