@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from ..block.buffers import BufferPool
 from ..protocol import Command
@@ -41,28 +42,38 @@ from .staging import STAGING_MAX
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-MAGIC = 0x4E42444A524E0000 | VERSION  # "NBDJRN", version
-SIZE = 2 << 20  # one connection's journal, a block of the arena
-HEAD_SIZE = 4096
-SLOT_SIZE = 128
-SLOTS = 4096 + 64  # requests in flight on a connection (MAX_INFLIGHT_REQUESTS), a refusal, and room
-_SLOT_HEADER = 48  # a slot's header bytes start here: its words come first
-MAX_HEADER = SLOT_SIZE - _SLOT_HEADER  # a request header with its block status filter
-RING_START = HEAD_SIZE + SLOTS * SLOT_SIZE
-RING_SIZE = SIZE - RING_START
-CROWDED = RING_SIZE // 2  # the log holds this much not yet written: take no new request meanwhile
-NONE = (1 << 64) - 1
+VERSION: Final = 1
+MAGIC: Final = 0x4E42444A524E0000 | VERSION  # "NBDJRN", version
+SIZE: Final = 2 << 20  # one connection's journal, a block of the arena
+HEAD_SIZE: Final = 4096
+SLOT_SIZE: Final = 128
+SLOTS: Final = 4096 + 64  # requests in flight on a connection (MAX_INFLIGHT_REQUESTS), a refusal, and room
+_SLOT_HEADER: Final = 24  # a slot's header bytes start here: its words come first
+MAX_HEADER: Final = SLOT_SIZE - _SLOT_HEADER  # a request header with its block status filter
+RING_START: Final = HEAD_SIZE + SLOTS * SLOT_SIZE
+RING_SIZE: Final = SIZE - RING_START
+MAX_RECORD: Final = 64 * 1024  # a reply whose record would be larger gives the journal up
+CROWDED: Final = RING_SIZE // 2  # the log holds this much not yet written: take no new request meanwhile
+NONE: Final = (1 << 64) - 1
 
 # Words of the head.
-_MAGIC, _FLAGS, _CONSUMED, _BASE, _DIRECT, _HEAD, _TAIL, _HALF0, _HALF1, _HALF_SIZE, _TAG = range(11)
-FLAG_DISCONNECTING = 1  # the client asked to disconnect: answer what was taken, then close
-FLAG_GIVEN_UP = 2  # the journal could not keep up (see ``give_up``): the connection cannot be recovered
-# Words of a slot: seq << 1 | 1 while taken (0: free), where its header ended, its payload's length,
-# its block's offset (NONE: no block), its header's length.
-_S_STATE, _S_END, _S_PAYLOAD, _S_BLOCK, _S_HEADER = range(5)
-_INLINE, _REF = 0, 1  # a piece of a logged reply: bytes in the log, or a slice of the arena
-_ZERO_WORD = bytes(8)  # where a record's first word is 0, the next one is at the start of the log
+_MAGIC: Final = 0
+_FLAGS: Final = 1
+_CONSUMED: Final = 2
+_BASE: Final = 3
+_DIRECT: Final = 4
+_HEAD: Final = 5
+_TAIL: Final = 6
+_HALF0: Final = 7
+_HALF1: Final = 8
+_HALF_SIZE: Final = 9
+_TAG: Final = 10
+FLAG_DISCONNECTING: Final = 1  # the client asked to disconnect: answer what was taken, then close
+FLAG_GIVEN_UP: Final = 2  # the journal could not keep up (see ``give_up``): the connection cannot be recovered
+# Words of a slot: where its header ended in the stream << 1 | 1 while taken (0: free; the end names
+# the request, and orders it among the others); its payload's length << 8 | its header's length;
+# its payload's block (NONE: none); then its header.
+_REF: Final = 1  # a piece of a logged reply that is a slice of the arena (0: bytes in the log)
 
 
 class JournalError(Exception):
@@ -85,19 +96,18 @@ class Journal:
         self._words = self._block[:RING_START].cast("Q")
         self._bytes = self._block
         self._ring = self._block[RING_START:]
+        self._ring_words = self._ring.cast("Q")
         self._base = in_base  # the stream offset of byte 0 of the staging half in use
-        self._half = 0
         self._direct = False
         self._free = list(range(SLOTS - 1, -1, -1))
         self._ends = [0] * SLOTS  # each slot's header end, as written
-        self._seq = 0
         self._head = self._tail = 0  # bytes ever appended to / dropped from the log
         self.out = out_base  # the stream offset of the next reply byte queued
         self.given_up = self.record < 0 or any(arena.offset_of(h) < 0 for h in self.halves)
         words = self._words
         words[: HEAD_SIZE // 8] = memoryview(bytes(HEAD_SIZE)).cast("Q")
         for slot in range(SLOTS):
-            words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] = 0
+            words[(HEAD_SIZE + slot * SLOT_SIZE) // 8] = 0
         words[_CONSUMED] = in_base
         words[_BASE] = in_base << 1
         words[_HALF0], words[_HALF1] = (max(arena.offset_of(h), 0) for h in self.halves)
@@ -121,27 +131,22 @@ class Journal:
         payload (``payload`` bytes) goes to ``block``; the header is consumed.  Returns its slot
         (-1: none, the journal gave up)."""
         end = self._base + pos + length
-        if not self._free or length > MAX_HEADER:
+        free, words = self._free, self._words
+        if not free or length > MAX_HEADER:
             self.give_up("no room for a request")
-            self._words[_CONSUMED] = end
+            words[_CONSUMED] = end
             return -1
-        slot = self._free.pop()
-        self._seq += 1
+        slot = free.pop()
         at = HEAD_SIZE + slot * SLOT_SIZE
-        w = at // 8
-        words = self._words
-        words[w + _S_END] = end
-        words[w + _S_PAYLOAD] = payload
-        if block is None:
-            words[w + _S_BLOCK] = NONE
-        else:
-            offset = self._arena.offset_of(block)
-            if offset < 0:
+        w = at >> 3
+        words[w + 1] = payload << 8 | length
+        if payload:
+            offset = -1 if block is None else self._arena.offset_of(block)
+            if offset < 0 and block is not None:
                 self.give_up("a payload outside the arena")
-            words[w + _S_BLOCK] = NONE if offset < 0 else offset
-        words[w + _S_HEADER] = length
+            words[w + 2] = NONE if offset < 0 else offset
         self._bytes[at + _SLOT_HEADER : at + _SLOT_HEADER + length] = view[pos : pos + length]
-        words[w + _S_STATE] = self._seq << 1 | 1
+        words[w] = end << 1 | 1
         words[_CONSUMED] = end  # the commit: the slot counts from here
         self._ends[slot] = end
         return slot
@@ -176,69 +181,69 @@ class Journal:
     def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
         """A reply queued to be sent; the request in ``slot`` (-1: none) is answered.  ``data``
         (a slice of ``block``) is where the pieces that are not bytes come from."""
-        length = 0
-        size = 32
-        for piece in pieces:
-            n = len(piece)
-            length += n
-            size += 16 if isinstance(piece, memoryview) else 8 + (n + 7) // 8 * 8
         if not self.given_up:
-            self._append(slot, pieces, length, size, data, block)
-        self.out += length
+            self._append(self._ends[slot] if slot >= 0 else 0, pieces, data, block)
+        else:
+            for piece in pieces:
+                self.out += len(piece)
         if slot >= 0:
-            self._words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] = 0
+            self._words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3] = 0
             self._free.append(slot)
 
-    def _append(
-        self,
-        slot: int,
-        pieces: Sequence[Buffer],
-        length: int,
-        size: int,
-        data: Buffer | None,
-        block: memoryview | None,
-    ) -> None:
-        ring, at = self._ring, self._head % RING_SIZE
-        skip = RING_SIZE - at if at + size > RING_SIZE else 0  # records do not wrap
-        if self._head + skip + size - self._tail > RING_SIZE:
+    def _append(self, request: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
+        """Log a reply: 3 words (the request's header end << 1 | 1, the reply's stream offset, its
+        length << 24 | the record's size), then per piece a word (length << 1 | kind) and the bytes
+        or the piece's arena offset.  A record is at most MAX_RECORD bytes, and starts where that
+        much room is left before the end of the log (else at its start)."""
+        head = self._head
+        at = head % RING_SIZE
+        skip = RING_SIZE - at if at + MAX_RECORD > RING_SIZE else 0
+        if head + skip + MAX_RECORD - self._tail > RING_SIZE:
             self.give_up("the reply log is full")
+            self.reply(-1, pieces, None, None)  # counted, not logged
             return
+        ring, words = self._ring, self._ring_words
         if skip:
-            ring[at : at + 8] = _ZERO_WORD  # the next record is at the start
+            words[at >> 3] = 0  # the next record is at the start
             at = 0
-        words = ring[at : at + size].cast("Q")
-        words[0] = (self._seq if slot < 0 else self._slot_seq(slot)) << 1 | 1
-        words[1] = self.out
-        words[2] = length
-        words[3] = size
-        w = 4
-        arena = self._arena
-        for piece in pieces:
+        first = at >> 3
+        w = first + 3
+        length = 0
+        for i, piece in enumerate(pieces):
             n = len(piece)
-            if isinstance(piece, memoryview):
-                offset = -1
-                if piece is data and block is not None:
-                    offset = arena.offset_of(block)  # data is the block's first bytes
-                if offset < 0:
-                    offset = arena.offset_within(piece)
-                if offset < 0:
-                    words.release()
-                    self.give_up("reply data outside the arena")
+            length += n
+            if type(piece) is bytes:
+                if ((w + 1) << 3) + n - at > MAX_RECORD:
+                    self.give_up("a reply too large to log")
+                    self.out += length - n
+                    self.reply(-1, pieces[i:], None, None)
                     return
-                words[w] = n << 1 | _REF
-                words[w + 1] = offset
-                w += 2
-            else:
-                words[w] = n << 1 | _INLINE
-                start = at + (w + 1) * 8
+                words[w] = n << 1  # bytes, in the log
+                start = (w + 1) << 3
                 ring[start : start + n] = piece
-                w += 1 + (n + 7) // 8
-        words.release()
-        self._head += skip + size
+                w += 1 + ((n + 7) >> 3)
+                continue
+            offset = -1
+            if piece is data and block is not None:
+                offset = self._arena.offset_of(block)  # data is the block's first bytes
+            if offset < 0:
+                assert isinstance(piece, memoryview)
+                offset = self._arena.offset_within(piece)
+            if offset < 0 or ((w + 2) << 3) - at > MAX_RECORD:
+                self.give_up("reply data outside the arena, or too many pieces")
+                self.out += length - n
+                self.reply(-1, pieces[i:], None, None)
+                return
+            words[w] = n << 1 | _REF
+            words[w + 1] = offset
+            w += 2
+        size = (w << 3) - at
+        words[first] = request << 1 | 1
+        words[first + 1] = self.out
+        words[first + 2] = length << 24 | size
+        self.out += length
+        self._head = head + skip + size
         self._words[_HEAD] = self._head  # the commit: the reply counts from here
-
-    def _slot_seq(self, slot: int) -> int:
-        return self._words[(HEAD_SIZE + slot * SLOT_SIZE) // 8 + _S_STATE] >> 1
 
     @property
     def crowded(self) -> bool:
@@ -247,18 +252,16 @@ class Journal:
 
     def written(self, offset: int) -> None:
         """Every reply byte before stream offset ``offset`` is the kernel's: drop their records."""
-        ring, tail = self._ring, self._tail
+        words, tail = self._ring_words, self._tail
         while tail < self._head:
-            at = tail % RING_SIZE
-            if ring[at : at + 8] == _ZERO_WORD:  # the next record is at the start
-                tail += RING_SIZE - at
+            w = (tail % RING_SIZE) >> 3
+            if words[w] == 0:  # the next record is at the start
+                tail += RING_SIZE - (w << 3)
                 continue
-            record = ring[at : at + 32].cast("Q")
-            start, length, size = record[1], record[2], record[3]
-            record.release()
-            if start + length > offset:
+            sizes = words[w + 2]
+            if words[w + 1] + (sizes >> 24) > offset:
                 break
-            tail += size
+            tail += sizes & 0xFFFFFF
         if tail != self._tail:
             self._tail = tail
             self._words[_TAIL] = tail
@@ -287,9 +290,9 @@ class Recovered:
 
 def recover(arena: memoryview, record: int, tag: int, read: int, written: int, extended: bool) -> Recovered:
     """Read the journal at ``record`` of a dead process's arena, of the connection it called ``tag``;
-    ``read``/``written``: every byte
-    read from and written to the connection, as the kernel counts them; ``extended``: whether the
-    connection has extended headers.  JournalError if the journal cannot be trusted."""
+    ``read``/``written``: every byte read from and written to the connection, as the kernel counts
+    them; ``extended``: whether the connection has extended headers.  JournalError if the journal
+    cannot be trusted."""
     if record < 0 or record + SIZE > len(arena):
         raise JournalError("the journal is outside the arena")
     block = arena[record : record + SIZE]
@@ -303,49 +306,51 @@ def recover(arena: memoryview, record: int, tag: int, read: int, written: int, e
     disconnecting = bool(words[_FLAGS] & FLAG_DISCONNECTING)
     replies = _replies(arena, block[RING_START:], words[_TAIL], words[_HEAD])
     resend = _resend(replies, written)
-    answered = {seq for seq, _, _ in replies}
     consumed = words[_CONSUMED]
-    requests, partial = _unanswered(arena, block, words, consumed, answered)
+    slots = _slots(block, words, consumed)
+    answered = {request for request, _, _ in replies}
+    requests, partial = _unanswered([slot for slot in slots if slot[0] not in answered], arena, consumed)
     pending = [header + payload for header, payload in requests]
     if partial is not None:
         pending.append(partial)
     if disconnecting:  # after what it had sent before, as it asked then
         pending.append(encode_request_header(0, Command.DISC, 0, 0, 0, extended))
     else:
-        pending.append(_after(arena, block, words, consumed, read))
+        pending.append(_after(arena, block, words, slots, consumed, read))
     return Recovered(resend, b"".join(pending), len(requests) + (partial is not None), disconnecting)
 
 
 def _replies(arena: memoryview, ring: memoryview, tail: int, head: int) -> list[tuple[int, int, bytes]]:
-    """(seq, stream offset, bytes) of every reply in the log, in order."""
+    """(the request's header end, stream offset, bytes) of every reply in the log, in order."""
     out = []
+    words = ring.cast("Q")
     while tail < head:
         at = tail % RING_SIZE
-        if ring[at : at + 8] == _ZERO_WORD:
+        w = at >> 3
+        if words[w] == 0:
             tail += RING_SIZE - at
             continue
-        seq, offset, length, size = ring[at : at + 32].cast("Q").tolist()
-        if size < 32 or at + size > RING_SIZE:
+        request, offset, sizes = words[w], words[w + 1], words[w + 2]
+        length, size = sizes >> 24, sizes & 0xFFFFFF
+        if size < 24 or at + size > RING_SIZE:
             raise JournalError("a torn reply record")
-        words = ring[at : at + size].cast("Q")
-        parts, w = [], 4
-        while w * 8 < size:
-            tag = words[w]
-            n = tag >> 1
-            if tag & 1 == _REF:
+        parts, end, w = [], w + (size >> 3), w + 3
+        while w < end:
+            n, kind = words[w] >> 1, words[w] & 1
+            if kind == _REF:
                 start = words[w + 1]
                 if start + n > len(arena):
                     raise JournalError("a reply's data outside the arena")
                 parts.append(bytes(arena[start : start + n]))
                 w += 2
             else:
-                start = at + (w + 1) * 8
+                start = (w + 1) << 3
                 parts.append(bytes(ring[start : start + n]))
-                w += 1 + (n + 7) // 8
+                w += 1 + ((n + 7) >> 3)
         data = b"".join(parts)
         if len(data) != length:
             raise JournalError("a reply of the wrong length")
-        out.append((seq >> 1, offset, data))
+        out.append((request >> 1, offset, data))
         tail += size
     return out
 
@@ -370,26 +375,33 @@ def _resend(replies: list[tuple[int, int, bytes]], written: int) -> bytes:
     return b"".join(out)
 
 
-def _unanswered(
-    arena: memoryview, block: memoryview, words: list[int], consumed: int, answered: set[int]
-) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """The requests taken and not answered, in arrival order, as (header, payload); and the one whose
-    payload is not all here, as header and what came of its payload (None if there is none)."""
+def _slots(block: memoryview, words: list[int], consumed: int) -> list[tuple[int, bytes, int, int]]:
+    """The requests taken, in the order they arrived: (header end, header, payload length, block)."""
     taken = []
     for slot in range(SLOTS):
         at = HEAD_SIZE + slot * SLOT_SIZE
-        state, end, payload, where, length = words[at // 8 : at // 8 + 5]
-        if not state & 1 or end > consumed or state >> 1 in answered:
-            continue  # free, not counted yet, or answered
+        w = at >> 3
+        state, lengths, where = words[w], words[w + 1], words[w + 2]
+        end, payload, length = state >> 1, lengths >> 8, lengths & 0xFF
+        if not state & 1 or end > consumed:
+            continue  # free, or not counted yet
         if length > MAX_HEADER:
             raise JournalError("a torn request slot")
         header = bytes(block[at + _SLOT_HEADER : at + _SLOT_HEADER + length])
-        taken.append((state >> 1, header, end, payload, where))
+        taken.append((end, header, payload, where if payload else NONE))
     taken.sort()
+    return taken
+
+
+def _unanswered(
+    slots: list[tuple[int, bytes, int, int]], arena: memoryview, consumed: int
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The requests not answered as (header, payload), and the one whose payload is not all here,
+    as its header and what came of its payload (None if there is none)."""
     complete, partial = [], None
-    for i, (_, header, end, payload, where) in enumerate(taken):
+    for i, (end, header, payload, where) in enumerate(slots):
         got = min(payload, consumed - end)
-        if got < payload and i != len(taken) - 1:
+        if got < payload and i != len(slots) - 1:
             raise JournalError("a payload cut short before the last request")
         if where == NONE:
             data = bytes(got)  # a refused payload, discarded again
@@ -404,17 +416,23 @@ def _unanswered(
     return complete, partial
 
 
-def _after(arena: memoryview, block: memoryview, words: list[int], consumed: int, read: int) -> bytes:
+def _after(
+    arena: memoryview,
+    block: memoryview,
+    words: list[int],
+    slots: list[tuple[int, bytes, int, int]],
+    consumed: int,
+    read: int,
+) -> bytes:
     """The bytes read after the consumed mark: in the staging buffer, or in the block of the payload
     being received in place."""
     if read < consumed:
         raise JournalError(f"the kernel read {read} bytes, fewer than the {consumed} consumed")
     if words[_DIRECT]:
-        slots = [words[(HEAD_SIZE + s * SLOT_SIZE) // 8 : (HEAD_SIZE + s * SLOT_SIZE) // 8 + 5] for s in range(SLOTS)]
-        receiving = [s for s in slots if s[0] & 1 and s[1] <= consumed < s[1] + s[2] and s[3] != NONE]
+        receiving = [s for s in slots if s[0] <= consumed < s[0] + s[2] and s[3] != NONE]
         if len(receiving) != 1:
             raise JournalError("a payload received in place, but no request it belongs to")
-        _, end, payload, where, _ = receiving[0]
+        end, _, payload, where = receiving[0]
         if read > end + payload:
             raise JournalError("more read in place than the payload holds")
         return bytes(arena[where + consumed - end : where + read - end])
