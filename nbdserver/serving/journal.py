@@ -98,6 +98,7 @@ class Journal:
         self._ring = self._block[RING_START:]
         self._ring_words = self._ring.cast("Q")
         self._base = in_base  # the stream offset of byte 0 of the staging half in use
+        self._half = 0  # the staging half in use
         self._direct = False
         self._free = list(range(SLOTS - 1, -1, -1))
         self._ends = [0] * SLOTS  # each slot's header end, as written
@@ -163,9 +164,14 @@ class Journal:
             self._words[_DIRECT] = 1 if direct else 0
 
     def received(self, slot: int, got: int) -> None:
-        """``got`` bytes of ``slot``'s payload are in its block."""
+        """``got`` bytes of ``slot``'s payload are in its block, received in place: the staging
+        buffer, empty meanwhile, starts after them."""
         if slot >= 0:
-            self._words[_CONSUMED] = self._ends[slot] + got
+            consumed = self._ends[slot] + got
+            words = self._words
+            words[_CONSUMED] = consumed
+            self._base = consumed
+            words[_BASE] = consumed << 1 | self._half
 
     def moved(self, pos: int, half: int) -> None:
         """The staging buffer dropped its first ``pos`` bytes; what was left is in ``half`` now."""
@@ -428,6 +434,8 @@ def _after(
     being received in place."""
     if read < consumed:
         raise JournalError(f"the kernel read {read} bytes, fewer than the {consumed} consumed")
+    if read == consumed:
+        return b""
     if words[_DIRECT]:
         receiving = [s for s in slots if s[0] <= consumed < s[0] + s[2] and s[3] != NONE]
         if len(receiving) != 1:

@@ -222,3 +222,24 @@ def test_more_requests_than_slots_give_up_rather_than_lose_one(pool):
     side.receive(header)
     assert side.journal.taken(side.staging.view, 0, len(header), 0, None) == -1
     assert side.journal.given_up
+
+
+def test_after_a_payload_received_in_place_the_staging_buffer_starts_behind_it(pool):
+    side = Side(pool)
+    header, payload = write(11, 0, os.urandom(128 * 1024))
+    side.receive(header)
+    slot, block = side.take(0, header, payload, got=0)
+    side.staging.keep(len(header))
+    assert block is not None
+    side.journal.receiving(True)
+    block[: len(payload)] = payload
+    side.read += len(payload)
+    assert side.recovered(OUT_BASE)[1] == header + payload  # read, and the process died before it said so
+    side.journal.received(slot, len(payload))
+    assert side.recovered(OUT_BASE)[1] == header + payload  # whole, not answered: taken again
+    side.journal.receiving(False)
+    following = read(12, 0, 4096)
+    side.receive(following[:10])
+    assert side.recovered(OUT_BASE)[1] == header + payload + following[:10]
+    side.journal.reply(slot, [b"W" * 16], None, None)
+    assert side.recovered(OUT_BASE) == (b"W" * 16, following[:10])
