@@ -74,6 +74,7 @@ from .. import build
 from ..block.buffers import arena_memory
 from ..block.ledger import shared_memory
 from ..config import ServerConfig
+from ..serving import counts
 from ..serving.server import Server
 from ..stats import ServerStats, Snapshot
 from .channel import Channel
@@ -85,8 +86,10 @@ START_TIMEOUT = 60.0  # for a worker to open its exports
 ANSWER_TIMEOUT = 30.0  # for a snapshot, or the connections of a package
 STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
 MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then accepting waits
-RESTART_DELAY = 1.0  # before a worker that died young is replaced: one that dies at once must not spin
-YOUNG = 10.0  # seconds: a worker that dies sooner after its start is replaced after RESTART_DELAY
+RESTART_DELAY = 1.0  # before a worker that died on start is replaced: one that dies at once must not spin
+ON_START = 1.0  # seconds: a worker that dies sooner after its start is replaced after RESTART_DELAY
+YOUNG = 10.0  # seconds: a worker that dies this soon after taking a connection over, ...
+STRIKES = 3  # ... with not a byte written to it meanwhile, this often in a row: the connection is closed
 
 Frame = tuple[dict[str, Any], bytes, list[int]]
 
@@ -119,6 +122,11 @@ class _Held:
     sock: socket.socket
     terms: dict[str, Any] | None = None  # once it is journaled
     record: int = -1  # where its journal is in the worker's arena
+    # Replacements in a row that died soon after taking it over, having written nothing to it: a
+    # request that kills every worker that carries it out again must not do so for ever.
+    strikes: int = 0
+    handed: float = 0.0  # when it was last handed to a replacement
+    written: int = -1  # the bytes written to it by then
 
     def close(self) -> None:
         """Let go of the copy: with the worker's gone (or passed on in an upgrade), the last one."""
@@ -290,11 +298,11 @@ class WorkerPool:
             status,
             len(old.held),
         )
-        young = died - old.started < YOUNG
+        quick = died - old.started < ON_START
         while not self._stopping:
-            if young:
+            if quick:
                 await asyncio.sleep(RESTART_DELAY)
-            young = True  # a start that fails is not tried again at once
+            quick = True  # a start that fails is not tried again at once
             if self._stopping:  # meanwhile: the ledger's descriptor is closed
                 break
             try:
@@ -318,10 +326,23 @@ class WorkerPool:
             return
         self._tell(new, {"type": "arena"}, fds=[old.arena])
         for old_id, held in old.held.items():
+            try:
+                written = counts.bytes_written(held.sock)
+            except OSError:  # the client is gone: taking it over fails, and says so
+                written = None
+            stuck = died - held.handed < YOUNG and written == held.written
+            strikes = held.strikes + 1 if stuck else 0
+            if strikes >= STRIKES:
+                peer = held.terms.get("peer", "?") if held.terms else "?"
+                log.error("%s: closed: %d replacements in a row died on it without a reply", peer, strikes)
+                held.close()
+                self.recovery.recovered["closed"] += 1
+                continue
             id_ = next(self._ids)
             head = {"type": "recover", "id": id_, "was": old_id, "terms": held.terms, "record": held.record}
             if self._tell(new, head, fds=[held.sock.fileno()]):
-                new.held[id_] = _Held(held.sock)  # journaled again once the replacement has it
+                # Journaled again once the replacement has it.
+                new.held[id_] = _Held(held.sock, strikes=strikes, handed=time.monotonic(), written=written or 0)
                 new.given += 1
             else:
                 held.close()

@@ -169,6 +169,28 @@ def test_a_worker_that_dies_is_replaced_and_its_connections_taken_over(two_worke
         h.shutdown()
 
 
+def test_a_connection_whose_replacements_keep_dying_without_a_reply_is_closed(two_workers):
+    """A request that kills every worker that carries it out again must not do so for ever: a
+    connection on which three replacements in a row died soon after taking it over, writing nothing
+    to it, is closed.  (Here the connection is idle and its workers are killed.)"""
+    h = connect(two_workers, "disk")
+    assert h.pread(BLOCK, 0) == bytes(BLOCK)
+    index = int(re.search(r"worker (\d+): \S+: connected", two_workers.log_text()).group(1))
+    for kill in range(1, 5):
+        os.kill(two_workers.worker_pids()[index], signal.SIGKILL)
+        assert two_workers.logged(f"worker {index} started again", count=kill), two_workers.log_text()
+        if kill < 4:
+            assert two_workers.logged("took over 1 connection(s)", count=kill), two_workers.log_text()
+    assert two_workers.logged("3 replacements in a row died on it without a reply"), two_workers.log_text()
+    with pytest.raises(nbd.Error):
+        h.pread(BLOCK, 0)
+    samples = scrape(two_workers.metrics_url)
+    assert value(samples, "nbdserver_recovered_connections_total", outcome="closed") == 1
+    fresh = connect(two_workers, "disk")  # and the server serves on
+    assert fresh.pread(BLOCK, 0) == bytes(BLOCK)
+    fresh.shutdown()
+
+
 def test_a_worker_that_stops_answering_is_killed_and_replaced(start_server, image):
     """Its event loop stuck (here: SIGSTOP), a worker serves no one; the primary's pings find it."""
     server = start_server(image, "--processes", "2", "--worker-timeout", "2")
