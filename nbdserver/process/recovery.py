@@ -10,10 +10,11 @@ replacement and passes it the dead worker's arena and each journaled connection:
 
     primary                                    replacement worker
     arena + fd (the dead worker's)      ──▶    maps it to read
-    recover {id, terms, record} + fd    ──▶    per connection: the kernel's counts of the bytes read
+    recover {id, was, terms, record} + fd ──▶  per connection: the kernel's counts of the bytes read
                                                and written, and the journal, give what to send again
-                                               and what to receive again (journal.recover); the
-                                               connection goes on from there
+                                               and what to receive again (journal.recover)
+                                        ◀──    resuming {id, requests, resent}   before it goes on
+                                               from there (or ended {id}: closed)
     recovered                           ──▶    the arena is let go
                                         ◀──    recovered {resumed, closed}
 
@@ -31,7 +32,7 @@ import socket
 
 from ..block.buffers import ARENA_SIZE
 from ..serving import counts
-from ..serving.journal import JournalError, recover
+from ..serving.journal import JournalError, Recovered, recover
 from ..serving.server import Server
 from .handover import ConnectionTerms, adopt
 
@@ -49,21 +50,25 @@ class Recovery:
         self._view = memoryview(self._memory)
         self.resumed = self.closed = 0
 
-    async def take(
-        self, server: Server, terms: ConnectionTerms, record: int, was: int, sock: socket.socket, tag: int
-    ) -> bool:
-        """Go on with one connection of the dead process (which called it ``was``), here called
-        ``tag``; or close it if that cannot be done right (False)."""
+    def read(self, terms: ConnectionTerms, record: int, was: int, sock: socket.socket) -> Recovered | None:
+        """What to do for one connection of the dead process (which called it ``was``); None, the
+        connection closed, if that cannot be told right."""
         try:
             read, written = counts.bytes_read(sock), counts.bytes_written(sock)
             if read is None or written is None:
                 raise JournalError("the kernel counts no bytes of a Unix socket")
-            recovered = recover(self._view, record, was, read, written, terms.extended_headers)
+            return recover(self._view, record, was, read, written, terms.extended_headers)
         except (JournalError, OSError) as exc:
             log.warning("%s: closed, not taken over after a crash: %s", terms.peer, exc)
             _close(sock)
             self.closed += 1
-            return False
+            return None
+
+    async def resume(
+        self, server: Server, terms: ConnectionTerms, sock: socket.socket, tag: int, recovered: Recovered
+    ) -> bool:
+        """Go on with the connection, here called ``tag``, as ``recovered`` says; False if it cannot
+        be served here (closed)."""
         coroutine = adopt(server, terms, sock, recovered.pending, tag, recovered.resend)
         if coroutine is None:
             self.closed += 1

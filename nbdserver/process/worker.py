@@ -161,8 +161,15 @@ class Worker:
     async def _take_over(
         self, recovery: Recovery, terms: ConnectionTerms, head: dict[str, Any], sock: socket.socket
     ) -> None:
-        if not await recovery.take(self.server, terms, head["record"], head["was"], sock, head["id"]):
-            self._send({"type": "ended", "id": head["id"]})
+        recovered = recovery.read(terms, head["record"], head["was"], sock)
+        if recovered is not None:
+            # Before the requests are carried out again: should one of them kill this process too,
+            # the primary knows it was not the client's silence (see workers.py, strikes).
+            resuming = {"requests": recovered.requests, "resent": len(recovered.resend)}
+            self._send({"type": "resuming", "id": head["id"], **resuming})
+            if await recovery.resume(self.server, terms, sock, head["id"], recovered):
+                return
+        self._send({"type": "ended", "id": head["id"]})
 
     async def _recovered(self) -> None:
         """Every connection of the dead worker was taken over, or closed: its arena is let go."""

@@ -26,8 +26,9 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
                                             ◀──  count {connections, taken}   when it changed (once a turn of its loop)
                                             ◀──  journaled {id, terms, record}   in transmission, with a journal
                                             ◀──  ended {id}                      the primary may close its copy
-    arena + fd, recover {id, terms, record} + fd ..., recovered
+    arena + fd, recover {id, was, terms, record} + fd ..., recovered
                                             ──▶  a dead worker's connections, to a replacement (recovery.py)
+                                            ◀──  resuming {id, requests, resent}   for each, before it goes on
                                             ◀──  recovered {resumed, closed}
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
@@ -88,8 +89,7 @@ STOP_TIMEOUT = 60.0  # for a worker to finish its requests and exit
 MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then accepting waits
 RESTART_DELAY = 1.0  # before a worker that died on start is replaced: one that dies at once must not spin
 ON_START = 1.0  # seconds: a worker that dies sooner after its start is replaced after RESTART_DELAY
-YOUNG = 10.0  # seconds: a worker that dies this soon after taking a connection over, ...
-STRIKES = 3  # ... with not a byte written to it meanwhile, this often in a row: the connection is closed
+STRIKES = 3  # replacements in a row that died on a connection before answering what it took again
 
 Frame = tuple[dict[str, Any], bytes, list[int]]
 
@@ -122,11 +122,17 @@ class _Held:
     sock: socket.socket
     terms: dict[str, Any] | None = None  # once it is journaled
     record: int = -1  # where its journal is in the worker's arena
-    # Replacements in a row that died soon after taking it over, having written nothing to it: a
+    # Replacements in a row that died on it before writing anything past what they sent again: a
     # request that kills every worker that carries it out again must not do so for ever.
     strikes: int = 0
-    handed: float = 0.0  # when it was last handed to a replacement
-    written: int = -1  # the bytes written to it by then
+    written: int = -1  # the bytes written to it when it was last handed to a replacement,
+    requests: int = 1  # the requests that replacement took again (until it says, assume some),
+    resent: int = 0  # and the bytes of replies it sent again
+
+    def stuck(self, written: int | None) -> bool:
+        """Did the replacement it was last handed to die on it: having taken requests again, it
+        wrote nothing (``written``: the bytes written to it now) past the replies it sent again?"""
+        return written is not None and self.written >= 0 and self.requests > 0 and written <= self.written + self.resent
 
     def close(self) -> None:
         """Let go of the copy: with the worker's gone (or passed on in an upgrade), the last one."""
@@ -174,7 +180,8 @@ class WorkerPool:
         self._watching: asyncio.TimerHandle | None = None
         self._watched = 0.0  # when the last watch ran
         self._ids = itertools.count()  # of the connections passed to workers
-        self._recovering: dict[int, tuple[float, int]] = {}  # worker index -> (when its predecessor died, arena)
+        # Worker index -> when its predecessor died, that one's arena, its connections closed here.
+        self._recovering: dict[int, tuple[float, int, int]] = {}
         self.recovery = ServerStats()  # what /metrics shows of recoveries (the rest of it stays zero)
 
     # Life -----------------------------------------------------------------------------------
@@ -246,7 +253,7 @@ class WorkerPool:
                 )
             self._forget(worker)
             self._close_held(worker)
-        for _, arena in self._recovering.values():
+        for _, arena, _ in self._recovering.values():
             os.close(arena)
         self._recovering.clear()
         if self._ledger >= 0:
@@ -280,15 +287,15 @@ class WorkerPool:
             self._retired.append(worker.last)
         worker.open = worker.given = worker.taken = 0
         closed = sum(held.terms is None for held in worker.held.values())
-        _, arena = self._recovering.pop(worker.index, (0.0, -1))
+        _, arena, closed_before = self._recovering.pop(worker.index, (0.0, -1, 0))
+        self.recovery.recovered["closed"] += closed_before
         if arena >= 0:  # it died taking over from its predecessor: what it had not journaled is lost
             os.close(arena)
         self._close_held(worker, keep=True)
-        self.recovery.recovered["closed"] += closed
         self.on_change()
-        asyncio.get_running_loop().create_task(self._replace(worker, died))
+        asyncio.get_running_loop().create_task(self._replace(worker, died, closed))
 
-    async def _replace(self, old: _Worker, died: float) -> None:
+    async def _replace(self, old: _Worker, died: float, closed: int) -> None:
         loop = asyncio.get_running_loop()
         status = await loop.run_in_executor(None, old.proc.wait)
         log.error(
@@ -315,13 +322,16 @@ class WorkerPool:
             if self._stopping:
                 self._tell(new, {"type": "stop"})
                 break
-            self._hand_over_held(old, new, died)
+            self._hand_over_held(old, new, died, closed)
             return
+        self.recovery.recovered["closed"] += closed + len(old.held)
         self._close_held(old)
 
-    def _hand_over_held(self, old: _Worker, new: _Worker, died: float) -> None:
-        """Pass a dead worker's arena and journaled connections to its replacement (recovery.py)."""
+    def _hand_over_held(self, old: _Worker, new: _Worker, died: float, closed: int) -> None:
+        """Pass a dead worker's arena and journaled connections to its replacement (recovery.py);
+        ``closed``: its connections closed already (handshakes, TLS, Unix sockets)."""
         if not old.held:
+            self.recovery.recovered["closed"] += closed
             self._close_held(old)
             return
         self._tell(new, {"type": "arena"}, fds=[old.arena])
@@ -330,36 +340,37 @@ class WorkerPool:
                 written = counts.bytes_written(held.sock)
             except OSError:  # the client is gone: taking it over fails, and says so
                 written = None
-            stuck = died - held.handed < YOUNG and written == held.written
-            strikes = held.strikes + 1 if stuck else 0
+            strikes = held.strikes + 1 if held.stuck(written) else 0
             if strikes >= STRIKES:
                 peer = held.terms.get("peer", "?") if held.terms else "?"
                 log.error("%s: closed: %d replacements in a row died on it without a reply", peer, strikes)
                 held.close()
-                self.recovery.recovered["closed"] += 1
+                closed += 1
                 continue
             id_ = next(self._ids)
             head = {"type": "recover", "id": id_, "was": old_id, "terms": held.terms, "record": held.record}
             if self._tell(new, head, fds=[held.sock.fileno()]):
                 # Journaled again once the replacement has it.
-                new.held[id_] = _Held(held.sock, strikes=strikes, handed=time.monotonic(), written=written or 0)
+                new.held[id_] = _Held(held.sock, strikes=strikes, written=-1 if written is None else written)
                 new.given += 1
             else:
                 held.close()
+                closed += 1
         old.held.clear()
         self._tell(new, {"type": "recovered"})
-        self._recovering[new.index] = (died, old.arena)  # closed once the replacement has read it
+        self._recovering[new.index] = (died, old.arena, closed)  # the arena: closed once read
         old.arena = -1
         self.recovery.recoveries += 1
 
     def _recovered(self, worker: _Worker, head: dict[str, Any]) -> None:
-        died, arena = self._recovering.pop(worker.index, (time.monotonic(), -1))
+        died, arena, closed = self._recovering.pop(worker.index, (time.monotonic(), -1, 0))
         if arena >= 0:
             os.close(arena)
         pause = time.monotonic() - died
+        closed += head["closed"]
         stats = self.recovery
         stats.recovered["resumed"] += head["resumed"]
-        stats.recovered["closed"] += head["closed"]
+        stats.recovered["closed"] += closed
         stats.recovery_pause = pause
         stats.recovery_pause_total += pause
         log.warning(
@@ -368,7 +379,7 @@ class WorkerPool:
             worker.proc.pid,
             head["resumed"],
             pause,
-            head["closed"],
+            closed,
         )
 
     @property
@@ -416,6 +427,11 @@ class WorkerPool:
             held = worker.held.pop(head["id"], None)
             if held is not None:
                 held.sock.close()
+            return
+        if kind == "resuming":
+            held = worker.held.get(head["id"])
+            if held is not None:
+                held.requests, held.resent = head["requests"], head["resent"]
             return
         if kind == "recovered":
             self._recovered(worker, head)
