@@ -64,3 +64,47 @@ exercise() {
     umount "$MNT"
     detach
 }
+
+# nbd_clean: since `dmesg -c`, the nbd driver logged no error (its every complaint about a request,
+# a reply or a connection is one, level 3 or less), whatever its words; at detach it warns (level 4)
+# that it is "shutting down sockets", which is no error.
+nbd_clean() {
+    if dmesg -r | grep -E '^<[0-3]>.*block nbd' >/tmp/nbd-kernel; then
+        cat /tmp/nbd-kernel
+        say "ERROR the nbd driver complained"
+        return 1
+    fi
+}
+
+# under_writes REQUEST TIMES [nbd-client options]: ext4 on the export written with fsync by the
+# writer of _writer.sh (which the scenario sources) while the host is asked TIMES times, at random
+# moments, for REQUEST (see fs/guest/guest.py); then no write failed, e2fsck -fn is clean, every
+# fsynced file is intact once read back from the server, and the kernel logged no I/O error, ext4
+# error, aborted journal or NBD complaint. No timeout is set unless the options set one (-t): a
+# request the server dropped would hang, not pass. The fsynced files' checksums stay in /tmp/synced.
+under_writes() {
+    request=$1 times=$2
+    shift 2
+    dmesg -c >/dev/null  # what an earlier scenario made the kernel say is not this one's
+    attach -b 4096 "$@"
+    mkfs.ext4 -q -F "$DEV"
+    mount -t ext4 "$DEV" "$MNT"
+    mkdir "$MNT/data"
+    start_writer "$MNT/data"
+    n=0
+    while [ $n -lt "$times" ]; do
+        random_pause
+        host "$request"
+        n=$((n + 1))
+    done
+    stop_writer
+    sync
+    umount "$MNT"
+    fsck_clean
+    mount -t ext4 "$DEV" "$MNT"  # the files are read back from the server, not from the page cache
+    verify_synced "$MNT/data"
+    umount "$MNT"
+    detach
+    kernel_clean
+    nbd_clean
+}
