@@ -180,10 +180,11 @@ class Connection(asyncio.BufferedProtocol):
             negotiated, pending = self._resume
             self._resume = None
             self.server.connection_made(self, "taken over")
-            if self._resend:
-                transport.write(self._resend)  # the client is in the middle of these
-                self._resend = b""
-            self._start_transmission(negotiated, pending)
+            resend, self._resend = self._resend, b""
+            try:
+                self._start_transmission(negotiated, pending, resend)  # the client is in the middle of those
+            except ProtocolViolation as exc:  # in the bytes taken over
+                self._violation(exc)
             if self.export is not None and self.export.config.read_only:
                 self.refuse_writes()  # made read-only since the client was told otherwise
             return
@@ -278,17 +279,22 @@ class Connection(asyncio.BufferedProtocol):
         data = self._staging.take()
         try:
             events = handshake.receive_data(data)
-        finally:
-            out = handshake.data_to_send()
-            if out and self._transport is not None:
-                self._transport.write(out)
+        except ProtocolViolation:
+            self._transport.write(handshake.data_to_send())
+            raise
+        out = handshake.data_to_send()
+        negotiated = [event for event in events if isinstance(event, Negotiated)]
+        if out and not negotiated:
+            self._transport.write(out)
         for event in events:
             if isinstance(event, Aborted):
                 self._transport.close()
             elif isinstance(event, StartTls):
                 self._tls_task = self._loop.create_task(self._start_tls())
-            elif isinstance(event, Negotiated):
-                self._start_transmission(event, handshake.trailing_data)
+        if negotiated:
+            # The end of the handshake leaves as the first reply of the transmission phase: once
+            # the client has it, the connection must survive this process (see _send_first).
+            self._start_transmission(negotiated[0], handshake.trailing_data, out)
 
     async def _start_tls(self) -> None:
         """Run the TLS handshake over the connection (STARTTLS's ACK is on its way), then go on
@@ -335,7 +341,9 @@ class Connection(asyncio.BufferedProtocol):
         self.server.turn_away(self, "idle_timeout", f"no request for {quiet:.0f} s")
         self._begin_disconnect()
 
-    def _start_transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
+    def _start_transmission(self, negotiated: Negotiated, trailing: bytes, first: bytes = b"") -> None:
+        """``trailing``: bytes received behind the handshake (or, taken over, not taken yet);
+        ``first``: bytes to send before any reply (see _send_first)."""
         self._handshake = None
         if self._timer is not None:
             self._timer.cancel()
@@ -350,7 +358,24 @@ class Connection(asyncio.BufferedProtocol):
         log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
         if self.journal is not None:
             self.server.journaled(self)
+        if first:
+            self._send_first(first)
         self._consume()
+
+    def _send_first(self, data: bytes) -> None:
+        """Send what the client must receive before any reply: the end of the handshake, or the
+        replies a dead predecessor had not written.  Journaled, they go as a reply from the arena,
+        so that a crash before the kernel has them all sends the rest again."""
+        transport, export = self._transport, self.export
+        if self.journal is None or export is None:
+            if transport is not None:
+                transport.write(data)
+            return
+        block = export.pool.take(len(data))
+        view = block[: len(data)]
+        view[:] = data
+        self._unsent_blocks.append(block)  # given back once sent
+        self._send([view])
 
     def _open_journal(self, staged: bytes) -> Staging | None:
         """Journal this connection, where the server's memory outlives this process and the kernel

@@ -68,6 +68,7 @@ _HALF0: Final = 7
 _HALF1: Final = 8
 _HALF_SIZE: Final = 9
 _TAG: Final = 10
+_TAIL_OUT: Final = 11  # the stream offset where the reply at the log's tail starts (every byte before: written)
 FLAG_DISCONNECTING: Final = 1  # the client asked to disconnect: answer what was taken, then close
 FLAG_GIVEN_UP: Final = 2  # the journal could not keep up (see ``give_up``): the connection cannot be recovered
 # Words of a slot: where its header ended in the stream << 1 | 1 while taken (0: free; the end names
@@ -114,6 +115,7 @@ class Journal:
         words[_HALF0], words[_HALF1] = (max(arena.offset_of(h), 0) for h in self.halves)
         words[_HALF_SIZE] = halves
         words[_TAG] = tag
+        words[_TAIL_OUT] = out_base
         words[_FLAGS] = FLAG_GIVEN_UP if self.given_up else 0
         words[_MAGIC] = MAGIC  # last: now the journal counts
 
@@ -265,9 +267,11 @@ class Journal:
                 tail += RING_SIZE - (w << 3)
                 continue
             sizes = words[w + 2]
-            if words[w + 1] + (sizes >> 24) > offset:
+            end = words[w + 1] + (sizes >> 24)
+            if end > offset:
                 break
             tail += sizes & 0xFFFFFF
+            self._words[_TAIL_OUT] = end  # before the tail moves: an empty log always tells its end
         if tail != self._tail:
             self._tail = tail
             self._words[_TAIL] = tail
@@ -311,7 +315,7 @@ def recover(arena: memoryview, record: int, tag: int, read: int, written: int, e
         raise JournalError("the connection's journal had been given up")
     disconnecting = bool(words[_FLAGS] & FLAG_DISCONNECTING)
     replies = _replies(arena, block[RING_START:], words[_TAIL], words[_HEAD])
-    resend = _resend(replies, written)
+    resend = _resend(replies, words[_TAIL_OUT], written)
     consumed = words[_CONSUMED]
     slots = _slots(block, words, consumed)
     answered = {request for request, _, _ in replies}
@@ -361,11 +365,14 @@ def _replies(arena: memoryview, ring: memoryview, tail: int, head: int) -> list[
     return out
 
 
-def _resend(replies: list[tuple[int, int, bytes]], written: int) -> bytes:
-    """What of the logged replies the kernel was not given, from the exact byte."""
+def _resend(replies: list[tuple[int, int, bytes]], start: int, written: int) -> bytes:
+    """What of the logged replies (from stream offset ``start``) the kernel was not given, from the
+    exact byte."""
     if not replies:
+        if written != start:
+            raise JournalError(f"the kernel wrote {written} bytes; the log says {start}")
         return b""
-    first, last = replies[0][1], replies[-1][1] + len(replies[-1][2])
+    first, last = replies[0][1], replies[-1][1] + len(replies[-1][2])  # (start may be past first: see written)
     expected = first
     for _, offset, data in replies:
         if offset != expected:

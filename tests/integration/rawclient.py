@@ -142,8 +142,16 @@ def meta_request(name: str, queries: list[str]) -> bytes:
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str = "", port: int = 0, timeout: float = TIMEOUT, sock: socket.socket | None = None
+    ) -> None:
+        """Connect to ``host``:``port``, or speak on ``sock``, connected already (a Unix socket, say,
+        or one with options that must be set before it connects)."""
+        if sock is None:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            sock.settimeout(timeout)
+        self.sock = sock
         self.no_zeroes = False
         self.structured = False
         self.extended = False  # 32-byte requests and replies

@@ -243,3 +243,13 @@ def test_after_a_payload_received_in_place_the_staging_buffer_starts_behind_it(p
     assert side.recovered(OUT_BASE)[1] == header + payload + following[:10]
     side.journal.reply(slot, [b"W" * 16], None, None)
     assert side.recovered(OUT_BASE) == (b"W" * 16, following[:10])
+
+
+def test_an_empty_log_must_agree_with_the_kernel(pool):
+    """Every logged reply written and dropped: the kernel's count must be where the log ended."""
+    side = Side(pool)
+    side.journal.reply(-1, [b"D" * 40], None, None)
+    side.journal.written(OUT_BASE + 40)
+    assert side.recovered(OUT_BASE + 40) == (b"", b"")
+    with pytest.raises(JournalError):
+        side.recovered(OUT_BASE + 24)  # bytes the log no longer holds, which the kernel never had
