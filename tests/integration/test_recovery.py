@@ -36,7 +36,7 @@ import pytest
 
 from tests.conftest import MiB, ServerProcess, make_image, scrape, value, wait_for
 from tests.integration.rawclient import Cmd, RawClient
-from tests.integration.test_handover import BLOCK, Client
+from tests.integration.test_handover import BLOCK, Client, finish
 
 KILLS = 20
 RECOVERY_TIMEOUT = 60.0  # for a replacement to start and take over (it waits 1 s after a young death)
@@ -207,12 +207,7 @@ def test_twenty_kills_at_random_instants_fail_no_request(two_workers, tmp_path):
             kill(server, chance.choice(children(server)))
             assert not any(c.errors for c in clients), [c.errors for c in clients]
     finally:
-        for c in clients:
-            c.stop.set()
-        for c in clients:
-            c.join(60)
-    assert not any(c.is_alive() for c in clients)
-    assert [c.errors for c in clients] == [[], [], [], []]
+        finish(clients)
     took = pauses(server)
     print(
         f"{KILLS} kills, {sum(c.done for c in clients)} requests; recovery pauses: "
