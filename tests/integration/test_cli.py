@@ -362,14 +362,15 @@ def test_version():
     assert result.returncode == 0
     interpreter = f"{platform.python_implementation()} {platform.python_version()}"
     where = os.path.realpath(sys.executable)
-    expected = f"nbdserver {nbdserver.__version__} ({EXPECTED_BUILD}) on {interpreter} ({where})"
+    package = os.path.dirname(os.path.realpath(nbdserver.__file__))
+    expected = f"nbdserver {nbdserver.__version__} ({EXPECTED_BUILD}) on {interpreter} ({where}) from {package}"
     assert result.stdout.strip() == expected
 
 
 def test_the_log_says_which_build_and_interpreter_serve(server):
     assert server.log[0].endswith(
         f"({EXPECTED_BUILD}) on {platform.python_implementation()} {platform.python_version()} "
-        f"({os.path.realpath(sys.executable)})"
+        f"({os.path.realpath(sys.executable)}) from {os.path.dirname(os.path.realpath(nbdserver.__file__))}"
     ), server.log[0]
 
 
