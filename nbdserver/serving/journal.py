@@ -95,7 +95,6 @@ class Journal:
         halves = max(staged, STAGING_MAX)
         self.halves = (pool.take(halves), pool.take(halves))  # the staging buffer's two halves
         self._words = self._block[:RING_START].cast("Q")
-        self._bytes = self._block
         self._ring = self._block[RING_START:]
         self._ring_words = self._ring.cast("Q")
         self._base = in_base  # the stream offset of byte 0 of the staging half in use
@@ -148,7 +147,7 @@ class Journal:
             if offset < 0 and block is not None:
                 self.give_up("a payload outside the arena")
             words[w + 2] = NONE if offset < 0 else offset
-        self._bytes[at + _SLOT_HEADER : at + _SLOT_HEADER + length] = view[pos : pos + length]
+        self._block[at + _SLOT_HEADER : at + _SLOT_HEADER + length] = view[pos : pos + length]
         words[w] = end << 1 | 1
         words[_CONSUMED] = end  # the commit: the slot counts from here
         self._ends[slot] = end
@@ -295,7 +294,6 @@ class Recovered:
     resend: bytes  # the rest of the replies the kernel had not been given
     pending: bytes  # the requests taken and not answered, as the client sent them, then what came after
     requests: int  # how many requests are taken again
-    disconnecting: bool  # the client had asked to disconnect: what it sent after that is not taken
 
 
 def recover(arena: memoryview, record: int, tag: int, read: int, written: int, extended: bool) -> Recovered:
@@ -327,7 +325,7 @@ def recover(arena: memoryview, record: int, tag: int, read: int, written: int, e
         pending.append(encode_request_header(0, Command.DISC, 0, 0, 0, extended))
     else:
         pending.append(_after(arena, block, words, slots, consumed, read))
-    return Recovered(resend, b"".join(pending), len(requests) + (partial is not None), disconnecting)
+    return Recovered(resend, b"".join(pending), len(requests) + (partial is not None))
 
 
 def _replies(arena: memoryview, ring: memoryview, tail: int, head: int) -> list[tuple[int, int, bytes]]:
