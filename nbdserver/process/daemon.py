@@ -13,15 +13,16 @@ import os
 import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 from time import monotonic
 
 from .. import build
 from ..config import ConfigError, ServerConfig
 from ..serving.server import Server
-from . import fdstore, handover
+from . import fdstore, handover, keeper
 from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
-from .workers import WorkerError, WorkerPool
+from .workers import WorkerError, WorkerPool, pool_of
 
 log = logging.getLogger("nbdserver")
 
@@ -43,16 +44,20 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    pool = pool_of(server)
+    if pool is not None and fdstore.capacity() and notifier.enabled:
+        pool.keeper = keeper.Keeper(notifier)  # a crash of this process costs the clients a pause
     # Handlers first: a signal that arrives while starting (or right after "ready:") is not lost.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, notifier, reread)
-    upgrade = _Upgrade(server, notifier, successor_env, stop)
+    upgrade = _Upgrade(server, notifier, successor_env, stop, pool.keeper if pool is not None else None)
     loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     try:
         stored, named = fdstore.split(inherited_fds())
+        kept, stored = keeper.split(stored)
         sockets = listening_sockets(named)
         server.open_exports()
     except OSError as exc:
@@ -72,10 +77,19 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
             await _resume(server, sockets, inherited)
     except (OSError, handover.HandoverError) as exc:
         log.error("cannot %s: %s", "take over" if channel is not None else "listen", exc)
+        _close_kept(kept)  # (a restart's state, if any, is closed by the store: see fdstore.py)
         await server.shutdown()
         return 1
     finally:
-        fdstore.forget(notifier, stored)
+        fdstore.forget(notifier, [*stored, *kept])  # ours now: taken over, or closed
+    if kept and inherited is not None:  # copies of what a restart's state holds: served from it
+        for _, fd in kept:
+            os.close(fd)
+    elif kept and pool is not None:
+        _recover_kept(pool, kept)
+    elif kept:
+        log.warning("the previous process died: the connections it kept are closed (no worker processes here)")
+        _close_kept(kept)
     upgrade.serving()
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")
@@ -84,6 +98,10 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     log.info("shutting down")
     await upgrade.settle()  # an upgrade under way ends first: handed over, or taken back
     if not upgrade.done and fdstore.capacity() and notifier.enabled:
+        if pool is not None and pool.keeper is not None:
+            # The store keeps a descriptor once: our copies kept for a crash go first (they would
+            # hold the sockets the restart's state names), and nothing is kept for a crash again.
+            pool.keeper.drop_all()
         await fdstore.store(server, notifier, listeners=not sockets)  # for a restart; a stop closes them
     notifier.notify("STOPPING=1", "STATUS=finishing requests in flight")
     await server.shutdown()
@@ -91,6 +109,30 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         watchdog.cancel()
     notifier.close()
     return 0
+
+
+def _recover_kept(pool: WorkerPool, kept: list[tuple[str, int]]) -> None:
+    """The connections a dead predecessor kept in the store, to the workers (keeper.py)."""
+    arenas = keeper.inherit(kept)
+    connections = sum(len(arena.connections) for arena in arenas)
+    log.warning("the previous process died: taking over %d connection(s) it kept in the fd store", connections)
+    pool.recover_kept(arenas, _started())
+
+
+def _close_kept(kept: list[tuple[str, int]]) -> None:
+    for name, fd in kept:
+        if name.startswith(keeper.CONNECTION):
+            keeper.close(socket.socket(fileno=fd))
+        else:
+            os.close(fd)
+
+
+def _started() -> float:
+    """When this process started, on time.monotonic()'s clock (the recovery pause counts from it)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # starttime: clock ticks after boot
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return monotonic() - max(0.0, age)
 
 
 def _raise_descriptor_limit() -> None:
@@ -147,8 +189,11 @@ async def _resume(server: Server, sockets: list[tuple[str, socket.socket]], inhe
 class _Upgrade:
     """SIGUSR2: hand everything to a successor started from our command line, then exit."""
 
-    def __init__(self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event) -> None:
+    def __init__(
+        self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event, kept: keeper.Keeper | None
+    ) -> None:
         self._server, self._notifier, self._env, self._stop = server, notifier, env, stop
+        self._kept = kept
         self._task: asyncio.Task[None] | None = None
         self._serving = False
         self._asked = False  # SIGUSR2 came while starting: upgrade once serving
@@ -168,6 +213,13 @@ class _Upgrade:
         if self._task is not None:
             await self._task
 
+    def _before_go(self, pid: int) -> None:
+        """The successor has everything: what the store keeps for our crash is let go while we are
+        the main process (only it may change the store), and the service manager told who is now."""
+        if self._kept is not None:
+            self._kept.drop_all()
+        self._notifier.notify(f"MAINPID={pid}")
+
     def serving(self) -> None:
         self._serving = True
         if self._asked:
@@ -176,7 +228,7 @@ class _Upgrade:
     async def _run(self) -> None:
         log.info("SIGUSR2: upgrading: starting the successor")
         self._notifier.notify("STATUS=upgrading: starting the successor")
-        if await handover.hand_over(self._server, self._env, lambda pid: self._notifier.notify(f"MAINPID={pid}")):
+        if await handover.hand_over(self._server, self._env, self._before_go):
             self.done = True
             self._stop.set()
         else:

@@ -12,7 +12,9 @@ reload, an upgrade), so a worker ignores them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -41,8 +43,9 @@ log = logging.getLogger("nbdserver")
 class Worker:
     """One worker's side of the socket pair: a frame from the primary at a time."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: socket.socket, kept: bool = False) -> None:
         self.server = server
+        self._kept = kept  # the service manager keeps our connections should the primary die
         self.done = asyncio.Event()
         self._packed: Package | None = None
         self._loop = asyncio.get_running_loop()
@@ -50,13 +53,18 @@ class Worker:
         self._adopting: set[asyncio.Task[Any]] = set()  # connections being set up
         self._taken = 0  # connections received from the primary
         self._counting = False  # a count is due at the end of this turn of the loop
-        self._recovery: Recovery | None = None  # a dead worker's connections, being taken over
+        self._recoveries: dict[int, Recovery] = {}  # dead workers' arenas, their connections being taken over
         server.on_change = self._report_count
         server.on_journaled = self._journaled
         server.on_lost = self._ended
         self.channel = Channel(sock, self.receive, self._lost)
 
     def _lost(self) -> None:
+        if self._kept:
+            # It died (a stop says so first): its successor takes our connections from the service
+            # manager's store and our journals from the arena, which must stay as they are now.
+            log.warning("the primary is gone: exiting, the connections are kept for its successor")
+            os._exit(0)
         log.debug("the primary is gone")
         self.done.set()  # finish as at a stop
 
@@ -88,13 +96,13 @@ class Worker:
             else:
                 self._send({"type": "ended", "id": head.get("id", -1)})
         elif kind == "arena":
-            self._recovery = Recovery(fds[0])
-        elif kind == "recover" and self._recovery is not None:
+            self._recoveries[head.get("key", 0)] = Recovery(fds[0])
+        elif kind == "recover" and head.get("key", 0) in self._recoveries:
             terms = ConnectionTerms.from_json(head["terms"])
             sock = socket.socket(fileno=fds[0])
-            self._adopt(self._take_over(self._recovery, terms, head, sock))
-        elif kind == "recovered":
-            self._run(self._recovered())
+            self._adopt(self._take_over(self._recoveries[head.get("key", 0)], terms, head, sock))
+        elif kind == "recovered" and head.get("key", 0) in self._recoveries:
+            self._run(self._recovered(head.get("key", 0), self._recoveries.pop(head.get("key", 0))))
         elif kind == "snapshot":
             self._run(self._snapshot())
         elif kind == "reload":
@@ -149,9 +157,13 @@ class Worker:
 
     def _journaled(self, connection: Connection) -> None:
         """Tell the primary what it needs to have this connection taken over, should this process die."""
-        if connection.tag >= 0 and connection.journal is not None and connection.negotiated is not None:
+        journal = connection.journal
+        if connection.tag >= 0 and journal is not None and connection.negotiated is not None:
             terms = ConnectionTerms.of(connection.negotiated, connection.peer).to_json()
-            self._send({"type": "journaled", "id": connection.tag, "terms": terms, "record": connection.journal.record})
+            # In the journal too: a successor of a primary that died with us reads them there.
+            described = journal.describe(json.dumps(terms).encode())
+            head = {"type": "journaled", "id": connection.tag, "terms": terms, "record": journal.record}
+            self._send({**head, "described": described})
 
     def _ended(self, connection: Connection) -> None:
         """The primary may let go of its copy of the connection's socket."""
@@ -171,14 +183,12 @@ class Worker:
                 return
         self._send({"type": "ended", "id": head["id"]})
 
-    async def _recovered(self) -> None:
+    async def _recovered(self, key: int, recovery: Recovery) -> None:
         """Every connection of the dead worker was taken over, or closed: its arena is let go."""
         if self._adopting:
             await asyncio.wait(list(self._adopting))
-        recovery, self._recovery = self._recovery, None
-        if recovery is not None:
-            recovery.close()
-            self._send({"type": "recovered", "resumed": recovery.resumed, "closed": recovery.closed})
+        recovery.close()
+        self._send({"type": "recovered", "key": key, "resumed": recovery.resumed, "closed": recovery.closed})
 
     async def _package(self) -> None:
         self._packed = packed = await package(self.server, listeners=False)
@@ -196,7 +206,9 @@ class Worker:
         log.debug("reloaded: %s", "; ".join(changed))
 
 
-async def serve(config: ServerConfig, channel: socket.socket, ledger: Ledger, arena: Arena | None) -> int:
+async def serve(
+    config: ServerConfig, channel: socket.socket, ledger: Ledger, arena: Arena | None, kept: bool = False
+) -> int:
     try:
         server = Server(config, ledger, arena=arena)
         server.open_exports()
@@ -204,7 +216,7 @@ async def serve(config: ServerConfig, channel: socket.socket, ledger: Ledger, ar
         send_frame(channel, {"type": "failed", "why": str(exc)})
         return 1
     send_frame(channel, {"type": "ready"})
-    worker = Worker(server, channel)
+    worker = Worker(server, channel, kept)
     await worker.done.wait()
     await server.shutdown()
     worker.channel.close()
@@ -225,7 +237,7 @@ def main(argv: list[str]) -> int:
     # installed, before it hands over) passes none: count this worker's writes alone.
     ledger = Ledger(count, index, int(argv[2])) if len(argv) > 2 else Ledger()
     arena = Arena(int(argv[3])) if len(argv) > 3 else None  # likewise: without one, nothing is journaled
-    return uvloop.run(serve(share(config, count), channel, ledger, arena))
+    return uvloop.run(serve(share(config, count), channel, ledger, arena, bool(head.get("kept"))))
 
 
 if __name__ == "__main__":

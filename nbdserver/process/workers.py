@@ -80,6 +80,7 @@ from ..serving.server import Server
 from ..stats import ServerStats, Snapshot
 from .channel import Channel
 from .frames import FrameError, receive_frame, send_frame
+from .keeper import Keeper, KeptArena
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ MAX_ON_THE_WAY = 64  # connections passed to a worker and not yet taken; then ac
 RESTART_DELAY = 1.0  # before a worker that died on start is replaced: one that dies at once must not spin
 ON_START = 1.0  # seconds: a worker that dies sooner after its start is replaced after RESTART_DELAY
 STRIKES = 3  # replacements in a row that died on a connection before answering what it took again
+DIED, STARTED = "it died", "this process started"  # the recovery pause is counted from
 
 Frame = tuple[dict[str, Any], bytes, list[int]]
 
@@ -140,10 +142,22 @@ class _Held:
 
 
 @dataclass
+class _Recovering:
+    """A dead process's arena while a worker takes over its connections."""
+
+    died: float  # when it died (time.monotonic())
+    arena: int
+    closed: int  # its connections closed here, not passed on
+    worker: int  # the index of the worker taking them over
+    since: str  # what ``died`` is: DIED, or STARTED (a dead primary's, kept by the service manager)
+
+
+@dataclass
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
     arena: int  # the memory of its request buffers and journals (kept when it dies)
+    arena_key: int  # the arena's name here (and in the service manager's store)
     started: float = field(default_factory=time.monotonic)
     held: dict[int, _Held] = field(default_factory=dict)  # its connections, by id
     channel: Channel = field(init=False)
@@ -180,20 +194,24 @@ class WorkerPool:
         self._watching: asyncio.TimerHandle | None = None
         self._watched = 0.0  # when the last watch ran
         self._ids = itertools.count()  # of the connections passed to workers
-        # Worker index -> when its predecessor died, that one's arena, its connections closed here.
-        self._recovering: dict[int, tuple[float, int, int]] = {}
+        self._arena_keys = itertools.count()
+        # Arena key -> when the process that served from it died, the arena, its connections closed
+        # here, and the index of the worker taking the rest over.
+        self._recovering: dict[int, _Recovering] = {}
         self.recovery = ServerStats()  # what /metrics shows of recoveries (the rest of it stays zero)
+        self.keeper: Keeper | None = None  # the service manager's store, should this process die
 
     # Life -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every worker and wait until each has opened the exports; WorkerError if one cannot."""
-        try:
-            for index in range(self.count):
-                self._workers.append(await self._start(index))
-        except BaseException:
+        # Together: a start after a crash waits for them before taking the connections over.
+        started = await asyncio.gather(*(self._start(i) for i in range(self.count)), return_exceptions=True)
+        self._workers = [w for w in started if isinstance(w, _Worker)]
+        failed = [exc for exc in started if isinstance(exc, BaseException)]
+        if failed:
             await self.stop()
-            raise
+            raise failed[0]
         log.info("%d worker processes: pids %s", self.count, ", ".join(str(w.proc.pid) for w in self._workers))
         if self.config.worker_timeout:
             self._watched = time.monotonic()
@@ -223,7 +241,8 @@ class WorkerPool:
         ours.settimeout(START_TIMEOUT)
         loop = asyncio.get_running_loop()
         try:
-            send_frame(ours, {"type": "config"}, pickle.dumps((self.config, index, self.count)))
+            kept = self.keeper is not None
+            send_frame(ours, {"type": "config", "kept": kept}, pickle.dumps((self.config, index, self.count)))
             answer, _, _ = await loop.run_in_executor(None, receive_frame, ours)
         except (OSError, EOFError, FrameError) as exc:
             _kill(proc, ours)
@@ -233,7 +252,7 @@ class WorkerPool:
             _kill(proc, ours)
             os.close(arena)
             raise WorkerError(f"worker {index}: {answer.get('why', answer)}")
-        worker = _Worker(index, proc, arena)
+        worker = _Worker(index, proc, arena, next(self._arena_keys))
         worker.channel = Channel(ours, partial(self._receive, worker), partial(self._lost, worker))
         return worker
 
@@ -253,8 +272,8 @@ class WorkerPool:
                 )
             self._forget(worker)
             self._close_held(worker)
-        for _, arena, _ in self._recovering.values():
-            os.close(arena)
+        for key, recovering in self._recovering.items():
+            self._close_arena(key, recovering.arena)
         self._recovering.clear()
         if self._ledger >= 0:
             os.close(self._ledger)
@@ -272,10 +291,20 @@ class WorkerPool:
         for id_, held in list(worker.held.items()):
             if not (keep and held.terms is not None):
                 del worker.held[id_]
-                held.close()
+                self._let_go(id_, held)
         if not keep and worker.arena >= 0:
-            os.close(worker.arena)
+            self._close_arena(worker.arena_key, worker.arena)
             worker.arena = -1
+
+    def _let_go(self, id_: int, held: _Held) -> None:
+        if self.keeper is not None:
+            self.keeper.drop(id_)
+        held.close()
+
+    def _close_arena(self, key: int, fd: int) -> None:
+        if self.keeper is not None:
+            self.keeper.drop_arena(key)
+        os.close(fd)
 
     def _lost(self, worker: _Worker) -> None:
         """Its channel closed: it died.  Another takes its place, and its journaled connections."""
@@ -287,10 +316,11 @@ class WorkerPool:
             self._retired.append(worker.last)
         worker.open = worker.given = worker.taken = 0
         closed = sum(held.terms is None for held in worker.held.values())
-        _, arena, closed_before = self._recovering.pop(worker.index, (0.0, -1, 0))
-        self.recovery.recovered["closed"] += closed_before
-        if arena >= 0:  # it died taking over from its predecessor: what it had not journaled is lost
-            os.close(arena)
+        for key, recovering in list(self._recovering.items()):
+            if recovering.worker == worker.index:  # it died taking over: what it had not journaled is lost
+                del self._recovering[key]
+                self.recovery.recovered["closed"] += recovering.closed
+                self._close_arena(key, recovering.arena)
         self._close_held(worker, keep=True)
         self.on_change()
         asyncio.get_running_loop().create_task(self._replace(worker, died, closed))
@@ -322,20 +352,26 @@ class WorkerPool:
             if self._stopping:
                 self._tell(new, {"type": "stop"})
                 break
-            self._hand_over_held(old, new, died, closed)
+            self._hand_over(old.arena_key, old.arena, old.held, new, died, closed, DIED)
+            old.arena = -1
             return
         self.recovery.recovered["closed"] += closed + len(old.held)
         self._close_held(old)
 
-    def _hand_over_held(self, old: _Worker, new: _Worker, died: float, closed: int) -> None:
-        """Pass a dead worker's arena and journaled connections to its replacement (recovery.py);
-        ``closed``: its connections closed already (handshakes, TLS, Unix sockets)."""
-        if not old.held:
+    def _hand_over(
+        self, key: int, arena: int, held_there: dict[int, _Held], new: _Worker, died: float, closed: int, since: str
+    ) -> None:
+        """Pass a dead process's arena and journaled connections to a worker (recovery.py);
+        ``closed``: its connections closed already (handshakes, TLS, Unix sockets); ``since``: what
+        ``died`` was, for the log."""
+        if not held_there:
             self.recovery.recovered["closed"] += closed
-            self._close_held(old)
+            self._close_arena(key, arena)
             return
-        self._tell(new, {"type": "arena"}, fds=[old.arena])
-        for old_id, held in old.held.items():
+        self._tell(new, {"type": "arena", "key": key}, fds=[arena])
+        for old_id, held in held_there.items():
+            if self.keeper is not None and since == DIED:  # (a dead primary's were dropped before)
+                self.keeper.drop(old_id)  # kept again once journaled anew: its journal here is history
             try:
                 written = counts.bytes_written(held.sock)
             except OSError:  # the client is gone: taking it over fails, and says so
@@ -348,7 +384,7 @@ class WorkerPool:
                 closed += 1
                 continue
             id_ = next(self._ids)
-            head = {"type": "recover", "id": id_, "was": old_id, "terms": held.terms, "record": held.record}
+            head = {"type": "recover", "key": key, "id": id_, "was": old_id, "terms": held.terms, "record": held.record}
             if self._tell(new, head, fds=[held.sock.fileno()]):
                 # Journaled again once the replacement has it.
                 new.held[id_] = _Held(held.sock, strikes=strikes, written=-1 if written is None else written)
@@ -356,29 +392,40 @@ class WorkerPool:
             else:
                 held.close()
                 closed += 1
-        old.held.clear()
-        self._tell(new, {"type": "recovered"})
-        self._recovering[new.index] = (died, old.arena, closed)  # the arena: closed once read
-        old.arena = -1
+        held_there.clear()
+        self._tell(new, {"type": "recovered", "key": key})
+        self._recovering[key] = _Recovering(died, arena, closed, new.index, since)  # the arena: closed once read
         self.recovery.recoveries += 1
 
+    def recover_kept(self, kept: list[KeptArena], started: float) -> None:
+        """Pass the connections a dead primary kept in the service manager's store (keeper.py) to
+        the workers, one arena each in turn, as a dead worker's are passed to its replacement;
+        ``started``: when this process started (time.monotonic())."""
+        alive = [w for w in self._workers if w.alive]
+        for i, arena in enumerate(kept):
+            held = {c.tag: _Held(c.sock, c.terms, c.record) for c in arena.connections}
+            self._hand_over(next(self._arena_keys), arena.fd, held, alive[i % len(alive)], started, 0, STARTED)
+
     def _recovered(self, worker: _Worker, head: dict[str, Any]) -> None:
-        died, arena, closed = self._recovering.pop(worker.index, (time.monotonic(), -1, 0))
-        if arena >= 0:
-            os.close(arena)
-        pause = time.monotonic() - died
-        closed += head["closed"]
+        key = head.get("key", -1)
+        recovering = self._recovering.pop(key, None)
+        if recovering is None:
+            return
+        self._close_arena(key, recovering.arena)
+        pause = time.monotonic() - recovering.died
+        closed = recovering.closed + head["closed"]
         stats = self.recovery
         stats.recovered["resumed"] += head["resumed"]
         stats.recovered["closed"] += closed
         stats.recovery_pause = pause
         stats.recovery_pause_total += pause
         log.warning(
-            "worker %d (pid %d) took over %d connection(s) of its predecessor %.3f s after it died (%d closed)",
+            "worker %d (pid %d) took over %d connection(s) of its predecessor %.3f s after %s (%d closed)",
             worker.index,
             worker.proc.pid,
             head["resumed"],
             pause,
+            recovering.since,
             closed,
         )
 
@@ -422,11 +469,13 @@ class WorkerPool:
             held = worker.held.get(head["id"])
             if held is not None:
                 held.terms, held.record = head["terms"], head["record"]
+                if self.keeper is not None and head.get("described"):
+                    self.keeper.keep(head["id"], worker.arena_key, worker.arena, held.record, held.sock)
             return
         if kind == "ended":
             held = worker.held.pop(head["id"], None)
             if held is not None:
-                held.sock.close()
+                self._let_go(head["id"], held)
             return
         if kind == "resuming":
             held = worker.held.get(head["id"])

@@ -69,6 +69,9 @@ _HALF1: Final = 8
 _HALF_SIZE: Final = 9
 _TAG: Final = 10
 _TAIL_OUT: Final = 11  # the stream offset where the reply at the log's tail starts (every byte before: written)
+_TERMS: Final = 12  # the length of the terms kept at TERMS_AT (0: none yet)
+TERMS_AT: Final = 256  # the connection's terms, as its server describes them, for a primary that died too
+MAX_TERMS: Final = HEAD_SIZE - TERMS_AT
 FLAG_DISCONNECTING: Final = 1  # the client asked to disconnect: answer what was taken, then close
 FLAG_GIVEN_UP: Final = 2  # the journal could not keep up (see ``give_up``): the connection cannot be recovered
 # Words of a slot: where its header ended in the stream << 1 | 1 while taken (0: free; the end names
@@ -183,6 +186,16 @@ class Journal:
     def disconnecting(self) -> None:
         self._words[_FLAGS] |= FLAG_DISCONNECTING
 
+    def describe(self, terms: bytes) -> bool:
+        """Keep the connection's terms (what it negotiated, opaque here) beside its journal, for a
+        primary that dies with this process and whose successor finds only the arena; False if they
+        do not fit (the connection then survives this process's crash alone)."""
+        if len(terms) > MAX_TERMS:
+            return False
+        self._block[TERMS_AT : TERMS_AT + len(terms)] = terms
+        self._words[_TERMS] = len(terms)  # the commit
+        return True
+
     # Replies out ---------------------------------------------------------------------------
 
     def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
@@ -286,6 +299,27 @@ class Journal:
 # The replacement's side ------------------------------------------------------------------------
 
 
+def terms_at(arena: memoryview, record: int, tag: int) -> bytes:
+    """The terms kept with the journal at ``record`` of the connection called ``tag`` (``describe``);
+    JournalError if there is no such journal, or it keeps none."""
+    words = _head(arena, record, tag)
+    if not 0 < words[_TERMS] <= MAX_TERMS:
+        raise JournalError("the journal keeps no terms")
+    return bytes(arena[record + TERMS_AT : record + TERMS_AT + words[_TERMS]])
+
+
+def _head(arena: memoryview, record: int, tag: int) -> list[int]:
+    """The head words of the journal at ``record``, checked to be the one of connection ``tag``."""
+    if record < 0 or record + SIZE > len(arena):
+        raise JournalError("the journal is outside the arena")
+    words = arena[record : record + HEAD_SIZE].cast("Q").tolist()
+    if words[_MAGIC] != MAGIC:
+        raise JournalError(f"no journal of version {VERSION} there")
+    if words[_TAG] != tag:
+        raise JournalError("the journal there is another connection's")
+    return words
+
+
 @dataclass
 class Recovered:
     """What a replacement does for a connection: send ``resend`` first, then take ``pending`` as if
@@ -301,14 +335,9 @@ def recover(arena: memoryview, record: int, tag: int, read: int, written: int, e
     ``read``/``written``: every byte read from and written to the connection, as the kernel counts
     them; ``extended``: whether the connection has extended headers.  JournalError if the journal
     cannot be trusted."""
-    if record < 0 or record + SIZE > len(arena):
-        raise JournalError("the journal is outside the arena")
+    _head(arena, record, tag)
     block = arena[record : record + SIZE]
     words = block[:RING_START].cast("Q").tolist()
-    if words[_MAGIC] != MAGIC:
-        raise JournalError(f"no journal of version {VERSION} there")
-    if words[_TAG] != tag:
-        raise JournalError("the journal there is another connection's")
     if words[_FLAGS] & FLAG_GIVEN_UP:
         raise JournalError("the connection's journal had been given up")
     disconnecting = bool(words[_FLAGS] & FLAG_DISCONNECTING)

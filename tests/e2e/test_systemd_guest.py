@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
 import guest
 import systemd_guest
 
-SCENARIOS = ["install", "start", "socket", "reload", "blockdev", "restart", "watchdog", "stop"]
+SCENARIOS = ["install", "start", "socket", "reload", "blockdev", "restart", "watchdog", "crash", "stop"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,13 @@ def test_the_watchdog_restarts_a_stopped_server(run):
 def test_systemctl_restart_under_a_mounted_filesystem_fails_nothing(run):
     assert run.passed["restart"], tail(run)
     print(*run.lines("@@ RESTARTED"), sep="\n")
+
+
+def test_a_crash_of_the_whole_service_under_a_mounted_filesystem_fails_nothing(run):
+    """systemctl kill -s KILL five times, and the watchdog's abort: the fd store keeps the
+    connection, the restarted service takes it over (fs/scenarios/systemd/crash.sh)."""
+    assert run.passed["crash"], tail(run)
+    print(*run.lines("@@ CRASHED"), sep="\n")
 
 
 def test_systemctl_stop_exits_cleanly(run):

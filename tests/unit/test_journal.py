@@ -11,7 +11,7 @@ import pytest
 from nbdserver.block.buffers import Arena, BufferPool, arena_memory
 from nbdserver.protocol.constants import Command
 from nbdserver.protocol.transmission import encode_request_header
-from nbdserver.serving.journal import RING_SIZE, SLOTS, Journal, JournalError, recover
+from nbdserver.serving.journal import MAX_TERMS, RING_SIZE, SLOTS, Journal, JournalError, recover, terms_at
 from nbdserver.serving.staging import Staging
 
 SIZE = 1 << 30  # of the test's arena: address space only
@@ -253,3 +253,21 @@ def test_an_empty_log_must_agree_with_the_kernel(pool):
     assert side.recovered(OUT_BASE + 40) == (b"", b"")
     with pytest.raises(JournalError):
         side.recovered(OUT_BASE + 24)  # bytes the log no longer holds, which the kernel never had
+
+
+def test_the_terms_kept_beside_the_journal_are_read_back_by_a_successor_of_the_primary(pool):
+    """A primary that died with its worker finds the connection's terms in the journal alone."""
+    side = Side(pool)
+    view = pool.arena.view  # type: ignore[union-attr]
+    with pytest.raises(JournalError, match="keeps no terms"):
+        terms_at(view, side.journal.record, TAG)  # not described yet: not to be taken over by one
+    terms = b'{"export": "disk", "extended_headers": true}'
+    assert side.journal.describe(terms)
+    assert terms_at(view, side.journal.record, TAG) == terms
+    with pytest.raises(JournalError, match="another connection"):
+        terms_at(view, side.journal.record, TAG + 1)
+    assert not side.journal.describe(b"x" * (MAX_TERMS + 1))  # too long to keep: said, not cut
+    assert terms_at(view, side.journal.record, TAG) == terms
+    side.journal.close()
+    with pytest.raises(JournalError, match="no journal"):
+        terms_at(view, side.journal.record, TAG)  # the connection ended: nothing to take over

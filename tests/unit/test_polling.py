@@ -11,21 +11,28 @@ import uvloop
 from nbdserver.serving.polling import EMPTY_BEFORE_REST, REST, BusyPoll
 from nbdserver.stats import ServerStats
 
+# Windows far wider than the pauses between the events of a scenario (on a loaded machine the loop
+# may be kept off the CPU for tens of milliseconds), and each scenario waits a window and more
+# after its last event, so that its last window has ended when the counts are read.
+WINDOW = 0.25
+
 
 def test_answers_within_the_window_keep_one_window_open():
-    async def scenario() -> ServerStats:
+    async def scenario() -> tuple[ServerStats, float, float]:
         stats = ServerStats()
-        poll = BusyPoll(50_000, stats)  # 50 ms: wide enough for this machine's scheduling
+        poll = BusyPoll(int(WINDOW * 1e6), stats)
+        first = last = monotonic()
         for _ in range(20):
-            poll.arrived(monotonic())
+            poll.arrived(last)  # the window starts at the first one's time: ``first``
+            last = monotonic()  # the window ends a window after the last reply, which comes after this
             poll.replied()
             await asyncio.sleep(0.001)
-        await asyncio.sleep(0.2)
-        return stats
+        await asyncio.sleep(WINDOW + 0.05)
+        return stats, last - first, monotonic() - first
 
-    stats = uvloop.run(scenario())
+    stats, answers, total = uvloop.run(scenario())
     assert stats.busy_poll_windows == 1 and stats.busy_poll_empty_windows == 0
-    assert 0.05 < stats.busy_poll_seconds < 0.2  # the 20 ms of answers, then one window
+    assert answers + WINDOW <= stats.busy_poll_seconds <= total  # the answers, then one window
 
 
 def test_bytes_with_no_reply_between_are_no_answer():
@@ -33,12 +40,12 @@ def test_bytes_with_no_reply_between_are_no_answer():
 
     async def scenario() -> ServerStats:
         stats = ServerStats()
-        poll = BusyPoll(20_000, stats)
+        poll = BusyPoll(int(WINDOW * 1e6), stats)
         poll.arrived(monotonic())
         await asyncio.sleep(0.001)
         poll.arrived(monotonic())  # the payload, no reply yet
         poll.replied()
-        await asyncio.sleep(0.1)  # the client does not answer
+        await asyncio.sleep(WINDOW + 0.05)  # the client does not answer
         return stats
 
     stats = uvloop.run(scenario())
@@ -51,13 +58,13 @@ def test_a_reply_after_a_slow_read_opens_a_window_for_the_answer():
 
     async def scenario() -> ServerStats:
         stats = ServerStats()
-        poll = BusyPoll(20_000, stats)
+        poll = BusyPoll(int(WINDOW * 1e6), stats)
         poll.arrived(monotonic())
-        await asyncio.sleep(0.05)  # the disk takes longer than the window
+        await asyncio.sleep(WINDOW + 0.05)  # the disk takes longer than the window
         poll.replied()
         await asyncio.sleep(0.002)
         poll.arrived(monotonic())
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(WINDOW + 0.05)
         return stats
 
     stats = uvloop.run(scenario())
