@@ -10,9 +10,9 @@ MiB/s, IOPS and the head/base ratio.  ``--scrape`` fetches the head server's
 in the figures too.  ``--base-python`` and ``--head-python`` run the sides on
 other interpreters (each needs the server's dependencies, e.g. a venv's
 python), so that one revision can be compared with itself across builds of
-Python.
+Python.  ``--build mypyc`` serves each side's compiled build (builds.py) instead of its sources.
 
-    fs/bench/ab.py --base HEAD~1 [--head REV] [--only 4k] [--repeat 3] [--runtime 5] [--scrape]
+    fs/bench/ab.py --base HEAD~1 [--head REV] [--build mypyc] [--only 4k] [--repeat 3] [--runtime 5] [--scrape]
                    [--base-args '...'] [--head-args '...'] [--base-python PY] [--head-python PY]
                    [--dir /dev/shm] [--out results/ab.md]
 """
@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from builds import compiled_tree
 from common import fill, nbdserver_command, publish, run_fio, spread, start_server
 from merge_ab import IMAGE_SIZE, WORKLOADS, Workload, workload_args
 
@@ -86,6 +87,9 @@ def main() -> int:
     parser.add_argument("--head-args", default="", help="extra server arguments for the head")
     parser.add_argument("--base-python", default=sys.executable, help="the base's interpreter (default this one)")
     parser.add_argument("--head-python", default=sys.executable, help="the head's interpreter (default this one)")
+    parser.add_argument(
+        "--build", choices=("pure", "mypyc"), default="pure", help="serve each side's pure or compiled build"
+    )
     parser.add_argument("--scrape", action="store_true", help="scrape the head's /metrics every second")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
@@ -98,8 +102,10 @@ def main() -> int:
     sides = {"base": shlex.split(args.base_args), "head": shlex.split(args.head_args)}
     runs: dict[tuple[str, str], list] = {(w.name, side): [] for w in workloads for side in sides}
     with checkout(args.base) as base, checkout(args.head) as head, tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        trees = {"base": base, "head": head}
         pythons = {"base": args.base_python, "head": args.head_python}
+        trees = {"base": base, "head": head}
+        if args.build == "mypyc":
+            trees = {side: compiled_tree(pythons[side], tree) for side, tree in trees.items()}
         image = Path(tmp) / "bench.img"
         fill(image, IMAGE_SIZE)
         total, n = len(workloads) * len(sides) * args.repeat, 0
@@ -121,7 +127,7 @@ def main() -> int:
 def render(workloads: list[Workload], runs: dict, args: argparse.Namespace) -> str:
     head = args.head or "working tree"
     lines = [
-        f"{head} (head) against {args.base} (base): fio nbd engine, backing file in {args.dir}, "
+        f"{head} (head) against {args.base} (base), {args.build} builds: fio nbd engine, backing file in {args.dir}, "
         f"base on {interpreter(args.base_python)}, head on {interpreter(args.head_python)}, "
         f"{args.runtime} s runs, median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
         + (", head scraped every second" if args.scrape else ""),

@@ -17,29 +17,30 @@ CACHE = Path(os.environ.get("NBDSERVER_BENCH_CACHE", Path.home() / ".cache" / "n
 SOURCES = ("nbdserver", "setup.py", "pyproject.toml", "build_support", "README.md")
 
 
-def _files() -> list[Path]:
+def _files(root: Path) -> list[Path]:
     out = []
     for name in SOURCES:
-        path = ROOT / name
+        path = root / name
         out += sorted(p for p in path.rglob("*.py")) if path.is_dir() else [path]
     return out
 
 
 @functools.cache
-def compiled_tree(python: str = sys.executable) -> Path:
-    """A copy of the sources with the compiled modules beside them (built once per source state).
+def compiled_tree(python: str = sys.executable, root: Path = ROOT) -> Path:
+    """A copy of the sources of ``root`` (a checkout) with the compiled modules beside them (built
+    once per source state).
 
     Asked once per benchmark: sources edited during a run do not reach its later servers."""
     digest = hashlib.sha256(python.encode())
-    for path in _files():
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    for path in _files(root):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     tree = CACHE / f"mypyc-{digest.hexdigest()[:16]}"
     if tree.exists():
         return tree
     CACHE.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE))
-    for path in _files():
-        target = building / path.relative_to(ROOT)
+    for path in _files(root):
+        target = building / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     print(f"compiling the hot modules with mypyc into {tree} ...", file=sys.stderr)

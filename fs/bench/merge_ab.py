@@ -40,6 +40,7 @@ WORKLOADS = [
     Workload("4k seq read QD32", ("--rw=read", "--bs=4k", "--iodepth=32")),
     Workload("4k rand read QD32", ("--rw=randread", "--bs=4k", "--iodepth=32")),
     Workload("4k rand write QD1", ("--rw=randwrite", "--bs=4k", "--iodepth=1")),
+    Workload("4k rand read QD1", ("--rw=randread", "--bs=4k", "--iodepth=1")),
     Workload("1M seq write QD4", ("--rw=write", "--bs=1m", "--iodepth=4")),
     Workload("1M seq read QD4", ("--rw=read", "--bs=1m", "--iodepth=4")),
 ]
