@@ -5,7 +5,8 @@ Each revision is checked out in a temporary git worktree (the working tree
 itself stands for ``--head`` unless given) and served with
 ``PYTHONPATH=<tree> python -m nbdserver serve``.  For every workload the two
 alternate, each cell is repeated, and the table gives the median (min-max)
-MiB/s, IOPS and the head/base ratio.  ``--scrape`` fetches the head server's
+MiB/s, IOPS and the head/base ratio, and the server's CPU time (all its
+processes, user and system) per request, which drifts less with the machine.  ``--scrape`` fetches the head server's
 /metrics once a second while fio runs, so that the cost of being scraped is
 in the figures too.  ``--base-python`` and ``--head-python`` run the sides on
 other interpreters (each needs the server's dependencies, e.g. a venv's
@@ -33,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from builds import compiled_tree
-from common import fill, nbdserver_command, publish, run_fio, spread, start_server
+from common import FioResult, cpu_seconds, fill, nbdserver_command, publish, run_fio, spread, start_server
 from merge_ab import IMAGE_SIZE, WORKLOADS, Workload, workload_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,10 @@ def scrape_while(url: str, stop: threading.Event) -> None:
             urllib.request.urlopen(url, timeout=5).read()
 
 
-def run_cell(tree: Path, python: str, image: Path, workload: Workload, extra: list[str], runtime: int, scrape: bool):
+def run_cell(
+    tree: Path, python: str, image: Path, workload: Workload, extra: list[str], runtime: int, scrape: bool
+) -> tuple[FioResult, float]:
+    """fio's result, and the server's CPU (its processes', user and system) in µs per request."""
     # From inside the tree: "python -m" puts the working directory first on sys.path.
     server = start_server(nbdserver_command(image, extra, python), env={"PYTHONPATH": str(tree)}, cwd=tree)
     stop = threading.Event()
@@ -71,7 +75,9 @@ def run_cell(tree: Path, python: str, image: Path, workload: Workload, extra: li
             scraper = threading.Thread(target=scrape_while, args=(found[0], stop), daemon=True)
             scraper.start()
     try:
-        return run_fio(workload_args(server.port, workload, runtime), runtime + 120)
+        before = sum(cpu_seconds(server.pid))
+        result = run_fio(workload_args(server.port, workload, runtime), runtime + 120)
+        return result, (sum(cpu_seconds(server.pid)) - before) / max(1, result.requests) * 1e6
     finally:
         stop.set()
         if scraper is not None:
@@ -100,7 +106,8 @@ def main() -> int:
 
     workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
     sides = {"base": shlex.split(args.base_args), "head": shlex.split(args.head_args)}
-    runs: dict[tuple[str, str], list] = {(w.name, side): [] for w in workloads for side in sides}
+    runs: dict[tuple[str, str], list[FioResult]] = {(w.name, side): [] for w in workloads for side in sides}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     with checkout(args.base) as base, checkout(args.head) as head, tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         pythons = {"base": args.base_python, "head": args.head_python}
         trees = {"base": base, "head": head}
@@ -113,18 +120,23 @@ def main() -> int:
             for _ in range(args.repeat):
                 for side, extra in sides.items():
                     n += 1
-                    result = run_cell(
+                    result, us = run_cell(
                         trees[side], pythons[side], image, workload, extra, args.runtime, args.scrape and side == "head"
                     )
                     runs[(workload.name, side)].append(result)
-                    progress = f"[{n}/{total}] {workload.name}, {side}: {result.mibs:.0f} MiB/s"
+                    cpu[(workload.name, side)].append(us)
+                    progress = (
+                        f"[{n}/{total}] {workload.name}, {side}: {result.mibs:.0f} MiB/s, {us:.1f} µs CPU/request"
+                    )
                     print(progress, file=sys.stderr, flush=True)
-    table = render(workloads, runs, args)
+    table = render(workloads, runs, cpu, args)
     publish(table, args.out)
     return 0
 
 
-def render(workloads: list[Workload], runs: dict, args: argparse.Namespace) -> str:
+def render(
+    workloads: list[Workload], runs: dict[tuple[str, str], list[FioResult]], cpu: dict, args: argparse.Namespace
+) -> str:
     head = args.head or "working tree"
     lines = [
         f"{head} (head) against {args.base} (base), {args.build} builds: fio nbd engine, backing file in {args.dir}, "
@@ -132,15 +144,19 @@ def render(workloads: list[Workload], runs: dict, args: argparse.Namespace) -> s
         f"{args.runtime} s runs, median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}"
         + (", head scraped every second" if args.scrape else ""),
         "",
-        "| workload | MiB/s base | MiB/s head | head/base | IOPS base | IOPS head |",
-        "|---|---|---|---|---|---|",
+        "| workload | MiB/s base | MiB/s head | head/base | IOPS base | IOPS head "
+        "| server CPU µs/request base | head | head/base |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workloads:
         base, head_runs = runs[(w.name, "base")], runs[(w.name, "head")]
         ratio = statistics.median(r.mibs for r in head_runs) / statistics.median(r.mibs for r in base)
+        base_cpu, head_cpu = cpu[(w.name, "base")], cpu[(w.name, "head")]
+        cpu_ratio = statistics.median(head_cpu) / statistics.median(base_cpu)
         lines.append(
             f"| {w.name} | {spread([r.mibs for r in base], '.0f')} | {spread([r.mibs for r in head_runs], '.0f')} "
-            f"| {ratio:.2f}x | {spread([r.iops for r in base], '.0f')} | {spread([r.iops for r in head_runs], '.0f')} |"
+            f"| {ratio:.2f}x | {spread([r.iops for r in base], '.0f')} | {spread([r.iops for r in head_runs], '.0f')} "
+            f"| {spread(base_cpu, '.1f')} | {spread(head_cpu, '.1f')} | {cpu_ratio:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

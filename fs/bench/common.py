@@ -141,6 +141,7 @@ class FioResult:
     iops: float
     p99_us: float  # completion latency of the slower direction
     client_us: float = 0.0  # fio's own CPU (user and system) per request: where the client is the limit
+    requests: int = 0  # completed, every job and direction
 
 
 def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> FioResult:
@@ -169,7 +170,23 @@ def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None =
                 p99 = max(p99, side["clat_ns"]["percentile"]["99.000000"] / 1000)
     if not mibs:
         raise RuntimeError("fio moved no data")
-    return FioResult(mibs, iops, p99, client_s / requests * 1e6 if requests else 0.0)
+    return FioResult(mibs, iops, p99, client_s / requests * 1e6 if requests else 0.0, requests)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system (kernel) time of a process, its threads and its child processes (worker
+    processes) so far, and of the children it waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return 0.0, 0.0  # it exited meanwhile
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system = (int(fields[11]) + int(fields[13])) / tick, (int(fields[12]) + int(fields[14])) / tick
+    for child in children:
+        child_user, child_system = cpu_seconds(int(child))
+        user, system = user + child_user, system + child_system
+    return user, system
 
 
 def spread(values: Sequence[float], fmt: str) -> str:

@@ -47,6 +47,7 @@ from common import (
     FioResult,
     Server,
     ServerError,
+    cpu_seconds,
     fill,
     free_port,
     nbdserver_command,
@@ -248,22 +249,6 @@ class Cell:
     cpu_per_request: list[float] = field(default_factory=list)  # and µs per request
     kernel_per_request: list[float] = field(default_factory=list)  # of which in the kernel (system time)
     merged: list[float] = field(default_factory=list)  # nbdserver's requests per submission
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system (kernel) time of a process, its threads and its child processes (worker
-    processes) so far, and of the children it waited for."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return 0.0, 0.0  # it exited meanwhile
-    tick = os.sysconf("SC_CLK_TCK")
-    user, system = (int(fields[11]) + int(fields[13])) / tick, (int(fields[12]) + int(fields[14])) / tick
-    for child in children:
-        child_user, child_system = cpu_seconds(int(child))
-        user, system = user + child_user, system + child_system
-    return user, system
 
 
 def fio_args(workload: Workload, port: int, runtime: int, export: str = "") -> tuple[list[str], dict[str, str]]:

@@ -9,6 +9,7 @@ start gets them in ``LISTEN_FDS``/``LISTEN_FDNAMES``, and a stop closes what is 
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import random
 import signal
@@ -250,6 +251,23 @@ def crash(server: ServerProcess, everything: bool) -> None:
     assert wait_for(lambda: all(dead(pid) for pid in workers), timeout=30), workers  # alone, if not killed
 
 
+def kept_connections(store: FdStore, server: ServerProcess) -> int:
+    return sum(name.startswith("nbd-c") for name in crash_names(store, server))
+
+
+def stop_with_workers(server: ServerProcess) -> None:
+    """Stop a server, and kill its workers should it have died without them (a failed test)."""
+    pid = server.proc.pid
+    try:
+        workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        workers = []
+    server.stop()
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_crash_of_the_whole_service_costs_the_clients_a_pause(store, tmp_path):
     """Three connections (two on one export, one O_DIRECT) keep 64 requests in flight each, checked
     against a model, while the primary (and its workers, or not) is SIGKILLed at random instants and
@@ -271,7 +289,7 @@ def test_a_crash_of_the_whole_service_costs_the_clients_a_pause(store, tmp_path)
         for c in clients:
             c.start()
         for round_ in range(CRASHES):
-            assert wait_for(lambda s=server: len([n for n in crash_names(store, s) if n.startswith("nbd-c")]) == 3)
+            assert wait_for(lambda s=server: kept_connections(store, s) == 3)
             before = sum(c.done for c in clients)
             assert wait_for(lambda before=before: sum(c.done for c in clients) > before + 1000, timeout=60)
             time.sleep(chance.uniform(0, 0.030))  # a random instant of the traffic: what is tested, not a wait
@@ -283,14 +301,14 @@ def test_a_crash_of_the_whole_service_costs_the_clients_a_pause(store, tmp_path)
             assert server.logged("after this process started (0 closed)", 2, timeout=30), server.log_text()
             assert not any(c.errors for c in clients), [c.errors for c in clients]
         # Then systemctl restart, as after any start: the connections go through the store's other way.
-        assert wait_for(lambda s=server: len([n for n in crash_names(store, s) if n.startswith("nbd-c")]) == 3)
+        assert wait_for(lambda s=server: kept_connections(store, s) == 3)
         assert server.stop() == 0, server.log_text()
         server = store.start(args, env)
         servers.append(server)
         server.wait_ready()
         assert server.logged("took over 3 connection(s)"), server.log_text()
         # And a crash after it: what the restart resumed is kept again.
-        assert wait_for(lambda s=server: len([n for n in crash_names(store, s) if n.startswith("nbd-c")]) == 3)
+        assert wait_for(lambda s=server: kept_connections(store, s) == 3)
         before = sum(c.done for c in clients)
         assert wait_for(lambda: sum(c.done for c in clients) > before + 1000, timeout=60)
         crash(server, everything=False)
@@ -300,21 +318,24 @@ def test_a_crash_of_the_whole_service_costs_the_clients_a_pause(store, tmp_path)
         assert server.logged("after this process started (0 closed)", 2, timeout=30), server.log_text()
         before = sum(c.done for c in clients)
         assert wait_for(lambda: sum(c.done for c in clients) > before + 1000, timeout=60)
-    finally:
         finish(clients)
+        for c, name in ((clients[0], "disk"), (clients[1], "disk"), (clients[2], "direct")):
+            fresh = nbd.NBD()
+            fresh.connect_uri(f"nbd://127.0.0.1:{server.port}/{name}")
+            for block, data in c.model.items():
+                assert fresh.pread(BLOCK, block * BLOCK) == data
+            fresh.shutdown()
+        samples = scrape(server.metrics_url)
+        assert value(samples, "nbdserver_recovered_connections_total", outcome="resumed") == 3
+        for c in clients:
+            c.h.shutdown()
+        # The connections ended: out of the store (the arenas stay while the workers do).
+        assert wait_for(lambda: kept_connections(store, server) == 0), store.kept
+        assert server.stop() == 0
+        assert wait_for(lambda: not crash_names(store, server)), store.kept  # a stop lets the arenas go
+    finally:
+        for c in clients:
+            c.stop.set()
         print(server.log_text())
-    for c, name in ((clients[0], "disk"), (clients[1], "disk"), (clients[2], "direct")):
-        fresh = nbd.NBD()
-        fresh.connect_uri(f"nbd://127.0.0.1:{server.port}/{name}")
-        for block, data in c.model.items():
-            assert fresh.pread(BLOCK, block * BLOCK) == data
-        fresh.shutdown()
-    samples = scrape(server.metrics_url)
-    assert value(samples, "nbdserver_recovered_connections_total", outcome="resumed") == 3
-    for c in clients:
-        c.h.shutdown()
-    ended = lambda: not [n for n in crash_names(store, server) if n.startswith("nbd-c")]  # noqa: E731
-    assert wait_for(ended), store.kept  # the connections ended: out of the store (the arenas stay)
-    for s in servers:
-        s.stop()
-    assert wait_for(lambda: not crash_names(store, server)), store.kept  # a stop lets the arenas go
+        for s in servers:
+            stop_with_workers(s)

@@ -1,6 +1,7 @@
 # A crash of the whole service under ext4 mounted through the kernel's nbd-client, with fsynced
 # writes going on: `systemctl kill -s KILL nbdserver` (the primary and its workers at once) five
-# times, then the watchdog's abort of a server that stopped answering (SIGSTOP past WatchdogSec=).
+# times, once more after an upgrade in place (SIGUSR2), then the watchdog's abort of a server that
+# stopped answering (SIGSTOP past WatchdogSec=).
 # Each time systemd restarts the service (Restart=on-failure) and the new primary takes the
 # connection over from what the fd store kept (nbdserver/process/keeper.py): no write fails, the
 # kernel logs no I/O error, no ext4 error, no aborted journal and no NBD complaint, every fsynced
@@ -36,6 +37,19 @@ while [ $n -lt 5 ]; do
     n=$((n + 1))
 done
 
+# An upgrade in place, then a crash: the successor keeps the connection in the store anew (the
+# predecessor took its own copies out before it named the successor the main process).
+pid=$(unit MainPID)
+systemctl kill --kill-whom=main -s USR2 nbdserver
+tries=0
+until [ "$(unit MainPID)" != "$pid" ] && journal _PID="$(unit MainPID)" | grep -q "took over 1 connection(s); requests waited"; do
+    tries=$((tries + 1)); [ $tries -lt 600 ] || fail "the upgrade did not take the connection over within 60 s"; sleep 0.1
+done
+sleep 1
+pid=$(unit MainPID)
+systemctl kill -s KILL nbdserver
+restarted "$pid"
+
 mkdir -p /etc/systemd/system/nbdserver.service.d
 printf '[Service]\nWatchdogSec=4\n' >/etc/systemd/system/nbdserver.service.d/watchdog.conf
 systemctl daemon-reload
@@ -53,4 +67,4 @@ sleep 1
 
 written_intact
 systemctl restart nbdserver  # the usual watchdog again
-say "CRASHED 5 times (systemctl kill -s KILL) and aborted once by the watchdog under $(wc -l </tmp/synced) fsynced files; pauses from the kill to the connection taken over:$pauses s; from SIGSTOP (WatchdogSec=4): $watchdog s"
+say "CRASHED 5 times (systemctl kill -s KILL), once after an upgrade, and aborted once by the watchdog under $(wc -l </tmp/synced) fsynced files; pauses from the kill to the connection taken over:$pauses s; from SIGSTOP (WatchdogSec=4): $watchdog s"
