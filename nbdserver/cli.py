@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  nbdserver serve disk.img\n"
             "  nbdserver serve --size 1G new.img\n"
             "  nbdserver serve --export name=a,path=a.img --export name=b,path=b.img,read-only\n"
-            "  nbdserver serve --listen '[::1]:10809' --listen unix:/run/nbd.sock disk.img"
+            "  nbdserver serve --listen '[::1]:10809' --listen unix:/run/nbd.sock disk.img\n"
+            "  nbdserver serve --rbd-conf /etc/ceph/ceph.conf --rbd-id nbd rbd:rbd/vm1"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"read settings and exports from this TOML file (e.g. {configfile.DEFAULT_PATH}); flags override it",
     )
-    serve.add_argument("path", nargs="?", type=Path, help="backing file or block device of the export named by --name")
+    serve.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help="backing file or block device of the export named by --name, or a Ceph RBD image: "
+        "rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE",
+    )
     serve.add_argument("--name", default="", help="name of that export (default: the empty name)")
     serve.add_argument("--description", default="", help="description of that export")
     serve.add_argument("--read-only", "-r", action="store_true", help="export it read-only")
@@ -78,19 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arg(parse_export),
         metavar="SPEC",
         help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=require]"
-        "[,allow=NET+NET][,description=TEXT] (repeatable)",
+        "[,allow=NET+NET][,rbd-conf=FILE][,rbd-id=USER][,description=TEXT] (repeatable; PATH may be rbd:POOL/IMAGE)",
+    )
+    serve.add_argument(
+        "--rbd-conf",
+        type=Path,
+        metavar="FILE",
+        help="the ceph.conf of RBD exports (default: as librados finds it: $CEPH_CONF, /etc/ceph/ceph.conf)",
+    )
+    serve.add_argument("--rbd-id", metavar="USER", help="the cephx user RBD exports connect as (default admin)")
+    serve.add_argument(
+        "--rbd-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="for connecting to the Ceph cluster, opening an image, and each request to it; "
+        "a request not answered in time fails with EIO (default 30)",
     )
     serve.add_argument(
         "--cache",
         choices=CACHE_MODES,
         default="buffered",
-        help="of PATH: buffered (through the page cache, the default) or direct (O_DIRECT)",
+        help="of PATH: buffered (through the page cache, the default) or direct (O_DIRECT; "
+        "for an RBD image, librbd's cache off)",
     )
     serve.add_argument(
         "--engine",
         choices=ENGINES,
         help="how I/O that must wait is issued: uring (io_uring), threads (a thread pool), "
-        "or auto (uring where it works, else threads; the default)",
+        "or auto (uring where it works, else threads; the default); RBD images always go through librbd",
     )
     serve.add_argument(
         "--default-export", help='export chosen by the empty name (default: the export named "", else the first)'
@@ -273,6 +295,9 @@ _OVERRIDES = {
     "idle_timeout": "idle_timeout",
     "busy_poll": "busy_poll_us",
     "worker_timeout": "worker_timeout",
+    "rbd_conf": "rbd_conf",
+    "rbd_id": "rbd_id",
+    "rbd_timeout": "rbd_timeout",
 }
 
 
@@ -311,7 +336,9 @@ def check_config(path: Path) -> int:
     except ConfigError as exc:
         print(f"nbdserver: {exc}", file=sys.stderr)
         return 1
-    problems = [f"{path}: export {e.name!r}: {problem}" for e in config.exports if (problem := _backing_problem(e))]
+    problems = [
+        f"{path}: export {e.name!r}: {problem}" for e in config.exports if (problem := _backing_problem(e, config))
+    ]
     try:
         tls_context(config)
     except ConfigError as exc:
@@ -322,12 +349,16 @@ def check_config(path: Path) -> int:
         return 1
     names = ", ".join(repr(e.name) for e in config.exports)
     listeners = ", ".join(map(str, config.listeners))
-    print(f"{path}: OK: {len(config.exports)} export(s) ({names}) on {listeners}")
+    images = sum(e.rbd is not None for e in config.exports)
+    unchecked = f" ({images} RBD image(s) not checked: the cluster is not contacted)" if images else ""
+    print(f"{path}: OK: {len(config.exports)} export(s) ({names}) on {listeners}{unchecked}")
     return 0
 
 
-def _backing_problem(export: ExportConfig) -> str | None:
+def _backing_problem(export: ExportConfig, server: ServerConfig) -> str | None:
     """Why the server could not open this export's backing file, as far as can be told without opening it."""
+    if export.rbd is not None:
+        return _rbd_problem(export.rbd_conf or server.rbd_conf)
     path = export.path
     if not path.exists():
         if export.create_size is None:
@@ -339,6 +370,14 @@ def _backing_problem(export: ExportConfig) -> str | None:
         return f"path {path}: not a regular file or block device"
     if not os.access(path, os.R_OK if export.read_only else os.R_OK | os.W_OK):
         return f"path {path}: not {'readable' if export.read_only else 'readable and writable'} by this user"
+    return None
+
+
+def _rbd_problem(conf: Path | None) -> str | None:
+    """An RBD image's Ceph configuration file, if one is named, must be readable; the image itself
+    is not looked for (that would take connecting to the cluster)."""
+    if conf is not None and not os.access(conf, os.R_OK):
+        return f"rbd-conf {conf}: {'not readable by this user' if conf.exists() else 'does not exist'}"
     return None
 
 

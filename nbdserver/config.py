@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.file import IOV_MAX
+from .backing.librbd import DEFAULT_TIMEOUT as DEFAULT_RBD_TIMEOUT
+from .backing.librbd import RbdName, rbd_name
 from .block.merge import MAX_SEGMENTS, MAX_SUBMISSION_BYTES, MergeLimits
 from .protocol.constants import NBD_DEFAULT_PORT
 
@@ -50,6 +52,17 @@ class ExportConfig:
     max_inflight_bytes: int | None = None  # across the export's connections; None: the server's default
     tls: str | None = None  # "require": reachable only through TLS; None: as the server says
     allow: tuple[Network, ...] | None = None  # TCP clients it serves; None: as the server says
+    rbd_conf: Path | None = None  # an RBD image's cluster: this ceph.conf; None: as the server says
+    rbd_id: str | None = None  # the cephx user it connects as; None: as the server says
+
+    @property
+    def rbd(self) -> RbdName | None:
+        """The Ceph RBD image it serves (a path ``rbd:POOL/IMAGE``), or None: a file.
+        ConfigError if the path starts with ``rbd:`` but names no image."""
+        try:
+            return rbd_name(str(self.path))
+        except ValueError as exc:
+            raise ConfigError(f"export {self.name!r}: {exc}") from None
 
     def tls_required(self, server: ServerConfig) -> bool:
         return (self.tls or server.tls) == "require"
@@ -114,15 +127,30 @@ class ServerConfig:
     idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
     busy_poll_us: int = DEFAULT_WINDOW_US  # the event loop polls this long after a request arrives (polling.py)
     worker_timeout: float = 30.0  # seconds a worker process may leave a ping unanswered before it is replaced; 0: never
+    rbd_conf: Path | None = None  # the ceph.conf of RBD exports without their own; None: librados's search
+    rbd_id: str | None = None  # the cephx user of RBD exports without their own; None: admin
+    rbd_timeout: float = DEFAULT_RBD_TIMEOUT  # seconds to connect, open, or have a request answered
 
     @property
-    def worker_processes(self) -> int:
-        """How many worker processes serve connections (0: this one serves them itself).  Left to
-        itself, the server runs one per CPU, and one on a single CPU too: a worker that dies costs
-        its clients a pause (process/recovery.py), where this process's death would end them."""
+    def asked_processes(self) -> int:
+        """How many worker processes the configuration asks for (0: none, this one serves).  Left
+        to itself, the server runs one per CPU, and one on a single CPU too: a worker that dies
+        costs its clients a pause (process/recovery.py), where this process's death would end them."""
         if self.processes != AUTO_PROCESSES:
             return self.processes if self.processes > 1 else 0
         return min(len(os.sched_getaffinity(0)), AUTO_PROCESSES_MAX)
+
+    @property
+    def worker_processes(self) -> int:
+        """How many worker processes serve connections (0: this one serves them itself): as asked,
+        but one at most with an RBD export, so that one process alone writes each image (with
+        exclusive-lock, two writers would pass the lock back and forth at every write)."""
+        asked = self.asked_processes
+        return min(asked, 1) if self.has_rbd else asked
+
+    @property
+    def has_rbd(self) -> bool:
+        return any(export.rbd is not None for export in self.exports)
 
     @property
     def merge_limits(self) -> MergeLimits:
@@ -142,6 +170,7 @@ class ServerConfig:
                 raise ConfigError(
                     f"export {export.name!r}: cache mode {export.cache!r} is not one of {', '.join(CACHE_MODES)}"
                 )
+            self._validate_rbd(export)
         self._validate_tls()
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
@@ -171,6 +200,22 @@ class ServerConfig:
             raise ConfigError("in-flight limits must be at least 1 byte")  # a request above them still runs, alone
         if not 1 <= self.max_segments <= IOV_MAX:
             raise ConfigError(f"max segments must be between 1 and {IOV_MAX} (IOV_MAX)")
+        if self.rbd_timeout <= 0:
+            raise ConfigError("the RBD timeout must be positive")
+
+    def _validate_rbd(self, export: ExportConfig) -> None:
+        if export.rbd is None:
+            if export.rbd_conf is not None or export.rbd_id is not None:
+                raise ConfigError(f"export {export.name!r}: rbd-conf and rbd-id are for RBD images (path=rbd:...)")
+            return
+        if export.create_size is not None:
+            raise ConfigError(
+                f"export {export.name!r}: a size creates files, not RBD images: create it with "
+                f"rbd create --size SIZE {str(export.path).removeprefix('rbd:')}"
+            )
+        for user in (export.rbd_id, self.rbd_id):
+            if user is not None and (not user or user == "client." or any(c.isspace() for c in user)):
+                raise ConfigError(f"export {export.name!r}: bad cephx user {user!r}")
 
     def _validate_tls(self) -> None:
         if self.tls not in TLS_MODES:
@@ -257,7 +302,8 @@ def parse_listener(text: str) -> Listener:
 
 
 def parse_export(text: str) -> ExportConfig:
-    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,allow=NET+NET][,description=TEXT]``.
+    """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,allow=NET+NET]
+    [,rbd-conf=FILE][,rbd-id=USER][,description=TEXT]``; PATH may be ``rbd:POOL/IMAGE``.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
@@ -271,7 +317,7 @@ def parse_export(text: str) -> ExportConfig:
         key, eq, value = item.partition("=")
         if key in ("read-only", "ro") and not eq:
             fields["read-only"] = "1"
-        elif key in ("name", "path", "size", "cache", "tls", "allow") and eq:
+        elif key in ("name", "path", "size", "cache", "tls", "allow", "rbd-conf", "rbd-id") and eq:
             fields[key] = value
         else:
             raise ConfigError(f"bad export option {item!r} in {text!r}")
@@ -286,4 +332,6 @@ def parse_export(text: str) -> ExportConfig:
         cache=fields.get("cache", "buffered"),
         tls=fields.get("tls"),
         allow=parse_networks(fields["allow"]) if "allow" in fields else None,
+        rbd_conf=Path(fields["rbd-conf"]) if "rbd-conf" in fields else None,
+        rbd_id=fields.get("rbd-id"),
     )

@@ -23,6 +23,12 @@ Keys are spelled like the command-line flags::
     max-export-inflight = "128M"
     tls = "require"                   # selective TLS: only this export needs it
 
+    [[export]]
+    name = "ceph"
+    path = "rbd:rbd/vm1"              # a Ceph RBD image: rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE
+    rbd-conf = "/etc/ceph/ceph.conf"  # its cluster (default: as librados finds it; also a server key)
+    rbd-id = "nbd"                    # the cephx user (default admin; also a server key)
+
 Every error names the file, the key and what is wrong with it.
 """
 
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .backing import ENGINES
+from .backing.librbd import PREFIX as RBD_PREFIX
 from .config import (
     CACHE_MODES,
     LOG_LEVELS,
@@ -66,8 +73,11 @@ def load(path: Path) -> ServerConfig:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     for export in config.exports:  # relative to the file, not to wherever the server was started
-        export.path = path.parent / export.path
-    for name in ("tls_certificate", "tls_key", "tls_ca"):
+        if not str(export.path).startswith(RBD_PREFIX):  # an RBD image's name is no file's
+            export.path = path.parent / export.path
+        if export.rbd_conf is not None:
+            export.rbd_conf = path.parent / export.rbd_conf
+    for name in ("tls_certificate", "tls_key", "tls_ca", "rbd_conf"):
         if (value := getattr(config, name)) is not None:
             setattr(config, name, path.parent / value)
     return config
@@ -261,6 +271,9 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "idle-timeout": ("idle_timeout", _seconds),
     "busy-poll": ("busy_poll_us", _int),
     "worker-timeout": ("worker_timeout", _seconds),
+    "rbd-conf": ("rbd_conf", _path),
+    "rbd-id": ("rbd_id", _str),
+    "rbd-timeout": ("rbd_timeout", _seconds),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),
@@ -272,4 +285,6 @@ _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max-export-inflight": ("max_inflight_bytes", _size),
     "tls": ("tls", _one_of(TLS_MODES)),
     "allow": ("allow", _networks),
+    "rbd-conf": ("rbd_conf", _path),
+    "rbd-id": ("rbd_id", _str),
 }

@@ -40,9 +40,25 @@ DEFAULT_WORKERS = 16
 Done = Callable[[object, BaseException | None], None]
 
 
+class Store(Protocol):
+    """What an export serves, as the export sees it: a file or block device
+    (:class:`~nbdserver.backing.file.Backing`) or an RBD image
+    (:class:`~nbdserver.backing.librbd.RbdImage`)."""
+
+    size: int
+    read_only: bool
+    offset_align: int  # direct transfers must start and end on multiples of this (1: any)
+
+    @property
+    def direct(self) -> bool: ...  # O_DIRECT beside the page cache: requests sharing a page are ordered
+    def close(self) -> None: ...
+
+
 class Engine(Protocol):
-    name: str  # as ENGINES spells it
-    backing: Backing
+    name: str  # as ENGINES spells it, or "rbd"
+
+    @property
+    def backing(self) -> Store: ...
 
     def readv_now(self, offset: int, segments: Sequence[Segment]) -> bool: ...
     def read_sparse_now(self, offset: int, segments: Sequence[Segment]) -> list[Extent] | None: ...

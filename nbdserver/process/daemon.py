@@ -18,6 +18,7 @@ from collections.abc import Callable
 from time import monotonic
 
 from .. import build
+from ..backing.librbd import RbdError
 from ..config import ConfigError, ServerConfig
 from ..serving.server import Server
 from . import fdstore, handover, keeper
@@ -28,7 +29,8 @@ log = logging.getLogger("nbdserver")
 
 
 async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if the server cannot start.
+    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if the server cannot start (2 if
+    the configuration cannot work: an RBD image that cannot be opened, say).
 
     ``reread`` gives the configuration anew (file and command line) for SIGHUP.
     """
@@ -44,6 +46,12 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    if count < config.asked_processes:
+        log.info(
+            "an RBD image is exported: one worker process serves every connection (not %d), "
+            "so that one process alone writes the image",
+            config.asked_processes,
+        )
     pool = pool_of(server)
     if pool is not None and fdstore.capacity() and notifier.enabled:
         pool.keeper = keeper.Keeper(notifier)  # a crash of this process costs the clients a pause
@@ -62,7 +70,7 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         server.open_exports()
     except OSError as exc:
         log.error("cannot open export: %s", exc)
-        return 1
+        return 2 if isinstance(exc, RbdError) else 1  # 2: as for a configuration that cannot work
     try:
         await server.start_workers()
     except WorkerError as exc:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from ..backing import Backing, open_engine
+from ..backing import Backing, Engine, Store, open_engine
+from ..backing.librbd import RbdEngine, RbdImage
 from ..block import RequestQueue
 from ..block.buffers import PAGE_SIZE, BufferPool, ByteBudget
-from ..block.ledger import Ledger
+from ..block.ledger import Account, Ledger
 from ..config import ConfigError, ExportConfig, ServerConfig
 from ..protocol import ExportInfo
 from ..protocol import TransmissionFlag as TF
@@ -45,15 +46,8 @@ class Export:
         self.pool = pool
         # Its own in-flight budget, within the server's (``budget``).
         self.budget = ByteBudget(config.max_inflight_bytes or server.max_export_inflight_bytes, budget)
-        self.backing = backing = Backing(
-            config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
-        )
-        try:
-            written = ledger.account(backing.fd)
-            self.engine = open_engine(server.engine, backing, server.workers)
-        except BaseException:
-            backing.close()
-            raise
+        self.backing, self.engine, written = _open(config, server, ledger)
+        backing = self.backing
         # Direct and page-cache I/O meet on whole pages: order requests that share one.
         granule = min(max(PAGE_SIZE, backing.offset_align), MAX_HAZARD_GRANULE) if backing.direct else 1
         self.queue = RequestQueue(
@@ -94,3 +88,36 @@ class Export:
             await self.engine.flush()
         self.engine.close()
         log.info("export %r: %s", self.name, self.queue.stats.summary())
+
+
+def _open(config: ExportConfig, server: ServerConfig, ledger: Ledger) -> tuple[Store, Engine, Account | None]:
+    """What the export serves, its engine, and where the writes to it are counted (None: by this
+    process alone)."""
+    rbd = config.rbd
+    if rbd is not None:
+        # One process writes an RBD image (config.py: worker_processes): its writes are counted here.
+        image = RbdImage(
+            rbd,
+            read_only=config.read_only,
+            conf=config.rbd_conf or server.rbd_conf,
+            client_id=config.rbd_id or server.rbd_id,
+            timeout=server.rbd_timeout,
+            cache=config.cache != "direct",
+        )
+        try:
+            engine = RbdEngine(image)
+        except BaseException:
+            image.close()
+            raise
+        if server.engine != "auto":
+            log.info("export %r: an RBD image: served by librbd, not engine %s", config.name, server.engine)
+        return image, engine, None
+    backing = Backing(
+        config.path, read_only=config.read_only, create_size=config.create_size, direct=config.cache == "direct"
+    )
+    try:
+        written = ledger.account(backing.fd)
+        return backing, open_engine(server.engine, backing, server.workers), written
+    except BaseException:
+        backing.close()
+        raise

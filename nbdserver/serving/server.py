@@ -300,6 +300,15 @@ class Server:
         changed: list[str] = []
         refused: list[str] = []
         old = {e.name: e for e in self.config.exports}
+        if self.workers is not None and self.workers.count > 1:
+            # Each worker would open it and write it: one process alone writes an RBD image.
+            added = [e for e in new.exports if e.rbd is not None and e.name not in old]
+            for config in added:
+                refused.append(
+                    f"export {config.name!r} not added: an RBD image is served by one process, "
+                    f"and {self.workers.count} serve here (a restart serves it with one)"
+                )
+            new = replace(new, exports=[e for e in new.exports if e not in added])
         for config in new.exports:
             if config.name not in old:
                 try:
@@ -448,8 +457,11 @@ _RESTART_FIELDS = (
     "idle_timeout",
     "busy_poll_us",
     "worker_timeout",
+    "rbd_conf",
+    "rbd_id",
+    "rbd_timeout",
 )
-_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow")
+_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow", "rbd_conf", "rbd_id")
 
 
 async def _unix_server(
