@@ -274,6 +274,7 @@ def test_nbdcopy_both_ways(ceph_cluster, image, start_server, tmp_path):
     back.write_bytes(b"")
     subprocess.run(["nbdcopy", server.uri(), str(back)], check=True, timeout=300)
     assert back.read_bytes() == data
+    assert server.stop() == 0  # SIGTERM: flushed, the image closed, the cluster left
 
 
 def test_one_worker_process_serves_an_rbd_export(ceph_cluster, image, start_server, tmp_path):

@@ -135,3 +135,37 @@ def test_allocation_to_extents():
     ]
     assert allocation_extents(0, 4 * MiB, [(MiB, MiB), (0, MiB)]) == [(2 * MiB, False), (2 * MiB, True)]
     assert allocation_extents(0, 4 * MiB, [(0, 4 * MiB), (MiB, MiB)]) == [(4 * MiB, False)]
+
+
+class TwoWorkers:
+    """What a primary's Server sees of a pool of two worker processes, for a reload."""
+
+    count = 2
+
+    def __init__(self) -> None:
+        self.on_room: list = []
+        self.sent: list[ServerConfig] = []
+
+    def reload(self, config: ServerConfig) -> None:
+        self.sent.append(config)
+
+
+def test_a_reload_adds_no_rbd_export_to_a_server_with_several_workers(tmp_path):
+    from nbdserver.serving.server import Server
+
+    file = tmp_path / "f.img"
+    file.write_bytes(bytes(4096))
+    workers = TwoWorkers()
+    server = Server(ServerConfig(exports=[ExportConfig("f", file)], processes=2, engine="threads"), workers=workers)  # type: ignore[arg-type]
+    new = ServerConfig(
+        exports=[ExportConfig("f", file), ExportConfig("i", Path("rbd:rbd/i"))], processes=2, engine="threads"
+    )
+    server.open_exports()
+    try:
+        changed, refused = server.reload(new)
+    finally:
+        for export in server.exports.values():
+            export.engine.close()
+    assert not changed
+    assert any("export 'i' not added: an RBD image is served by one process" in r for r in refused), refused
+    assert [e.name for e in workers.sent[0].exports] == ["f"]  # the workers do not open it either
