@@ -35,6 +35,7 @@ from ..serving import counts
 from ..serving.journal import JournalError, Recovered, recover
 from ..serving.server import Server
 from .handover import ConnectionTerms, adopt
+from .keeper import close
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Recovery:
             return recover(self._view, record, was, read, written, terms.extended_headers)
         except (JournalError, OSError) as exc:
             log.warning("%s: closed, not taken over after a crash: %s", terms.peer, exc)
-            _close(sock)
+            close(sock)  # for good: the primary's copy must not keep the client waiting
             self.closed += 1
             return None
 
@@ -86,12 +87,3 @@ class Recovery:
     def close(self) -> None:
         self._view.release()
         self._memory.close()
-
-
-def _close(sock: socket.socket) -> None:
-    """Close for good: the primary's copy must not keep the client waiting."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
