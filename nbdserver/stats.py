@@ -91,8 +91,11 @@ class ExportSnapshot:
     io_now: int = 0  # requests in flight: the queue depth
     inflight_bytes: int = 0
     connections: int = 0  # in the transmission phase
+    engine: str = ""  # what carries out its I/O: io_uring, threads, rbd
+    backing: str = ""  # what it serves: a file's path, rbd:POOL/IMAGE
 
     def add(self, other: ExportSnapshot) -> None:
+        self.engine, self.backing = self.engine or other.engine, self.backing or other.backing
         self.queue.add(other.queue)
         self.io_now += other.io_now
         self.inflight_bytes += other.inflight_bytes

@@ -13,8 +13,10 @@ submissions with librbd's asynchronous calls, as the io_uring engine does with t
   queues each finished one on the image and bumps an eventfd (``rbd_set_image_notification``),
   which the event loop watches; ``rbd_poll_io_events`` then takes them on the loop's thread,
   where each calls its :data:`~nbdserver.backing.engine.Done`.
-- FLUSH is ``rbd_aio_flush``.  With librbd's cache on (its default), writes are acknowledged
-  before they are durable once the first flush has been seen, so a flush is what makes them so.
+- FLUSH is ``rbd_aio_flush``.  librbd's cache is off: a write is answered once the cluster has
+  it, so a crash of this process loses nothing it answered.  (With the cache on, writes would be
+  answered from this process's memory once a first flush was seen; a crash would lose them, and
+  the takeover that hides the crash from the client would hide the loss too.)
 - TRIM is ``rbd_aio_discard``, which leaves alone the pieces smaller than the image's discard
   granularity: it is advisory, and nothing is promised about what the range reads afterwards.
 - WRITE_ZEROES is ``rbd_aio_write_zeroes``: may it punch holes, librbd deallocates what it can
@@ -58,6 +60,7 @@ DEFAULT_CLIENT = "admin"  # cephx user, as ``rbd --id`` names it
 EVENT_TYPE_EVENTFD = 2
 RBD_WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 RBD_FEATURE_EXCLUSIVE_LOCK = 1 << 2
+RBD_LOCK_MODE_EXCLUSIVE = 0
 LIBRADOS_OP_FLAG_FADVISE_FUA = 0x80
 
 POLL_BATCH = 64  # completions taken per rbd_poll_io_events call
@@ -134,6 +137,8 @@ class Libraries:
         _declare(rados.rados_ioctx_create, [_P, c_char_p, _PP])
         _declare(rados.rados_ioctx_destroy, [_P], None)
         _declare(rados.rados_ioctx_set_namespace, [_P, c_char_p], None)
+        _declare(rados.rados_getaddrs, [_P, _PP])
+        _declare(rados.rados_buffer_free, [_P], None)
         _declare(rbd.rbd_open, [_P, c_char_p, _PP, c_char_p])
         _declare(rbd.rbd_open_read_only, [_P, c_char_p, _PP, c_char_p])
         _declare(rbd.rbd_close, [_P])
@@ -153,6 +158,10 @@ class Libraries:
         _declare(rbd.rbd_aio_discard, [_P, u64, u64, _P])
         _declare(rbd.rbd_aio_write_zeroes, [_P, u64, size_t, _P, c_int, c_int])
         _declare(rbd.rbd_aio_flush, [_P, _P])
+        _declare(rbd.rbd_lock_acquire, [_P, c_int])
+        _declare(rbd.rbd_lock_get_owners, [_P, ctypes.POINTER(c_int), ctypes.POINTER(c_char_p), ctypes.POINTER(size_t)])
+        _declare(rbd.rbd_lock_get_owners_cleanup, [ctypes.POINTER(c_char_p), size_t], None)
+        _declare(rbd.rbd_lock_break, [_P, c_int, c_char_p])
         _declare(rbd.rbd_diff_iterate2, [_P, c_char_p, u64, u64, ctypes.c_uint8, ctypes.c_uint8, _DIFF_CALLBACK, _P])
 
 
@@ -201,10 +210,9 @@ class RbdImage:
         conf: Path | None = None,
         client_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        cache: bool = True,
     ) -> None:
         """``conf``: the ceph.conf to read (None: where librados looks, ``$CEPH_CONF`` then
-        ``/etc/ceph/ceph.conf``); ``client_id``: the cephx user; ``cache``: librbd's cache on."""
+        ``/etc/ceph/ceph.conf``); ``client_id``: the cephx user."""
         self.name = name
         self.path = str(name)  # for messages, as a file's path is shown
         self.read_only = read_only
@@ -220,7 +228,7 @@ class RbdImage:
             lambda code: f"{spec}: cannot make a cluster handle for {user}: {os.strerror(code)}",
         )
         try:
-            self._connect(user, conf, timeout, cache)
+            self._connect(user, conf, timeout)
             self._open()
             size = ctypes.c_uint64()
             _check(lib.rbd.rbd_get_size(self.image, ctypes.byref(size)), self._says("cannot read its size"))
@@ -243,7 +251,43 @@ class RbdImage:
     def _says(self, what: str) -> Callable[[int], str]:
         return lambda code: f"{self.path}: {what}: {os.strerror(code)}"
 
-    def _connect(self, user: str, conf: Path | None, timeout: float, cache: bool) -> None:
+    @property
+    def holder(self) -> str:
+        """This process as the cluster names the owner of the image's exclusive lock: the address
+        of its cluster connection (``127.0.0.1:0/NONCE``)."""
+        text = ctypes.c_void_p()
+        _check(self.lib.rados.rados_getaddrs(self.cluster, ctypes.byref(text)), self._says("no cluster address"))
+        try:
+            return ctypes.string_at(text.value).decode() if text.value else ""
+        finally:
+            self.lib.rados.rados_buffer_free(text)
+
+    def owners(self) -> list[str]:
+        """Who holds the image's exclusive lock now (blocking): nobody, or one client."""
+        mode, count = ctypes.c_int(), ctypes.c_size_t(4)
+        names = (ctypes.c_char_p * count.value)()
+        result = self.lib.rbd.rbd_lock_get_owners(self.image, ctypes.byref(mode), names, ctypes.byref(count))
+        if result == -errno.ENOENT:
+            return []
+        _check(result, self._says("cannot list the lock's owners"))
+        found = [(names[i] or b"").decode() for i in range(count.value)]
+        self.lib.rbd.rbd_lock_get_owners_cleanup(names, count)
+        return found
+
+    def fence(self, holder: str) -> bool:
+        """``holder`` is a process of this server that died (blocking): if it still holds the
+        image's lock, break it, which also blocklists it in the cluster, rather than wait the half
+        minute the cluster takes to notice that it is gone.  True if a lock was broken."""
+        if holder == self.holder or holder not in self.owners():
+            return False
+        _check(
+            self.lib.rbd.rbd_lock_break(self.image, RBD_LOCK_MODE_EXCLUSIVE, holder.encode()),
+            self._says(f"cannot break the lock of {holder}"),
+        )
+        log.warning("%s: the lock of a process of ours that died (%s) broken, and it blocklisted", self.path, holder)
+        return True
+
+    def _connect(self, user: str, conf: Path | None, timeout: float) -> None:
         rados, cluster, spec = self.lib.rados, self.cluster, self.path
         where = str(conf) if conf is not None else "$CEPH_CONF or /etc/ceph/ceph.conf"
         read = rados.rados_conf_read_file(cluster, str(conf).encode() if conf is not None else None)
@@ -255,9 +299,8 @@ class RbdImage:
             "client_mount_timeout": f"{timeout:g}",
             "rados_mon_op_timeout": f"{timeout:g}",
             "rados_osd_op_timeout": f"{timeout:g}",
+            "rbd_cache": "false",  # see the module's docstring: answered means in the cluster
         }
-        if not cache:
-            settings["rbd_cache"] = "false"
         for option, value in settings.items():
             _check(rados.rados_conf_set(cluster, option.encode(), value.encode()), self._says(f"cannot set {option}"))
         result = rados.rados_connect(cluster)
@@ -300,7 +343,7 @@ class RbdImage:
             raise RbdError(code, f"{spec}: cannot open the image: {os.strerror(code)}")
 
     def close(self) -> None:
-        """Close the image (librbd writes back its cache) and the cluster connection; once."""
+        """Close the image (releasing its lock) and the cluster connection; once."""
         lib = self.lib
         if self.image:
             result = lib.rbd.rbd_close(self.image)

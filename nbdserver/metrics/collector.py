@@ -121,7 +121,9 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
         f"{PREFIX}_inflight_bytes", "READ and WRITE bytes received and not yet answered", labels=["export"]
     )
     size = GaugeMetricFamily(f"{PREFIX}_export_size_bytes", "Size of the export", labels=["export"])
+    served = InfoMetricFamily(f"{PREFIX}_export", "What each export serves, and the engine that does its I/O")
     for name, export in exports:
+        served.add_metric([], {"export": name, "engine": export.engine, "backing": export.backing})
         for code, count in sorted(export.queue.errors.items()):
             io_errors.add_metric([name, errno.errorcode.get(code, str(code))], count)
         inflight.add_metric([name], export.inflight_bytes)
@@ -129,6 +131,7 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
     yield io_errors
     yield inflight
     yield size
+    yield served
     info = InfoMetricFamily(f"{PREFIX}_build", "nbdserver version, build (mypyc or pure) and interpreter")
     info.add_metric([], {"version": __version__, "build": build.kind(), "python": build.interpreter()})
     yield info

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,6 +37,7 @@ MiB = 1024 * 1024
 class Sample:
     at: float  # time.monotonic() when taken
     exports: dict[str, dict[str, float]]  # export -> counter stem -> value
+    engines: dict[str, str] = field(default_factory=dict)  # export -> the engine doing its I/O
 
 
 def metrics_url(target: str) -> str:
@@ -60,13 +61,16 @@ def fetch(url: str, timeout: float = 5.0) -> str:
 def parse(text: str, at: float) -> Sample:
     """The diskstats counters of every export in a /metrics page."""
     exports: dict[str, dict[str, float]] = defaultdict(dict)
+    engines: dict[str, str] = {}
     wanted = {f"nbdserver_{stem}_total": stem for stem in _COUNTERS}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             stem = wanted.get(sample.name)
             if stem is not None and "export" in sample.labels:
                 exports[sample.labels["export"]][stem] = sample.value
-    return Sample(at, dict(exports))
+            elif sample.name == "nbdserver_export_info" and "export" in sample.labels:
+                engines[sample.labels["export"]] = sample.labels.get("engine", "")
+    return Sample(at, dict(exports), engines)
 
 
 def rows(before: Sample, after: Sample) -> dict[str, dict[str, float]]:
@@ -99,12 +103,19 @@ def rows(before: Sample, after: Sample) -> dict[str, dict[str, float]]:
     return table
 
 
-def render(table: dict[str, dict[str, float]]) -> str:
+def render(table: dict[str, dict[str, float]], engines: dict[str, str] | None = None) -> str:
+    """The table, an export a line; with ``engines``, a column naming each one's engine."""
     names = {export: export or '""' for export in table}  # the default export's name is empty
     width = max([len("Export"), *map(len, names.values())])
-    lines = [f"{'Export':<{width}} " + " ".join(f"{c:>8}" for c in COLUMNS)]
+    kinds = {export: (engines or {}).get(export, "") or "-" for export in table}
+    engine = max([len("Engine"), *map(len, kinds.values())]) if engines is not None else 0
+
+    def first(name: str, kind: str) -> str:
+        return f"{name:<{width}} " + (f"{kind:<{engine}} " if engine else "")
+
+    lines = [first("Export", "Engine") + " ".join(f"{c:>8}" for c in COLUMNS)]
     for export, values in table.items():
-        lines.append(f"{names[export]:<{width}} " + " ".join(f"{values[c]:8.2f}" for c in COLUMNS))
+        lines.append(first(names[export], kinds[export]) + " ".join(f"{values[c]:8.2f}" for c in COLUMNS))
     return "\n".join(lines)
 
 
@@ -116,7 +127,7 @@ def run(url: str, interval: float = 1.0, once: bool = False, count: int | None =
         while count is None or shown < count:
             time.sleep(interval)
             after = parse(fetch(url), time.monotonic())
-            report = render(rows(before, after))
+            report = render(rows(before, after), after.engines)
             if once:
                 print(report)
                 return 0

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from time import monotonic
 from typing import Any
@@ -73,6 +73,7 @@ class ConnectionTerms:
     meta_contexts: dict[int, str]
     peer: str
     extended_headers: bool = False  # absent from a predecessor that had no extended headers
+    holder: str = ""  # who held the export's lock in the process that served it (Export.holder)
 
     @classmethod
     def of(cls, negotiated: Negotiated, peer: str) -> ConnectionTerms:
@@ -90,7 +91,8 @@ class ConnectionTerms:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConnectionTerms:
-        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a later version may say more
         data["meta_contexts"] = {int(k): v for k, v in data["meta_contexts"].items()}
         return cls(**data)
 

@@ -54,6 +54,7 @@ class Worker:
         self._taken = 0  # connections received from the primary
         self._counting = False  # a count is due at the end of this turn of the loop
         self._recoveries: dict[int, Recovery] = {}  # dead workers' arenas, their connections being taken over
+        self._fencing: dict[str, asyncio.Task[None]] = {}  # dead processes' locks, taken from them
         server.on_change = self._report_count
         server.on_journaled = self._journaled
         server.on_lost = self._ended
@@ -160,6 +161,8 @@ class Worker:
         journal = connection.journal
         if connection.tag >= 0 and journal is not None and connection.negotiated is not None:
             terms = ConnectionTerms.of(connection.negotiated, connection.peer).to_json()
+            export = self.server.exports.get(connection.negotiated.export.name)
+            terms["holder"] = export.holder if export is not None else ""
             # In the journal too: a successor of a primary that died with us reads them there.
             described = journal.describe(json.dumps(terms).encode())
             head = {"type": "journaled", "id": connection.tag, "terms": terms, "record": journal.record}
@@ -174,6 +177,8 @@ class Worker:
         self, recovery: Recovery, terms: ConnectionTerms, head: dict[str, Any], sock: socket.socket
     ) -> None:
         recovered = recovery.read(terms, head["record"], head["was"], sock)
+        if recovered is not None and terms.holder:
+            await self._fence(terms.export, terms.holder)
         if recovered is not None:
             # Before the requests are carried out again: should one of them kill this process too,
             # the primary knows it was not the client's silence (see workers.py, strikes).
@@ -182,6 +187,19 @@ class Worker:
             if await recovery.resume(self.server, terms, sock, head["id"], recovered):
                 return
         self._send({"type": "ended", "id": head["id"]})
+
+    async def _fence(self, export_name: str, holder: str) -> None:
+        """Take the export's lock from the dead process, once for all its connections; should that
+        fail, the cluster gives it to us once it notices the death, and requests wait till then."""
+        task = self._fencing.get(holder)
+        export = self.server.exports.get(export_name)
+        if task is None and export is not None:
+            task = self._fencing[holder] = self._loop.create_task(export.fence(holder))
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except OSError as exc:
+                log.warning("export %r: %s", export_name, exc)
 
     async def _recovered(self, key: int, recovery: Recovery) -> None:
         """Every connection of the dead worker was taken over, or closed: its arena is let go."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 
@@ -81,6 +82,18 @@ class Export:
         self.config.read_only = read_only
         self.info = replace(self.info, flags=_READ_ONLY if read_only else _WRITABLE)
 
+    @property
+    def holder(self) -> str:
+        """Who holds the backing's lock for this process (an RBD image: its cluster address), for a
+        replacement to fence should this process die; "" where nothing is locked."""
+        return self.backing.holder if isinstance(self.backing, RbdImage) else ""
+
+    async def fence(self, holder: str) -> None:
+        """The process that served this export as ``holder`` died: take the backing's lock from it
+        now (an RBD image's clients would otherwise wait until the cluster notices, some 30 s)."""
+        if isinstance(self.backing, RbdImage) and holder:
+            await asyncio.get_running_loop().run_in_executor(None, self.backing.fence, holder)
+
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""
         await self.queue.drain()
@@ -102,7 +115,6 @@ def _open(config: ExportConfig, server: ServerConfig, ledger: Ledger) -> tuple[S
             conf=config.rbd_conf or server.rbd_conf,
             client_id=config.rbd_id or server.rbd_id,
             timeout=server.rbd_timeout,
-            cache=config.cache != "direct",
         )
         try:
             engine = RbdEngine(image)

@@ -271,9 +271,11 @@ class Server:
     def snapshot(self) -> Snapshot:
         """What /metrics shows of this process (the exports' counters themselves, not copies)."""
         exports = {
-            name: ExportSnapshot(e.info.size, e.queue.stats, e.queue.in_flight, e.budget.used)
+            name: ExportSnapshot(e.info.size, e.queue.stats, e.queue.in_flight, e.budget.used, engine=e.engine.name)
             for name, e in self.exports.items()
         }
+        for name, e in self.exports.items():
+            exports[name].backing = str(e.backing.path)
         negotiating = 0
         for connection in self.connections:
             if connection.export is None:

@@ -4,6 +4,8 @@ session, started on first use: the tests that export RBD images run against it."
 from __future__ import annotations
 
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "fs" / "ceph"))
 import cluster as ceph
+
+from tests.integration.test_handover import upgradable  # noqa: F401 (a fixture, for upgrades of RBD exports)
+
+SIZE = 16 * 1024 * 1024  # of an image made for a test
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +27,24 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ceph.Clus
     # Started once: a start costs about 3 s, and every test makes images of its own names.
     with ceph.Cluster(tmp_path_factory.mktemp("ceph")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def image(ceph_cluster) -> Iterator[str]:
+    """A new 16 MiB image (its spec, rbd/NAME), removed afterwards."""
+    spec = ceph_cluster.create_image(f"t-{uuid.uuid4().hex[:10]}", SIZE)
+    yield spec
+    remove_image(ceph_cluster, spec)
+
+
+def remove_image(cluster, spec: str) -> None:
+    # A server stopped a moment ago may still be a watcher for a few seconds: retry meanwhile.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cluster.rbd("rm", "--no-progress", spec, timeout=60)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, make_image
+from tests.conftest import free_port, make_image, scrape, value
 
 nbd = pytest.importorskip("nbd", reason="libnbd's Python bindings (python3-libnbd)")
 
@@ -24,27 +23,6 @@ KiB = 1024
 MiB = 1024 * KiB
 SIZE = 16 * MiB
 START_FAILS_WITHIN = 60.0  # seconds: a start that cannot work ends by then (the RBD timeout is far below)
-
-
-@pytest.fixture
-def image(ceph_cluster) -> Iterator[str]:
-    """A new 16 MiB image (its spec, rbd/NAME), removed afterwards."""
-    spec = ceph_cluster.create_image(f"t-{uuid.uuid4().hex[:10]}", SIZE)
-    yield spec
-    remove_image(ceph_cluster, spec)
-
-
-def remove_image(cluster, spec: str) -> None:
-    # A server stopped a moment ago may still be a watcher for a few seconds: retry meanwhile.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            cluster.rbd("rm", "--no-progress", spec, timeout=60)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def rbd_server(start_server, cluster, *args: str):
@@ -283,3 +261,21 @@ def test_one_worker_process_serves_an_rbd_export(ceph_cluster, image, start_serv
                         "--export", f"name=file,path={file}")  # fmt: skip
     assert server.logged("one worker process serves every connection (not 3)"), server.log_text()
     assert len(server.worker_pids()) == 1
+
+
+def test_metrics_and_top_show_an_rbd_export_with_its_engine(ceph_cluster, image, start_server):
+    server = rbd_server(start_server, ceph_cluster, "--name", "vm", f"rbd:{image}")
+    h = connect(server.uri("vm"))
+    h.pwrite(b"x" * 64 * KiB, 0)
+    samples = scrape(server.metrics_url)
+    assert value(samples, "nbdserver_export_info", export="vm", engine="rbd", backing=f"rbd:{image}") == 1
+    assert value(samples, "nbdserver_written_bytes_total", export="vm") == 64 * KiB
+    assert value(samples, "nbdserver_export_size_bytes", export="vm") == SIZE
+    top = subprocess.run(
+        [sys.executable, "-m", "nbdserver", "top", "--once", "--interval", "0.5", server.metrics_url],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert top.returncode == 0, top.stderr
+    header, row = top.stdout.splitlines()
+    assert header.split()[:2] == ["Export", "Engine"] and row.split()[:2] == ["vm", "rbd"]
+    h.shutdown()

@@ -38,6 +38,8 @@ def disk(start_server, tmp_path: Path):
 def test_endpoint_answers_get_and_head_only(disk):
     samples = scrape(disk.metrics_url)
     assert value(samples, "nbdserver_export_size_bytes", export="disk") == 256 * MiB
+    served = {"export": "disk", "engine": disk_engine(disk), "backing": str(disk_path(disk))}
+    assert value(samples, "nbdserver_export_info", **served) == 1
     version = __import__("nbdserver").__version__
     python = f"{platform.python_implementation()} {platform.python_version()}"
     assert value(samples, "nbdserver_build_info", version=version, build=EXPECTED_BUILD, python=python) == 1
@@ -284,6 +286,16 @@ def top(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nbdserver", "top", *args], capture_output=True, text=True, timeout=30)
 
 
+def disk_path(server) -> Path:
+    return Path(next(a for a in server.args if a.endswith("disk.img")))
+
+
+def disk_engine(server) -> str:
+    """The engine the server's log names for its export ("engine io_uring" or "engine threads")."""
+    line = next(line for line in list(server.log) if ", engine " in line)
+    return line.split(", engine ")[1].split()[0]
+
+
 def test_top_once_shows_the_load(disk, tmp_path):
     load = start_load(disk, tmp_path, seconds=30)
     try:
@@ -297,6 +309,7 @@ def test_top_once_shows_the_load(disk, tmp_path):
     columns = header.split()
     assert columns == [
         "Export",
+        "Engine",
         "r/s",
         "w/s",
         "rMB/s",
@@ -310,8 +323,8 @@ def test_top_once_shows_the_load(disk, tmp_path):
         "aqu-sz",
         "%util",
     ]
-    figures = dict(zip(columns[1:], map(float, row.split()[1:]), strict=True))
-    assert row.split()[0] == "disk"
+    figures = dict(zip(columns[2:], map(float, row.split()[2:]), strict=True))
+    assert row.split()[:2] == ["disk", disk_engine(disk)]
     assert figures["w/s"] > 0 and figures["r/s"] > 0 and figures["wMB/s"] > 1 and figures["rMB/s"] > 1
     assert figures["%wrqm"] >= 50, figures  # 4k sequential writes at QD32 merge
     assert 1 <= figures["aqu-sz"] <= 40 and 25 <= figures["%util"] <= 100  # as in the dashboard's test
@@ -321,7 +334,7 @@ def test_top_once_shows_the_load(disk, tmp_path):
 def test_top_of_an_idle_server_shows_zeroes(disk):
     result = top("--once", "--interval", "0.5", disk.metrics_url)
     assert result.returncode == 0, result.stderr
-    assert [float(x) for x in result.stdout.splitlines()[1].split()[1:]] == [0.0] * 12
+    assert [float(x) for x in result.stdout.splitlines()[1].split()[2:]] == [0.0] * 12  # after Export, Engine
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("[::1]", marks=needs_ipv6_loopback)])

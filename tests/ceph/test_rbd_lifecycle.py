@@ -1,0 +1,118 @@
+"""RBD exports through what a server lives through: a worker killed with requests in flight, an
+upgrade with requests in flight, the cluster gone for a while.
+
+Clients keep requests in flight against a model of what they wrote (tests/integration's
+``Client``); what the cluster holds afterwards is read with the rbd tool, not through the server:
+every write the server answered must be there, whatever happened to the process that answered it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from tests.ceph.test_rbd_export import connect, exported, rbd_server
+from tests.conftest import wait_for
+from tests.integration.test_handover import BLOCK, Client, finish
+from tests.integration.test_recovery import children, kill
+
+nbd = pytest.importorskip("nbd", reason="libnbd's Python bindings (python3-libnbd)")
+
+KILLS = 3
+UPGRADES = 3
+BLOCKS = range(0, 4096)  # the 16 MiB image of the image fixture, in 4 KiB blocks
+# The cluster lets a dead client's lock go once its watch times out (osd_client_watch_timeout,
+# 30 s): progress well before then shows the replacement took the lock itself.
+PROGRESS_AFTER_A_KILL = 20.0
+
+
+def progressed(clients: list[Client], by: int, timeout: float) -> bool:
+    before = sum(c.done for c in clients)
+    return wait_for(lambda: sum(c.done for c in clients) >= before + by, timeout=timeout)
+
+
+def assert_the_cluster_holds(cluster, spec: str, clients: list[Client], tmp_path) -> None:
+    data = exported(cluster, spec, tmp_path)
+    for c in clients:
+        for block, written in c.model.items():
+            assert data[block * BLOCK : (block + 1) * BLOCK] == written, f"block {block}"
+
+
+def test_a_killed_worker_costs_no_request_and_its_lock_is_taken_back(ceph_cluster, image, start_server, tmp_path):
+    server = rbd_server(start_server, ceph_cluster, "--processes", "2", f"rbd:{image}")
+    clients = [Client(server.uri(), BLOCKS[:2048], True, seed=1), Client(server.uri(), BLOCKS[2048:], True, seed=2)]
+    for c in clients:
+        c.start()
+    try:
+        for _ in range(KILLS):
+            assert progressed(clients, 200, 60), [c.errors for c in clients]
+            (worker,) = children(server)  # one worker serves an RBD export
+            kill(server, worker)
+            assert progressed(clients, 50, PROGRESS_AFTER_A_KILL), ("stalled after a kill", server.log_text()[-3000:])
+            assert not any(c.errors for c in clients), [c.errors for c in clients]
+    finally:
+        finish(clients)
+    # Each replacement broke its predecessor's lock (and the cluster blocklisted the dead one).
+    found = (re.search(r"a process of ours that died \((\S+)\)", line) for line in list(server.log))
+    broken = [m.group(1) for m in found if m]
+    assert len(broken) == KILLS, server.log_text()
+    blocklist = ceph_cluster.ceph("osd", "blocklist", "ls")
+    assert all(holder in blocklist for holder in broken), (broken, blocklist)
+    for c in clients:
+        c.h.shutdown()
+    assert_the_cluster_holds(ceph_cluster, image, clients, tmp_path)
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "worker"])
+def test_upgrades_with_requests_in_flight(ceph_cluster, image, upgradable, tmp_path, processes):
+    u = upgradable(
+        "--rbd-conf", str(ceph_cluster.conf_path), "--rbd-timeout", "20", "--processes", str(processes), f"rbd:{image}"
+    )  # fmt: skip
+    clients = [Client(u.server.uri(), BLOCKS[:2048], True, seed=3), Client(u.server.uri(), BLOCKS[2048:], True, seed=4)]
+    for c in clients:
+        c.start()
+    try:
+        for _ in range(UPGRADES):
+            assert progressed(clients, 200, 60), [c.errors for c in clients]
+            u.upgrade(timeout=60)
+            assert not any(c.errors for c in clients), [c.errors for c in clients]
+        assert progressed(clients, 200, 60), [c.errors for c in clients]
+    finally:
+        finish(clients)
+    for c in clients:
+        c.h.shutdown()
+    assert_the_cluster_holds(ceph_cluster, image, clients, tmp_path)
+
+
+def test_a_cluster_gone_fails_requests_after_the_timeout_and_serving_resumes(ceph_cluster, image, start_server):
+    server = rbd_server(start_server, ceph_cluster, "--rbd-timeout", "3", f"rbd:{image}")
+    h = connect(server.uri())
+    h.pwrite(b"a" * BLOCK, 0)
+    osd = ceph_cluster.daemons()["osd.0"]
+    os.kill(osd, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(nbd.Error) as failed:
+            h.pwrite(b"b" * BLOCK, BLOCK)
+        took = time.monotonic() - started
+    finally:
+        os.kill(osd, signal.SIGCONT)
+    assert failed.value.errno == "EIO", failed.value
+    assert took >= 2.5, f"failed after {took:.1f} s, before the timeout"  # the failure is the timeout's
+    # The cluster is back: the same connection is served again, and what was answered is there.
+    assert wait_for(lambda: _writes(h), timeout=60)
+    assert h.pread(BLOCK, 0) == b"a" * BLOCK
+    assert h.pread(BLOCK, 2 * BLOCK) == b"c" * BLOCK
+    h.shutdown()
+
+
+def _writes(h) -> bool:
+    try:
+        h.pwrite(b"c" * BLOCK, 2 * BLOCK)
+        return True
+    except nbd.Error:
+        return False
