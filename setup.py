@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bui
 from nbdserver_build import compile_wanted  # beside the build backend: not part of the package
 
 # Bytes in, replies out: the protocol core, the block layer, the engines and the connection.
-# The RBD engine (backing/librbd.py) stays pure Python: its error type derives from OSError,
+# The RBD engine (backing/librbd.py, and rbdlock.py beside it) stays pure Python: its error type derives from OSError,
 # which mypyc cannot compile, and its time per request is librbd's, not the interpreter's.
 COMPILED = [
     "nbdserver/protocol",

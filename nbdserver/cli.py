@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arg(parse_export),
         metavar="SPEC",
         help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=require]"
-        "[,allow=NET+NET][,rbd-conf=FILE][,rbd-id=USER][,description=TEXT] (repeatable; PATH may be rbd:POOL/IMAGE)",
+        "[,allow=NET+NET][,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,description=TEXT] "
+        "(repeatable; PATH may be rbd:POOL/IMAGE)",
     )
     serve.add_argument(
         "--rbd-conf",
@@ -102,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         "a request not answered in time fails with EIO (default 30)",
     )
     serve.add_argument(
+        "--rbd-exclusive",
+        action="store_true",
+        default=None,
+        help="take each RBD image's exclusive lock for good: another server refuses to start on it, "
+        "other clients' writes fail (default: the lock passes to whichever client writes)",
+    )
+    serve.add_argument(
         "--cache",
         choices=CACHE_MODES,
         default="buffered",
-        help="of PATH: buffered (through the page cache, the default) or direct (O_DIRECT; "
-        "for an RBD image, librbd's cache off)",
+        help="of PATH: buffered (through the page cache, the default) or direct (O_DIRECT); "
+        "no cache for an RBD image either way (librbd's is off)",
     )
     serve.add_argument(
         "--engine",
@@ -298,6 +306,7 @@ _OVERRIDES = {
     "rbd_conf": "rbd_conf",
     "rbd_id": "rbd_id",
     "rbd_timeout": "rbd_timeout",
+    "rbd_exclusive": "rbd_exclusive",
 }
 
 

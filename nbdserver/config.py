@@ -54,6 +54,7 @@ class ExportConfig:
     allow: tuple[Network, ...] | None = None  # TCP clients it serves; None: as the server says
     rbd_conf: Path | None = None  # an RBD image's cluster: this ceph.conf; None: as the server says
     rbd_id: str | None = None  # the cephx user it connects as; None: as the server says
+    rbd_exclusive: bool | None = None  # take the image's lock for good; None: as the server says
 
     @property
     def rbd(self) -> RbdName | None:
@@ -130,6 +131,7 @@ class ServerConfig:
     rbd_conf: Path | None = None  # the ceph.conf of RBD exports without their own; None: librados's search
     rbd_id: str | None = None  # the cephx user of RBD exports without their own; None: admin
     rbd_timeout: float = DEFAULT_RBD_TIMEOUT  # seconds to connect, open, or have a request answered
+    rbd_exclusive: bool = False  # RBD exports take their images' exclusive locks for good
 
     @property
     def asked_processes(self) -> int:
@@ -205,8 +207,10 @@ class ServerConfig:
 
     def _validate_rbd(self, export: ExportConfig) -> None:
         if export.rbd is None:
-            if export.rbd_conf is not None or export.rbd_id is not None:
-                raise ConfigError(f"export {export.name!r}: rbd-conf and rbd-id are for RBD images (path=rbd:...)")
+            if export.rbd_conf is not None or export.rbd_id is not None or export.rbd_exclusive is not None:
+                raise ConfigError(
+                    f"export {export.name!r}: rbd-conf, rbd-id and rbd-exclusive are for RBD images (path=rbd:...)"
+                )
             return
         if export.create_size is not None:
             raise ConfigError(
@@ -303,7 +307,7 @@ def parse_listener(text: str) -> Listener:
 
 def parse_export(text: str) -> ExportConfig:
     """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,allow=NET+NET]
-    [,rbd-conf=FILE][,rbd-id=USER][,description=TEXT]``; PATH may be ``rbd:POOL/IMAGE``.
+    [,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,description=TEXT]``; PATH may be ``rbd:POOL/IMAGE``.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
@@ -315,8 +319,8 @@ def parse_export(text: str) -> ExportConfig:
             break
         item, _, rest = rest.partition(",")
         key, eq, value = item.partition("=")
-        if key in ("read-only", "ro") and not eq:
-            fields["read-only"] = "1"
+        if key in ("read-only", "ro", "rbd-exclusive") and not eq:
+            fields["read-only" if key == "ro" else key] = "1"
         elif key in ("name", "path", "size", "cache", "tls", "allow", "rbd-conf", "rbd-id") and eq:
             fields[key] = value
         else:
@@ -334,4 +338,5 @@ def parse_export(text: str) -> ExportConfig:
         allow=parse_networks(fields["allow"]) if "allow" in fields else None,
         rbd_conf=Path(fields["rbd-conf"]) if "rbd-conf" in fields else None,
         rbd_id=fields.get("rbd-id"),
+        rbd_exclusive=True if "rbd-exclusive" in fields else None,
     )

@@ -274,6 +274,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "rbd-conf": ("rbd_conf", _path),
     "rbd-id": ("rbd_id", _str),
     "rbd-timeout": ("rbd_timeout", _seconds),
+    "rbd-exclusive": ("rbd_exclusive", _bool),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),
@@ -287,4 +288,5 @@ _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "allow": ("allow", _networks),
     "rbd-conf": ("rbd_conf", _path),
     "rbd-id": ("rbd_id", _str),
+    "rbd-exclusive": ("rbd_exclusive", _bool),
 }

@@ -45,10 +45,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Done, resolve
 from .file import IOV_MAX, MAX_EXTENTS, Extent, Segment, address
+
+if TYPE_CHECKING:
+    from .rbdlock import ExclusiveLock
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +439,7 @@ class RbdEngine:
         self._ops: dict[int, _Operation] = {}  # completion -> its operation, until it completes
         self._polled = (ctypes.c_void_p * POLL_BATCH)()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lock: ExclusiveLock | None = None  # with --rbd-exclusive: I/O waits until it is held
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         result = self._lib.rbd_set_image_notification(image.image, self._event_fd, EVENT_TYPE_EVENTFD)
         if result < 0:
@@ -474,7 +478,13 @@ class RbdEngine:
 
     def _submit(self, what: str, op: _Operation, call: Callable[..., int], *args: object) -> None:
         """Start one librbd request, ``call(*args, completion)``; RbdError if librbd refuses it
-        (then nothing will complete)."""
+        (then nothing will complete).  With an exclusive lock not held yet, once it is."""
+        if self.lock is not None and not self.lock.held:
+            self.lock.after(partial(self._submit_now, what, op, call, *args), partial(_fail, op))
+            return
+        self._submit_now(what, op, call, *args)
+
+    def _submit_now(self, what: str, op: _Operation, call: Callable[..., int], *args: object) -> None:
         completion = self._completion(op)
         result = call(*args, completion)
         if result < 0:
@@ -528,6 +538,8 @@ class RbdEngine:
             await self.flush()
 
     async def flush(self) -> None:
+        if self.lock is not None and self.lock.released:
+            return  # handed over: nothing of ours is cached (librbd's cache is off)
         await self._call(self._start_flush)
 
     async def discard(self, offset: int, length: int, dsync: bool = False) -> None:
@@ -606,6 +618,8 @@ class RbdEngine:
         """Release the image and the connection; every operation must have completed (the block
         layer drains first), but should one still be out, it is waited for: librbd may still
         write into its buffers."""
+        if self.lock is not None:
+            self.lock.cancel()
         for completion in list(self._ops):
             self._lib.rbd_aio_wait_for_complete(completion)
         if self._ops and self._loop is not None:
@@ -615,6 +629,10 @@ class RbdEngine:
             loop.remove_reader(self._event_fd)
         self.backing.close()  # before the eventfd: librbd must not write into a reused descriptor
         os.close(self._event_fd)
+
+
+def _fail(op: _Operation, error: OSError) -> None:
+    op.done(None, error)
 
 
 def _fua_write2(call: Any, image: object, offset: int, length: int, buffer: int, completion: int) -> int:

@@ -68,6 +68,9 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         kept, stored = keeper.split(stored)
         sockets = listening_sockets(named)
         server.open_exports()
+        if channel is None and not stored and not kept:  # a first start, not a continuation
+            for export in server.exports.values():
+                export.refuse_if_locked()
     except OSError as exc:
         log.error("cannot open export: %s", exc)
         return 2 if isinstance(exc, RbdError) else 1  # 2: as for a configuration that cannot work
@@ -98,6 +101,9 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     elif kept:
         log.warning("the previous process died: the connections it kept are closed (no worker processes here)")
         _close_kept(kept)
+    if pool is None:  # this process serves: the locks of --rbd-exclusive are taken now
+        for export in server.exports.values():
+            export.take_lock()
     upgrade.serving()
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")

@@ -159,6 +159,8 @@ class Package:
         server.disown_sockets()
         for connection in self.moving:
             connection.let_go()
+        for export in server.exports.values():
+            export.release_lock()  # the successor serves it now (--rbd-exclusive)
         workers = pool_of(server)
         if workers is not None:
             self._close_workers_copies()

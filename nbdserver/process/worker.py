@@ -234,6 +234,8 @@ async def serve(
         send_frame(channel, {"type": "failed", "why": str(exc)})
         return 1
     send_frame(channel, {"type": "ready"})
+    for export in server.exports.values():
+        export.take_lock()  # with --rbd-exclusive; a predecessor or a dead worker may hold it a while
     worker = Worker(server, channel, kept)
     await worker.done.wait()
     await server.shutdown()

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from ..backing import Backing, Engine, Store, open_engine
 from ..backing.librbd import RbdEngine, RbdImage
+from ..backing.rbdlock import ExclusiveLock, refuse_if_held
 from ..block import RequestQueue
 from ..block.buffers import PAGE_SIZE, BufferPool, ByteBudget
 from ..block.ledger import Account, Ledger
@@ -94,6 +95,22 @@ class Export:
         if isinstance(self.backing, RbdImage) and holder:
             await asyncio.get_running_loop().run_in_executor(None, self.backing.fence, holder)
 
+    def take_lock(self) -> None:
+        """This process serves the export: take its backing's lock for good, if configured so
+        (``--rbd-exclusive``), in the background; its I/O waits for it."""
+        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
+            self.engine.lock.take()
+
+    def refuse_if_locked(self) -> None:
+        """At a server's first start: RbdError if another holds the lock this export is to take."""
+        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
+            refuse_if_held(self.engine.backing)
+
+    def release_lock(self) -> None:
+        """A successor serves the export now: let the lock go (blocking, briefly)."""
+        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
+            self.engine.lock.release()
+
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""
         await self.queue.drain()
@@ -121,6 +138,9 @@ def _open(config: ExportConfig, server: ServerConfig, ledger: Ledger) -> tuple[S
         except BaseException:
             image.close()
             raise
+        exclusive = config.rbd_exclusive if config.rbd_exclusive is not None else server.rbd_exclusive
+        if exclusive and not config.read_only:
+            engine.lock = ExclusiveLock(image)
         if server.engine != "auto":
             log.info("export %r: an RBD image: served by librbd, not engine %s", config.name, server.engine)
         return image, engine, None

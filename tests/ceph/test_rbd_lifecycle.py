@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from tests.ceph.test_rbd_export import connect, exported, rbd_server
+from tests.ceph.test_rbd_export import connect, exported, rbd_server, serve_fails
 from tests.conftest import wait_for
 from tests.integration.test_handover import BLOCK, Client, finish
-from tests.integration.test_recovery import children, kill
+from tests.integration.test_recovery import children, count, kill
 
 nbd = pytest.importorskip("nbd", reason="libnbd's Python bindings (python3-libnbd)")
 
@@ -42,8 +42,11 @@ def assert_the_cluster_holds(cluster, spec: str, clients: list[Client], tmp_path
             assert data[block * BLOCK : (block + 1) * BLOCK] == written, f"block {block}"
 
 
-def test_a_killed_worker_costs_no_request_and_its_lock_is_taken_back(ceph_cluster, image, start_server, tmp_path):
-    server = rbd_server(start_server, ceph_cluster, "--processes", "2", f"rbd:{image}")
+@pytest.mark.parametrize("exclusive", [[], ["--rbd-exclusive"]], ids=["", "exclusive"])
+def test_a_killed_worker_costs_no_request_and_its_lock_is_taken_back(
+    ceph_cluster, image, start_server, tmp_path, exclusive
+):
+    server = rbd_server(start_server, ceph_cluster, "--processes", "2", *exclusive, f"rbd:{image}")
     clients = [Client(server.uri(), BLOCKS[:2048], True, seed=1), Client(server.uri(), BLOCKS[2048:], True, seed=2)]
     for c in clients:
         c.start()
@@ -67,11 +70,14 @@ def test_a_killed_worker_costs_no_request_and_its_lock_is_taken_back(ceph_cluste
     assert_the_cluster_holds(ceph_cluster, image, clients, tmp_path)
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "worker"])
-def test_upgrades_with_requests_in_flight(ceph_cluster, image, upgradable, tmp_path, processes):
-    u = upgradable(
-        "--rbd-conf", str(ceph_cluster.conf_path), "--rbd-timeout", "20", "--processes", str(processes), f"rbd:{image}"
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    ("processes", "exclusive"),
+    [("1", []), ("2", []), ("1", ["--rbd-exclusive"]), ("2", ["--rbd-exclusive"])],
+    ids=["one-process", "worker", "one-process-exclusive", "worker-exclusive"],
+)
+def test_upgrades_with_requests_in_flight(ceph_cluster, image, upgradable, tmp_path, processes, exclusive):
+    conf = str(ceph_cluster.conf_path)
+    u = upgradable("--rbd-conf", conf, "--rbd-timeout", "20", "--processes", processes, *exclusive, f"rbd:{image}")
     clients = [Client(u.server.uri(), BLOCKS[:2048], True, seed=3), Client(u.server.uri(), BLOCKS[2048:], True, seed=4)]
     for c in clients:
         c.start()
@@ -85,6 +91,9 @@ def test_upgrades_with_requests_in_flight(ceph_cluster, image, upgradable, tmp_p
         finish(clients)
     for c in clients:
         c.h.shutdown()
+    if exclusive:  # each predecessor let the lock go, each successor took it
+        assert count(u.server, "exclusive lock released for the successor") == UPGRADES, u.server.log_text()
+        assert count(u.server, "exclusive lock taken") == UPGRADES + 1, u.server.log_text()
     assert_the_cluster_holds(ceph_cluster, image, clients, tmp_path)
 
 
@@ -116,3 +125,21 @@ def _writes(h) -> bool:
         return True
     except nbd.Error:
         return False
+
+
+def test_exclusive_a_second_server_refuses_to_start_naming_the_owner(ceph_cluster, image, start_server):
+    first = rbd_server(start_server, ceph_cluster, "--rbd-exclusive", f"rbd:{image}")
+    assert first.logged("exclusive lock taken"), first.log_text()
+    holder = ceph_cluster.rbd("lock", "ls", image)  # the owner as the cluster lists it
+    second, _ = serve_fails("--rbd-conf", str(ceph_cluster.conf_path), "--rbd-exclusive", f"rbd:{image}")
+    assert second.returncode == 2, second.stderr
+    owner = re.search(r"held by (\S+) ", second.stderr)
+    assert owner and owner.group(1) in holder, (second.stderr, holder)
+    # The first serves on, and without --rbd-exclusive a server starts (its writes would wait).
+    h = connect(first.uri())
+    h.pwrite(b"e" * BLOCK, 0)
+    assert h.pread(BLOCK, 0) == b"e" * BLOCK
+    h.shutdown()
+    assert first.stop() == 0
+    third = rbd_server(start_server, ceph_cluster, "--rbd-exclusive", f"rbd:{image}")  # the lock was let go
+    assert third.logged("exclusive lock taken"), third.log_text()

@@ -122,14 +122,16 @@ def boot(
     server_args: tuple[str, ...] = (),
     disk_size: int = DISK_SIZE,
     timeout: float = 900,
+    export: str | None = None,
 ) -> Run:
-    """One boot running ``scenarios`` against a server on a fresh sparse image, with the host acting on
-    the guest's requests; every server it started is stopped before it returns, the guest too."""
+    """One boot running ``scenarios`` against a server on a fresh sparse image (or on ``export``, an
+    RBD image say), with the host acting on the guest's requests; every server it started is stopped
+    before it returns, the guest too."""
     missing = guest.missing_tools()
     if missing:
         pytest.skip(f"the guest needs {', '.join(missing)} (tests/bootstrap installs them)")
     image = guest.build(log=lambda line: print(line, flush=True))
-    disk = make_image(tmp_path_factory.mktemp("guest") / "disk.img", disk_size)
+    disk = export or make_image(tmp_path_factory.mktemp("guest") / "disk.img", disk_size)
     port = free_port()
     seed = int(os.environ.get("NBDSERVER_GUEST_SEED", random.randrange(1 << 32)))
     print(f"guest run of {' '.join(scenarios)}: NBDSERVER_GUEST_SEED={seed} chooses the same workers to kill")

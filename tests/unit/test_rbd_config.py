@@ -59,6 +59,22 @@ def test_export_spec_with_its_own_cluster_settings():
     export = parse_export("name=vm,path=rbd:rbd/vm,rbd-conf=/c.conf,rbd-id=me,read-only")
     assert export.rbd == RbdName("rbd", "vm")
     assert (export.rbd_conf, export.rbd_id, export.read_only) == (Path("/c.conf"), "me", True)
+    assert export.rbd_exclusive is None  # as the server says
+    assert parse_export("name=vm,path=rbd:rbd/vm,rbd-exclusive").rbd_exclusive is True
+
+
+def test_exclusive_for_every_rbd_export_or_one(tmp_path):
+    assert serve("rbd:rbd/vm").rbd_exclusive is False
+    assert serve("--rbd-exclusive", "rbd:rbd/vm").rbd_exclusive is True
+    path = tmp_path / "nbd.toml"
+    path.write_text(
+        'rbd-exclusive = true\n[[export]]\nname = "a"\npath = "rbd:rbd/a"\n'
+        '[[export]]\nname = "b"\npath = "rbd:rbd/b"\nrbd-exclusive = false\n'
+    )
+    config = configfile.load(path)
+    config.validate()
+    assert config.rbd_exclusive is True
+    assert [e.rbd_exclusive for e in config.exports] == [None, False]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +82,8 @@ def test_export_spec_with_its_own_cluster_settings():
     [
         (["--size", "1G", "rbd:rbd/vm"], "a size creates files, not RBD images: create it with rbd create"),
         (["rbd:rbd"], "rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE"),
-        (["--export", "name=a,path=/tmp/a.img,rbd-id=x"], "rbd-conf and rbd-id are for RBD images"),
+        (["--export", "name=a,path=/tmp/a.img,rbd-id=x"], "rbd-conf, rbd-id and rbd-exclusive are for RBD images"),
+        (["--export", "name=a,path=/tmp/a.img,rbd-exclusive"], "rbd-exclusive are for RBD images"),
         (["--rbd-timeout", "0", "rbd:rbd/vm"], "RBD timeout must be positive"),
     ],
 )
