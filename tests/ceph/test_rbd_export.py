@@ -1,10 +1,12 @@
 """RBD exports against a real Ceph cluster: the same client traffic on an image and on a file
 gives the same contents; FLUSH, FUA, TRIM, WRITE_ZEROES and BLOCK_STATUS answered with their
-meaning on RBD; read-only exports; clear, bounded failures at start; nbdcopy both ways."""
+meaning on RBD; read-only exports; clear, bounded failures at start; nbdcopy both ways, qemu-img
+convert and compare, fio with verify; the export in /metrics and top."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import subprocess
@@ -279,3 +281,37 @@ def test_metrics_and_top_show_an_rbd_export_with_its_engine(ceph_cluster, image,
     header, row = top.stdout.splitlines()
     assert header.split()[:2] == ["Export", "Engine"] and row.split()[:2] == ["vm", "rbd"]
     h.shutdown()
+
+
+def test_qemu_img_convert_and_compare(ceph_cluster, image, start_server, tmp_path):
+    source = tmp_path / "source.raw"
+    data = bytearray(SIZE)
+    for offset in (0, 5 * MiB + 4096, 9 * MiB + 123, SIZE - MiB):
+        data[offset : offset + MiB] = random.Random(offset).randbytes(MiB)
+    source.write_bytes(data)
+    server = rbd_server(start_server, ceph_cluster, f"rbd:{image}")
+    convert = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw"]
+    compare = ["qemu-img", "compare", "-f", "raw", "-F", "raw"]
+    subprocess.run([*convert, source, server.uri()], check=True, timeout=120)
+    subprocess.run([*compare, server.uri(), source], check=True, timeout=120)
+    assert exported(ceph_cluster, image, tmp_path) == data
+    other = tmp_path / "other.raw"
+    data[9 * MiB + 200] ^= 0xFF
+    other.write_bytes(data)
+    assert subprocess.run([*compare, server.uri(), other], timeout=120).returncode == 1  # a difference shows
+
+
+def test_fio_verify(ceph_cluster, image, start_server, tmp_path):
+    server = rbd_server(start_server, ceph_cluster, f"rbd:{image}")
+    report = tmp_path / "fio.json"
+    subprocess.run(
+        ["fio", "--name=rbd", "--ioengine=nbd", f"--uri={server.uri()}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=32", "--size=8M", "--verify=crc32c", "--do_verify=1", "--output-format=json",
+         f"--output={report}"],
+        check=True, timeout=300, cwd=tmp_path,  # fio leaves its verify state file in the working directory
+    )  # fmt: skip
+    (stats,) = json.loads(report.read_text())["jobs"]
+    assert stats["error"] == 0
+    assert stats["write"]["io_bytes"] == stats["read"]["io_bytes"] == 8 * MiB  # all written, all verified
+    written = exported(ceph_cluster, image, tmp_path)[: 8 * MiB]
+    assert written.count(0) < len(written) // 2  # in the cluster, as the rbd tool reads it
