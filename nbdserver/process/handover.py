@@ -97,7 +97,10 @@ class ConnectionTerms:
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.holder:  # as a version before it wrote them: one that knows no holder takes these
+            del data["holder"]
+        return data
 
 
 # The successor as a process ------------------------------------------------------------

@@ -162,7 +162,8 @@ class Worker:
         if connection.tag >= 0 and journal is not None and connection.negotiated is not None:
             terms = ConnectionTerms.of(connection.negotiated, connection.peer).to_json()
             export = self.server.exports.get(connection.negotiated.export.name)
-            terms["holder"] = export.holder if export is not None else ""
+            if export is not None and export.holder:  # a lock to break should we die (RBD)
+                terms["holder"] = export.holder
             # In the journal too: a successor of a primary that died with us reads them there.
             described = journal.describe(json.dumps(terms).encode())
             head = {"type": "journaled", "id": connection.tag, "terms": terms, "record": journal.record}
