@@ -88,11 +88,13 @@ def connections_held(pid: int, connections: set[int]) -> int:
     return len(held)
 
 
-def kill_worker(server: ServerProcess, rng: random.Random, timeout: float = 30.0) -> Kill:
-    """SIGKILL a worker, chosen at random among those serving the guest, and wait until the primary
-    logs that its replacement took the connections over."""
+def kill_worker(upgradable: Upgradable, rng: random.Random, timeout: float = 30.0) -> Kill:
+    """SIGKILL a worker of the server's current primary (the last successor), chosen at random among
+    those serving the guest, and wait until the primary logs that its replacement took the
+    connections over."""
+    server = upgradable.server
     connections = served_connections(server.port)
-    held = {pid: connections_held(pid, connections) for pid in worker_pids(server.proc.pid)}
+    held = {pid: connections_held(pid, connections) for pid in worker_pids(upgradable.pids[-1])}
     serving = [pid for pid, count in held.items() if count]
     if not serving:  # the guest lost its connections at an earlier kill: nothing to kill (the test fails)
         print(f"kill-worker: no worker serves the guest any more: {held}", flush=True)
@@ -152,7 +154,7 @@ def boot(
         elif verb == "upgrade":
             outcome.pauses.append(servers[-1].upgrade())
         elif verb == "kill-worker":
-            outcome.kills.append(kill_worker(servers[-1].server, rng))
+            outcome.kills.append(kill_worker(servers[-1], rng))
         elif verb in ("kill", "restart"):
             servers[-1].stop(signal.SIGKILL if verb == "kill" else signal.SIGTERM)
             servers.append(start())
