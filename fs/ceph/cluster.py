@@ -211,6 +211,16 @@ class Cluster:
         self.rbd("create", "--size", f"{size}B", *extra, spec)
         return spec
 
+    def create_user(self, name: str, pool: str = POOL) -> str:
+        """A cephx user with the caps an RBD client needs on ``pool`` (``profile rbd``: which also
+        lets it blocklist a dead client whose lock it breaks), its key added to the keyring the
+        configuration names; returns its entity, ``client.NAME``."""
+        entity = f"client.{name}"
+        key = self.ceph("auth", "get-or-create", entity, "mon", "profile rbd", "osd", f"profile rbd pool={pool}")
+        with open(self.keyring_path, "a") as keyring:
+            keyring.write(key if key.endswith("\n") else key + "\n")
+        return entity
+
     # --- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -60,7 +60,7 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server, notifier, reread)
+    loop.add_signal_handler(signal.SIGHUP, _Reload(server, notifier, reread).start)
     upgrade = _Upgrade(server, notifier, successor_env, stop, pool.keeper if pool is not None else None)
     loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     try:
@@ -249,16 +249,35 @@ class _Upgrade:
             self._notifier.notify(f"STATUS={self._server.status()}")
 
 
-def _reload(server: Server, notifier: Notifier, reread: Callable[[], ServerConfig] | None) -> None:
-    """SIGHUP: apply what can change while serving; log what could not."""
+class _Reload:
+    """SIGHUP: apply what can change while serving; log what could not.  One at a time: a SIGHUP
+    during a reload (an RBD image may take the cluster's timeout to open) reloads again after it."""
+
+    def __init__(self, server: Server, notifier: Notifier, reread: Callable[[], ServerConfig] | None) -> None:
+        self._server, self._notifier, self._reread = server, notifier, reread
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        async with self._lock:
+            await _reload(self._server, self._notifier, self._reread)
+
+
+async def _reload(server: Server, notifier: Notifier, reread: Callable[[], ServerConfig] | None) -> None:
     if reread is None:
         log.warning("SIGHUP: nothing to reload (no --config file)")
         return
     notifier.notify("RELOADING=1")
+    log.info("SIGHUP: reloading the configuration")
     try:
         new = reread()
         set_log_level(new.log_level)
-        changed, refused = server.reload(new)
+        changed, refused = await server.reload(new)
     except ConfigError as exc:
         log.error("reload failed, configuration unchanged: %s", exc)
     else:

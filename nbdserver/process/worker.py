@@ -55,6 +55,7 @@ class Worker:
         self._counting = False  # a count is due at the end of this turn of the loop
         self._recoveries: dict[int, Recovery] = {}  # dead workers' arenas, their connections being taken over
         self._fencing: dict[str, asyncio.Task[None]] = {}  # dead processes' locks, taken from them
+        self._reloading = asyncio.Lock()  # one reload at a time: each may wait on a cluster
         server.on_change = self._report_count
         server.on_journaled = self._journaled
         server.on_lost = self._ended
@@ -107,7 +108,7 @@ class Worker:
         elif kind == "snapshot":
             self._run(self._snapshot())
         elif kind == "reload":
-            self._reload(pickle.loads(raw))
+            self._run(self._reload(pickle.loads(raw)))
         elif kind == "package":
             self._run(self._package())
         elif kind in ("let_go", "take_back"):
@@ -215,10 +216,11 @@ class Worker:
             self._send(head, raw, [sock.fileno()])
         self._send(packed.end)
 
-    def _reload(self, config: ServerConfig) -> None:
+    async def _reload(self, config: ServerConfig) -> None:
         try:
             set_log_level(config.log_level)
-            changed, _ = self.server.reload(config)  # what could not change, the primary logs
+            async with self._reloading:
+                changed, _ = await self.server.reload(config)  # what could not change, the primary logs
         except ConfigError as exc:
             log.debug("reload: %s", exc)
             return

@@ -42,13 +42,15 @@ class Export:
         pool: BufferPool,
         ledger: Ledger,
         budget: ByteBudget | None = None,
+        image: RbdImage | None = None,
     ) -> None:
-        """``ledger``: where the writes to its backing file are counted (by every process serving it)."""
+        """``ledger``: where the writes to its backing file are counted (by every process serving it);
+        ``image``: its RBD image, opened already (else it is opened here)."""
         self.config = config
         self.pool = pool
         # Its own in-flight budget, within the server's (``budget``).
         self.budget = ByteBudget(config.max_inflight_bytes or server.max_export_inflight_bytes, budget)
-        self.backing, self.engine, written = _open(config, server, ledger)
+        self.backing, self.engine, written = _open(config, server, ledger, image)
         backing = self.backing
         # Direct and page-cache I/O meet on whole pages: order requests that share one.
         granule = min(max(PAGE_SIZE, backing.offset_align), MAX_HAZARD_GRANULE) if backing.direct else 1
@@ -120,19 +122,26 @@ class Export:
         log.info("export %r: %s", self.name, self.queue.stats.summary())
 
 
-def _open(config: ExportConfig, server: ServerConfig, ledger: Ledger) -> tuple[Store, Engine, Account | None]:
+def open_image(config: ExportConfig, server: ServerConfig) -> RbdImage:
+    """The RBD image an export names (blocking: up to the RBD timeout per step)."""
+    assert config.rbd is not None
+    return RbdImage(
+        config.rbd,
+        read_only=config.read_only,
+        conf=config.rbd_conf or server.rbd_conf,
+        client_id=config.rbd_id or server.rbd_id,
+        timeout=server.rbd_timeout,
+    )
+
+
+def _open(
+    config: ExportConfig, server: ServerConfig, ledger: Ledger, image: RbdImage | None
+) -> tuple[Store, Engine, Account | None]:
     """What the export serves, its engine, and where the writes to it are counted (None: by this
     process alone)."""
-    rbd = config.rbd
-    if rbd is not None:
+    if config.rbd is not None:
         # One process writes an RBD image (config.py: worker_processes): its writes are counted here.
-        image = RbdImage(
-            rbd,
-            read_only=config.read_only,
-            conf=config.rbd_conf or server.rbd_conf,
-            client_id=config.rbd_id or server.rbd_id,
-            timeout=server.rbd_timeout,
-        )
+        image = image or open_image(config, server)
         try:
             engine = RbdEngine(image)
         except BaseException:

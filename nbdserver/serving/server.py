@@ -16,6 +16,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from ..backing.librbd import RbdImage
 from ..block.buffers import Arena, BufferPool, ByteBudget
 from ..block.ledger import Ledger
 from ..config import METRICS_FD_NAME, ConfigError, ExportConfig, Listener, ServerConfig
@@ -24,7 +25,7 @@ from ..protocol import Error, ExportCatalog, TlsMode
 from ..stats import ExportSnapshot, ServerStats, Snapshot
 from .acceptor import Acceptor
 from .connection import Connection
-from .export import Export
+from .export import Export, open_image
 from .polling import BusyPoll
 from .tls import tls_context
 
@@ -124,8 +125,14 @@ class Server:
             raise
         self._update_catalog()
 
-    def _open_export(self, config: ExportConfig) -> None:
-        export = Export(config, self.config, self.pool, self.ledger, self.budget)
+    async def _open_export_off_loop(self, config: ExportConfig) -> None:
+        store = None
+        if config.rbd is not None:
+            store = await asyncio.get_running_loop().run_in_executor(None, open_image, config, self.config)
+        self._open_export(config, store)
+
+    def _open_export(self, config: ExportConfig, store: RbdImage | None = None) -> None:
+        export = Export(config, self.config, self.pool, self.ledger, self.budget, store)
         self.exports[export.name] = export
         for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
             self.stats.refused[export.name, error.name] += 0  # shown from zero
@@ -293,10 +300,12 @@ class Server:
             f"{len(self.exports)} export(s) on {len(self.addresses)} address(es), {connections} connection(s){workers}"
         )
 
-    def reload(self, new: ServerConfig) -> tuple[list[str], list[str]]:
+    async def reload(self, new: ServerConfig) -> tuple[list[str], list[str]]:
         """Apply what can change while serving: new exports, read-only flags, descriptions, the default export.
 
-        Returns (what changed, what could not change without a restart); nothing is torn down.
+        Returns (what changed, what could not change without a restart); nothing is torn down.  An
+        RBD image is opened on a thread: the cluster may take up to its timeout to answer, and
+        the clients of the other exports are served meanwhile.
         """
         new.validate()
         changed: list[str] = []
@@ -314,7 +323,7 @@ class Server:
         for config in new.exports:
             if config.name not in old:
                 try:
-                    self._open_export(config)
+                    await self._open_export_off_loop(config)
                 except OSError as exc:
                     refused.append(f"export {config.name!r} not added: {exc}")
                     continue

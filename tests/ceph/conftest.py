@@ -29,6 +29,13 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ceph.Clus
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def rbd_user(ceph_cluster) -> str:
+    """A cephx user with only the caps an RBD client needs (profile rbd), as --rbd-id names it."""
+    ceph_cluster.create_user("nbd")
+    return "nbd"
+
+
 @pytest.fixture
 def image(ceph_cluster) -> Iterator[str]:
     """A new 16 MiB image (its spec, rbd/NAME), removed afterwards."""

@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -315,3 +316,34 @@ def test_fio_verify(ceph_cluster, image, start_server, tmp_path):
     assert stats["write"]["io_bytes"] == stats["read"]["io_bytes"] == 8 * MiB  # all written, all verified
     written = exported(ceph_cluster, image, tmp_path)[: 8 * MiB]
     assert written.count(0) < len(written) // 2  # in the cluster, as the rbd tool reads it
+
+
+def test_a_reload_adds_an_rbd_export_and_serves_the_others_while_the_cluster_is_silent(
+    ceph_cluster, image, start_server, tmp_path
+):
+    make_image(tmp_path / "a.img", MiB)
+    silent = tmp_path / "silent.conf"
+    silent.write_text(
+        re.sub(r"mon host = .*", f"mon host = v2:127.0.0.1:{free_port()}", ceph_cluster.conf_path.read_text())
+    )
+    path = tmp_path / "nbdserver.toml"
+    first = 'rbd-timeout = 4\n[[export]]\nname = "a"\npath = "a.img"\n'
+    path.write_text(first)
+    server = start_server("--config", path, "--processes", "1")
+    path.write_text(first + f'[[export]]\nname = "silent"\npath = "rbd:{image}"\nrbd-conf = "{silent}"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.logged("SIGHUP: reloading the configuration"), server.log_text()
+    h = connect(server.uri("a"))
+    for _ in range(10):  # answered while the image's open waits on the silent cluster
+        assert h.pread(4096, 0) == bytes(4096)
+    assert "not added" not in server.log_text()
+    assert server.logged("export 'silent' not added"), server.log_text()
+    assert "the cluster did not answer within 4 s" in server.log_text()
+    path.write_text(first + f'[[export]]\nname = "vm"\npath = "rbd:{image}"\nrbd-conf = "{ceph_cluster.conf_path}"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.logged("export 'vm' added"), server.log_text()
+    vm = connect(server.uri("vm"))
+    vm.pwrite(b"v" * 4096, 0)
+    assert exported(ceph_cluster, image, tmp_path)[:4096] == b"v" * 4096
+    vm.shutdown()
+    h.shutdown()

@@ -3,6 +3,7 @@ refused, and how many processes serve them.  No cluster: nothing here connects."
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -179,7 +180,7 @@ def test_a_reload_adds_no_rbd_export_to_a_server_with_several_workers(tmp_path):
     )
     server.open_exports()
     try:
-        changed, refused = server.reload(new)
+        changed, refused = asyncio.run(server.reload(new))
     finally:
         for export in server.exports.values():
             export.engine.close()
