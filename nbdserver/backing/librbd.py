@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -118,6 +119,12 @@ _PP = ctypes.POINTER(ctypes.c_void_p)
 _DIFF_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 
 
+class Watcher(ctypes.Structure):
+    """rbd_image_watcher_t: a client watching the image (any client that has it open)."""
+
+    _fields_ = [("addr", ctypes.c_char_p), ("id", ctypes.c_int64), ("cookie", ctypes.c_uint64)]
+
+
 class Libraries:
     """librados and librbd with the signatures of the calls used here (64-bit offsets and
     ``ssize_t`` results would be cut to ``int`` without them)."""
@@ -165,6 +172,11 @@ class Libraries:
         _declare(rbd.rbd_lock_get_owners, [_P, ctypes.POINTER(c_int), ctypes.POINTER(c_char_p), ctypes.POINTER(size_t)])
         _declare(rbd.rbd_lock_get_owners_cleanup, [ctypes.POINTER(c_char_p), size_t], None)
         _declare(rbd.rbd_lock_break, [_P, c_int, c_char_p])
+        _declare(rbd.rbd_lock_release, [_P])
+        _declare(rbd.rbd_watchers_list, [_P, ctypes.POINTER(Watcher), ctypes.POINTER(size_t)])
+        _declare(rbd.rbd_watchers_list_cleanup, [ctypes.POINTER(Watcher), size_t], None)
+        _declare(rbd.rbd_metadata_get, [_P, c_char_p, c_char_p, ctypes.POINTER(size_t)])
+        _declare(rbd.rbd_metadata_set, [_P, c_char_p, c_char_p])
         _declare(rbd.rbd_diff_iterate2, [_P, c_char_p, u64, u64, ctypes.c_uint8, ctypes.c_uint8, _DIFF_CALLBACK, _P])
 
 
@@ -224,6 +236,7 @@ class RbdImage:
         self.cluster = ctypes.c_void_p()
         self.ioctx = ctypes.c_void_p()
         self.image = ctypes.c_void_p()
+        self._fencing = threading.Lock()
         user = client_name(client_id)
         spec = self.path
         _check(
@@ -281,14 +294,18 @@ class RbdImage:
         """``holder`` is a process of this server that died (blocking): if it still holds the
         image's lock, break it, which also blocklists it in the cluster, rather than wait the half
         minute the cluster takes to notice that it is gone.  True if a lock was broken."""
-        if holder == self.holder or holder not in self.owners():
-            return False
+        with self._fencing:  # one thread at a time: the takeover's and --rbd-exclusive's may meet
+            if holder == self.holder or holder not in self.owners():
+                return False
+            self._break(holder)
+        return True
+
+    def _break(self, holder: str) -> None:
         _check(
             self.lib.rbd.rbd_lock_break(self.image, RBD_LOCK_MODE_EXCLUSIVE, holder.encode()),
             self._says(f"cannot break the lock of {holder}"),
         )
-        log.warning("%s: the lock of a process of ours that died (%s) broken, and it blocklisted", self.path, holder)
-        return True
+        log.warning("%s: the lock of %s, which died, broken (and the dead client blocklisted)", self.path, holder)
 
     def _connect(self, user: str, conf: Path | None, timeout: float) -> None:
         rados, cluster, spec = self.lib.rados, self.cluster, self.path

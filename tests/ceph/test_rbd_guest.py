@@ -53,7 +53,7 @@ def test_worker_kills_under_ext4_on_an_rbd_export_fail_nothing(rbd_run):
         assert kill.pause < RECOVERY_PAUSE_LIMIT, kill
     # A dead worker that held the image's lock (it wrote since it took over) had it broken by its
     # replacement; one killed before its first write held none.
-    broken = sum(len(re.findall(r"a process of ours that died", log)) for log in run.logs)
+    broken = sum(len(re.findall(r"which died, broken", log)) for log in run.logs)
     assert 1 <= broken <= len(run.kills), broken
     pauses = sorted(kill.pause for kill in run.kills)
     print(f"20 worker kills under ext4 on RBD: pause median {pauses[10]:.3f} s, max {pauses[-1]:.3f} s")

@@ -62,9 +62,9 @@ def test_a_killed_worker_costs_no_request_and_its_lock_is_taken_back(
     finally:
         finish(clients)
     # Each replacement broke its predecessor's lock (and the cluster blocklisted the dead one).
-    found = (re.search(r"a process of ours that died \((\S+)\)", line) for line in list(server.log))
+    found = (re.search(r"the lock of (\S+), which died, broken", line) for line in list(server.log))
     broken = [m.group(1) for m in found if m]
-    assert len(broken) == KILLS, server.log_text()
+    assert len(broken) == len(set(broken)) == KILLS, server.log_text()  # each once
     blocklist = ceph_cluster.ceph("osd", "blocklist", "ls")
     assert all(holder in blocklist for holder in broken), (broken, blocklist)
     for c in clients:
@@ -145,3 +145,28 @@ def test_exclusive_a_second_server_refuses_to_start_naming_the_owner(ceph_cluste
     assert first.stop() == 0
     third = rbd_server(start_server, ceph_cluster, "--rbd-exclusive", f"rbd:{image}")  # the lock was let go
     assert third.logged("exclusive lock taken"), third.log_text()
+
+
+def test_exclusive_the_lock_of_a_dead_server_does_not_keep_the_next_from_starting(ceph_cluster, image, start_server):
+    first = rbd_server(start_server, ceph_cluster, "--processes", "1", "--rbd-exclusive", f"rbd:{image}")
+    assert first.logged("exclusive lock taken"), first.log_text()
+    first.proc.kill()  # its lock stays in the cluster, its watch for half a minute more
+    first.proc.wait()
+    second = rbd_server(start_server, ceph_cluster, "--processes", "1", "--rbd-exclusive", f"rbd:{image}")
+    assert second.logged("exclusive lock taken"), second.log_text()
+    assert "which died, broken" in second.log_text()
+    h = connect(second.uri())
+    h.pwrite(b"s" * BLOCK, 0)
+    h.shutdown()
+
+
+def test_exclusive_a_worker_killed_without_clients_leaves_its_replacement_the_lock(ceph_cluster, image, start_server):
+    server = rbd_server(start_server, ceph_cluster, "--processes", "2", "--rbd-exclusive", f"rbd:{image}")
+    assert server.logged("exclusive lock taken"), server.log_text()
+    (worker,) = children(server)
+    kill(server, worker, wait_for_line="started again")
+    assert server.logged("exclusive lock taken", count=2), server.log_text()
+    h = connect(server.uri())
+    h.pwrite(b"w" * BLOCK, 0)
+    assert h.pread(BLOCK, 0) == b"w" * BLOCK
+    h.shutdown()
