@@ -20,12 +20,21 @@ later each round:
   driver does its I/O through librbd's asynchronous calls whatever it is), the same fio job;
 - rbd-bench: `rbd bench` with the same size, pattern and requests in flight: librbd alone, no
   NBD and no fio, the ceiling of a server on librbd.  It has no time bound: its --io-total is the
-  rate last measured on the workload times --runtime.
+  rate last measured on the workload times --runtime.  The rbd tool sets
+  rbd_cache_writethrough_until_flush=false at start: its writes are acknowledged by librbd's
+  cache (Pacific's writearound policy, up to rbd_cache_max_dirty in flight) from the first one.
+
+More variants for finding out what limits what (--servers): nbdserver-no-poll (--busy-poll 0),
+nbdserver-flushed and qemu-nbd-flushed (rbd_cache_writethrough_until_flush=false: librbd as it is
+once a client has sent its first flush, which fio's job never does; as rbd bench runs),
+nbdserver-no-cache (--cache direct) and qemu-nbd-no-cache (--cache=none): librbd's cache off.
 
 For each cell it reads the CPU time of the server (its processes, from /proc; for rbd bench its
-rusage) and of the OSD over the run.  The report gives per workload and server the median (min-max)
-over the rounds of IOPS, MiB/s, the server's CPU µs per request, fio's, the OSD's CPU as cores
-used and per request, and nbdserver's ratio to the others, round by round: the OSD at about one
+rusage), of the thread that serves the connection (qemu-nbd's main thread, the event loop of
+nbdserver's worker; the rest is librbd's threads), nbdserver's busy polling (its /metrics), and
+the OSD's over the run.  The report gives per workload and server the median (min-max) over the
+rounds of IOPS, MiB/s, the server's CPU µs per request, fio's, the OSD's CPU as cores used and per
+request, and each nbdserver variant's ratio to the others, round by round: the OSD at about one
 core is a cluster that cannot go faster, whoever drives it.  Servers and cluster are stopped by
 PID, also when a run fails or is interrupted.
 """
@@ -41,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +62,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ceph"))
 import cluster as ceph
 
 MiB = 1 << 20
-SERVERS = ("nbdserver", "qemu-nbd", "rbd-bench")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A server as run: its program, more arguments, and librbd options for it alone."""
+
+    name: str
+    kind: str  # "nbdserver", "qemu-nbd" or "rbd-bench"
+    args: tuple[str, ...] = ()
+    librbd: tuple[tuple[str, str], ...] = ()
+
+
+# librbd as it is once a client has sent its first flush: its cache acknowledges writes before
+# the OSD has them (Pacific's rbd_cache_policy writearound) instead of writing through until then.
+# The rbd tool always runs so (it sets the option at start), hence rbd bench.
+FLUSHED = (("rbd_cache_writethrough_until_flush", "false"),)
+VARIANTS = [
+    Variant("nbdserver", "nbdserver"),
+    Variant("qemu-nbd", "qemu-nbd"),
+    Variant("rbd-bench", "rbd-bench"),
+    Variant("nbdserver-no-poll", "nbdserver", ("--busy-poll", "0")),
+    Variant("nbdserver-flushed", "nbdserver", librbd=FLUSHED),
+    Variant("qemu-nbd-flushed", "qemu-nbd", librbd=FLUSHED),
+    Variant("nbdserver-no-cache", "nbdserver", ("--cache", "direct")),
+    Variant("qemu-nbd-no-cache", "qemu-nbd", ("--cache=none",)),
+]
+DEFAULT_SERVERS = "nbdserver,qemu-nbd,rbd-bench"
 
 
 @dataclass(frozen=True)
@@ -95,6 +131,8 @@ class Cell:
     client_us: float  # fio's, 0 for rbd bench (it is the client)
     osd_cores: float  # the OSD's CPU seconds per second of the run
     osd_us: float  # the OSD's CPU per request
+    poll_us: float = 0.0  # nbdserver's busy polling per request (part of loop_us)
+    loop_us: float = 0.0  # the thread serving the connection, per request (part of server_us)
 
 
 @dataclass
@@ -174,19 +212,39 @@ def image_facts(target: Target) -> str:
 # The servers ---------------------------------------------------------------------------------
 
 
-def nbdserver(target: Target, build: str) -> Server:
+def nbdserver(target: Target, variant: Variant, build: str) -> Server:
     tree = tree_of(build)
     argv = [
         sys.executable, "-P", "-m", "nbdserver", "serve", f"rbd:{target.spec}", "--rbd-conf", str(target.conf),
-        "--rbd-id", target.user, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+        "--rbd-id", target.user, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *variant.args,
     ]  # fmt: skip
-    return start_server(argv, env={"PYTHONPATH": str(tree)}, cwd=tree)
+    env = {"PYTHONPATH": str(tree)}
+    if variant.librbd:  # librados reads $CEPH_ARGS after the configuration file
+        env["CEPH_ARGS"] = " ".join(f"--{option}={value}" for option, value in variant.librbd)
+    return start_server(argv, env=env, cwd=tree)
 
 
-def qemu_nbd(target: Target) -> Server:
+def qemu_nbd(target: Target, variant: Variant) -> Server:
     port = free_port()
-    spec = f"rbd:{target.spec}:conf={target.conf}:id={target.user}"
-    return start_server(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-t", "--shared=16", spec], port)
+    # qemu's rbd driver sets the options of the file name it does not know itself in librados.
+    options = "".join(f":{option}={value}" for option, value in variant.librbd)
+    spec = f"rbd:{target.spec}:conf={target.conf}:id={target.user}{options}"
+    argv = ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-t", "--shared=16", *variant.args, spec]
+    return start_server(argv, port)
+
+
+def polled_seconds(server: Server) -> float:
+    """nbdserver's busy polling so far, from its /metrics (0 if it has none)."""
+    found = [line.split("metrics on ", 1)[1].strip() for line in server.lines if "metrics on " in line]
+    if not found:
+        return 0.0
+    with contextlib.suppress(OSError), urllib.request.urlopen(found[0], timeout=10) as answer:
+        text = answer.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(POLL_METRIC))
+    return 0.0
+
+
+POLL_METRIC = "nbdserver_busy_poll_seconds_total"
 
 
 def fio_cell(server: Server, workload: Workload, target: Target, runtime: int) -> Cell:
@@ -195,22 +253,48 @@ def fio_cell(server: Server, workload: Workload, target: Target, runtime: int) -
         "--time_based", f"--runtime={runtime}", *workload.fio(),
     ]  # fmt: skip
     try:
+        loop = loop_thread(server.pid)
         before, osd_before, began = sum(cpu_seconds(server.pid)), osd_cpu(target), time.monotonic()
+        loop_before = thread_seconds(loop)
         result: FioResult = run_fio(args, runtime + 120)
         wall, osd = time.monotonic() - began, osd_cpu(target) - osd_before
-        server_s = sum(cpu_seconds(server.pid)) - before
+        server_s, loop_s = sum(cpu_seconds(server.pid)) - before, thread_seconds(loop) - loop_before
+        polled = polled_seconds(server)
     finally:
         log = server.stop()
     if server.proc.returncode not in (0, -signal.SIGTERM):
         raise RuntimeError(f"the server exited with status {server.proc.returncode}: {tail(log)}")
     requests = max(1, result.requests)
-    return Cell(result.iops, result.mibs, server_s / requests * 1e6, result.client_us, osd / wall, osd / requests * 1e6)
+    return Cell(
+        result.iops, result.mibs, server_s / requests * 1e6, result.client_us, osd / wall, osd / requests * 1e6,
+        polled / requests * 1e6, loop_s / requests * 1e6,
+    )  # fmt: skip
 
 
-def rbd_bench_cell(workload: Workload, target: Target, total: int) -> Cell:
+def loop_thread(pid: int) -> int:
+    """The thread that serves the connections: qemu-nbd's main thread, or that of nbdserver's
+    worker process (its only child; the primary only accepts).  The rest of the server's CPU is
+    librbd's and librados's own threads (messenger, completions, timers)."""
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) == 1:
+            return int(children[0])
+    return pid
+
+
+def thread_seconds(tid: int) -> float:
+    """User and system time of one thread, the main thread of process ``tid`` if it is one."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{tid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def rbd_bench_cell(workload: Workload, target: Target, variant: Variant, total: int) -> Cell:
     """`rbd bench` moving ``total`` bytes (whole requests, at least one per thread)."""
     total = max(total // workload.block, workload.depth) * workload.block
-    command = ["rbd", "-c", str(target.conf), "--id", target.user, "bench", *workload.rbd_bench(),
+    options = [f"--{option}={value}" for option, value in variant.librbd]
+    command = ["rbd", "-c", str(target.conf), "--id", target.user, *options, "bench", *workload.rbd_bench(),
                "--io-total", f"{total}B", target.spec]  # fmt: skip
     osd_before, began = osd_cpu(target), time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -243,10 +327,10 @@ Runs = dict[tuple[str, str], list[Cell]]
 
 
 def run_matrix(
-    target: Target, workloads: list[Workload], servers: list[str], rounds: int, runtime: int, build: str
+    target: Target, workloads: list[Workload], servers: list[Variant], rounds: int, runtime: int, build: str
 ) -> tuple[Runs, list[str]]:
     """Every cell, and the load average before each round."""
-    runs: Runs = {(w.name, s): [] for w in workloads for s in servers}
+    runs: Runs = {(w.name, s.name): [] for w in workloads for s in servers}
     loads: list[str] = []
     rate: dict[str, float] = {}  # bytes/s last measured per workload: sizes rbd bench's run
     total, n = len(workloads) * rounds * len(servers), 0
@@ -257,9 +341,9 @@ def run_matrix(
                 n += 1
                 cell = run_cell(server, workload, target, runtime, build, rate)
                 rate[workload.name] = cell.mibs * MiB
-                runs[(workload.name, server)].append(cell)
+                runs[(workload.name, server.name)].append(cell)
                 print(
-                    f"[{n}/{total}] {workload.name} {server}: {cell.iops:.0f} IOPS, {cell.mibs:.0f} MiB/s, "
+                    f"[{n}/{total}] {workload.name} {server.name}: {cell.iops:.0f} IOPS, {cell.mibs:.0f} MiB/s, "
                     f"server {cell.server_us:.1f} µs/req, OSD {cell.osd_cores:.2f} cores; load {load_average()}",
                     file=sys.stderr,
                     flush=True,
@@ -267,15 +351,17 @@ def run_matrix(
     return runs, loads
 
 
-def run_cell(server: str, workload: Workload, target: Target, runtime: int, build: str, rate: dict[str, float]) -> Cell:
+def run_cell(
+    server: Variant, workload: Workload, target: Target, runtime: int, build: str, rate: dict[str, float]
+) -> Cell:
     starts: dict[str, Callable[[], Server]] = {
-        "nbdserver": lambda: nbdserver(target, build),
-        "qemu-nbd": lambda: qemu_nbd(target),
+        "nbdserver": lambda: nbdserver(target, server, build),
+        "qemu-nbd": lambda: qemu_nbd(target, server),
     }
-    if server == "rbd-bench":
+    if server.kind == "rbd-bench":
         guess = rate.get(workload.name, (40 if workload.block < MiB else 400) * MiB)
-        return rbd_bench_cell(workload, target, int(guess * runtime))
-    return fio_cell(starts[server](), workload, target, runtime)
+        return rbd_bench_cell(workload, target, server, int(guess * runtime))
+    return fio_cell(starts[server.kind](), workload, target, runtime)
 
 
 def load_average() -> str:
@@ -285,37 +371,49 @@ def load_average() -> str:
 # The report ----------------------------------------------------------------------------------
 
 
-def render(runs: Runs, loads: list[str], workloads: list[Workload], servers: list[str], header: list[str]) -> str:
+def render(runs: Runs, loads: list[str], workloads: list[Workload], variants: list[Variant], header: list[str]) -> str:
+    servers = [v.name for v in variants]
     lines = [*header, ""]
     lines += [
-        "| workload | server | IOPS | MiB/s | server CPU µs/req | fio CPU µs/req | OSD cores | OSD CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | server | IOPS | MiB/s | server CPU µs/req | of which serving thread | of which polling "
+        "| fio CPU µs/req | OSD cores | OSD CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workloads:
         for s in servers:
             cells = runs[(w.name, s)]
             if not cells:
                 continue
-            fio_us = spread([c.client_us for c in cells], ".1f") if s != "rbd-bench" else "-"
+            fio_us = spread([c.client_us for c in cells], ".1f") if any(c.client_us for c in cells) else "-"
+            poll_us = spread([c.poll_us for c in cells], ".1f") if s.startswith("nbdserver") else "-"
+            loop_us = spread([c.loop_us for c in cells], ".1f") if any(c.loop_us for c in cells) else "-"
             iops, mibs = spread([c.iops for c in cells], ".0f"), spread([c.mibs for c in cells], ".0f")
             lines.append(
                 f"| {w.title} | {s} | {iops} | {mibs} "
-                f"| {spread([c.server_us for c in cells], '.1f')} | {fio_us} "
+                f"| {spread([c.server_us for c in cells], '.1f')} | {loop_us} | {poll_us} | {fio_us} "
                 f"| {spread([c.osd_cores for c in cells], '.2f')} | {spread([c.osd_us for c in cells], '.1f')} |"
             )
-    others = [s for s in servers if s != "nbdserver"]
-    if "nbdserver" in servers and others:
-        lines += ["", "nbdserver's IOPS over the others', round by round: median (min-max)", ""]
-        lines += ["| workload | " + " | ".join(f"/ {s}" for s in others) + " |", "|---" * (1 + len(others)) + "|"]
-        for w in workloads:
-            ours = runs[(w.name, "nbdserver")]
-            ratios = []
-            for s in others:
-                pairs = [a.iops / b.iops for a, b in zip(ours, runs[(w.name, s)], strict=False) if b.iops]
-                ratios.append(spread(pairs, ".2f") + "x" if pairs else "-")
-            lines.append(f"| {w.title} | " + " | ".join(ratios) + " |")
+    lines += ratios(runs, workloads, [v for v in variants if v.kind == "nbdserver"], variants)
     lines += ["", "Load average (1, 5, 15 min) before each round: " + "; ".join(loads)]
     return "\n".join(lines) + "\n"
+
+
+def ratios(runs: Runs, workloads: list[Workload], ours: list[Variant], variants: list[Variant]) -> list[str]:
+    """Each nbdserver variant's IOPS over every other server's, paired within each round (the
+    machine's speed drifts between rounds more than within one)."""
+    others = [v.name for v in variants if v.kind != "nbdserver"]
+    if not ours or not others:
+        return []
+    lines = ["", "IOPS over the other servers', round by round: median (min-max)", ""]
+    lines += ["| workload | server | " + " | ".join(f"/ {s}" for s in others) + " |", "|---" * (2 + len(others)) + "|"]
+    for w in workloads:
+        for v in ours:
+            cells = []
+            for other in others:
+                pairs = [a.iops / b.iops for a, b in zip(runs[(w.name, v.name)], runs[(w.name, other)], strict=False)]
+                cells.append(spread(pairs, ".2f") + "x" if pairs else "-")
+            lines.append(f"| {w.title} | {v.name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def versions(build: str) -> str:
@@ -354,12 +452,18 @@ def main() -> int:
     parser.add_argument("--size", type=size, default=1 << 30, help="image size (default 1G)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtime", type=int, default=8, help="seconds per run (default 8)")
-    parser.add_argument("--servers", help=f"comma-separated names or patterns among {', '.join(SERVERS)}")
+    parser.add_argument(
+        "--servers",
+        default=DEFAULT_SERVERS,
+        help=f"comma-separated names or patterns among {', '.join(v.name for v in VARIANTS)} "
+        f"(default {DEFAULT_SERVERS})",
+    )
     parser.add_argument("--workloads", help=f"among {', '.join(w.name for w in WORKLOADS)}")
     parser.add_argument("--build", choices=("mypyc", "pure"), default="mypyc", help="nbdserver's build")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
-    servers = pick(args.servers, list(SERVERS))
+    names = pick(args.servers, [v.name for v in VARIANTS])
+    servers = [v for v in VARIANTS if v.name in names]
     workloads = [w for w in WORKLOADS if w.name in pick(args.workloads, [w.name for w in WORKLOADS])]
     # SIGTERM as Ctrl-C: the with-blocks below then stop the servers and the cluster.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
