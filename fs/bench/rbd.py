@@ -84,6 +84,7 @@ VARIANTS = [
     Variant("rbd-bench", "rbd-bench"),
     Variant("nbdserver-no-poll", "nbdserver", ("--busy-poll", "0")),
     Variant("nbdserver-flushed", "nbdserver", librbd=FLUSHED),
+    Variant("nbdserver-flushed-no-poll", "nbdserver", ("--busy-poll", "0"), librbd=FLUSHED),
     Variant("qemu-nbd-flushed", "qemu-nbd", librbd=FLUSHED),
     Variant("nbdserver-no-cache", "nbdserver", ("--cache", "direct")),
     Variant("qemu-nbd-no-cache", "qemu-nbd", ("--cache=none",)),
@@ -133,6 +134,7 @@ class Cell:
     osd_us: float  # the OSD's CPU per request
     poll_us: float = 0.0  # nbdserver's busy polling per request (part of loop_us)
     loop_us: float = 0.0  # the thread serving the connection, per request (part of server_us)
+    p99_us: float = 0.0  # fio's completion latency, 99th percentile (0 for rbd bench: not reported)
 
 
 @dataclass
@@ -267,7 +269,7 @@ def fio_cell(server: Server, workload: Workload, target: Target, runtime: int) -
     requests = max(1, result.requests)
     return Cell(
         result.iops, result.mibs, server_s / requests * 1e6, result.client_us, osd / wall, osd / requests * 1e6,
-        polled / requests * 1e6, loop_s / requests * 1e6,
+        polled / requests * 1e6, loop_s / requests * 1e6, result.p99_us,
     )  # fmt: skip
 
 
@@ -376,8 +378,8 @@ def render(runs: Runs, loads: list[str], workloads: list[Workload], variants: li
     lines = [*header, ""]
     lines += [
         "| workload | server | IOPS | MiB/s | server CPU µs/req | of which serving thread | of which polling "
-        "| fio CPU µs/req | OSD cores | OSD CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fio CPU µs/req | p99 ms | OSD cores | OSD CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workloads:
         for s in servers:
@@ -385,12 +387,13 @@ def render(runs: Runs, loads: list[str], workloads: list[Workload], variants: li
             if not cells:
                 continue
             fio_us = spread([c.client_us for c in cells], ".1f") if any(c.client_us for c in cells) else "-"
+            p99 = spread([c.p99_us / 1000 for c in cells], ".1f") if any(c.p99_us for c in cells) else "-"
             poll_us = spread([c.poll_us for c in cells], ".1f") if s.startswith("nbdserver") else "-"
             loop_us = spread([c.loop_us for c in cells], ".1f") if any(c.loop_us for c in cells) else "-"
             iops, mibs = spread([c.iops for c in cells], ".0f"), spread([c.mibs for c in cells], ".0f")
             lines.append(
                 f"| {w.title} | {s} | {iops} | {mibs} "
-                f"| {spread([c.server_us for c in cells], '.1f')} | {loop_us} | {poll_us} | {fio_us} "
+                f"| {spread([c.server_us for c in cells], '.1f')} | {loop_us} | {poll_us} | {fio_us} | {p99} "
                 f"| {spread([c.osd_cores for c in cells], '.2f')} | {spread([c.osd_us for c in cells], '.1f')} |"
             )
     lines += ratios(runs, workloads, [v for v in variants if v.kind == "nbdserver"], variants)
