@@ -490,4 +490,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: servers and cluster are stopped by now
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
