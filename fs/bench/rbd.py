@@ -16,7 +16,8 @@ later each round:
 - nbdserver: `python -P -m nbdserver serve rbd:POOL/IMAGE --rbd-conf CONF --rbd-id USER` (the
   compiled build by default, as README command 1 installs it), driven by fio's nbd engine;
 - qemu-nbd: `qemu-nbd -f raw -t --shared=16 'rbd:POOL/IMAGE:conf=CONF:id=USER'` with its default
-  cache (writeback: librbd's cache on, as nbdserver's default) and aio mode (threads; the rbd
+  cache (writeback: librbd's cache on; nbdserver runs it off, so that a crash loses nothing it
+  answered) and aio mode (threads; the rbd
   driver does its I/O through librbd's asynchronous calls whatever it is), the same fio job;
 - rbd-bench: `rbd bench` with the same size, pattern and requests in flight: librbd alone, no
   NBD and no fio, the ceiling of a server on librbd.  It has no time bound: its --io-total is the
@@ -25,9 +26,11 @@ later each round:
   cache (Pacific's writearound policy, up to rbd_cache_max_dirty in flight) from the first one.
 
 More variants for finding out what limits what (--servers): nbdserver-no-poll (--busy-poll 0),
-nbdserver-flushed and qemu-nbd-flushed (rbd_cache_writethrough_until_flush=false: librbd as it is
-once a client has sent its first flush, which fio's job never does; as rbd bench runs),
-nbdserver-no-cache (--cache direct) and qemu-nbd-no-cache (--cache=none): librbd's cache off.
+qemu-nbd-flushed (rbd_cache_writethrough_until_flush=false: librbd as it is once a client has
+sent its first flush, which fio's job never does; as rbd bench runs), qemu-nbd-no-cache
+(--cache=none): librbd's cache off, as nbdserver always runs it.  (nbdserver-flushed and
+nbdserver-flushed-no-poll measured nbdserver with librbd's cache on, before it was turned off
+for good; they now measure what nbdserver does.)
 
 For each cell it reads the CPU time of the server (its processes, from /proc; for rbd bench its
 rusage), of the thread that serves the connection (qemu-nbd's main thread, the event loop of
@@ -86,7 +89,6 @@ VARIANTS = [
     Variant("nbdserver-flushed", "nbdserver", librbd=FLUSHED),
     Variant("nbdserver-flushed-no-poll", "nbdserver", ("--busy-poll", "0"), librbd=FLUSHED),
     Variant("qemu-nbd-flushed", "qemu-nbd", librbd=FLUSHED),
-    Variant("nbdserver-no-cache", "nbdserver", ("--cache", "direct")),
     Variant("qemu-nbd-no-cache", "qemu-nbd", ("--cache=none",)),
 ]
 DEFAULT_SERVERS = "nbdserver,qemu-nbd,rbd-bench"
