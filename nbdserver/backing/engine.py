@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ class Store(Protocol):
     read_only: bool
     offset_align: int  # direct transfers must start and end on multiples of this (1: any)
 
+    @property
+    def path(self) -> str | os.PathLike[str]: ...  # what it is, as messages and /metrics name it
     @property
     def direct(self) -> bool: ...  # O_DIRECT beside the page cache: requests sharing a page are ordered
     def close(self) -> None: ...
