@@ -67,8 +67,11 @@ async def export_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
     config = _export_config(args)
     try:
         await context.server.add_export(config)
-    except (ConfigError, OSError) as exc:
+    except ConfigError as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        why = f"{exc.filename}: {exc.strerror}" if exc.strerror and exc.filename else str(exc)
+        raise CommandError(f"export {config.name!r} not added: {why}") from None
     context.changes.add(config)
     await _keep(context, f"export {config.name!r} is served until a restart")
     return {"message": f"export {config.name!r} added", "export": config.name}

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODE = 0o600  # the server's own user (and root) only: commands change what is served
 STOP_TIMEOUT = 30.0  # for the commands under way at shutdown
+DRAIN_LIMIT = 4 * 1024 * 1024  # bytes read and dropped after an over-long request, before closing anyway
 
 
 class ControlServer:
@@ -171,6 +172,7 @@ class _Client(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._busy = False  # a command of this client's is under way
         self._full = False  # its replies are not read: nothing more is taken until they are
+        self._dropping = -1  # after an over-long request: bytes read and dropped since (-1: none)
         self.who = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -183,8 +185,22 @@ class _Client(asyncio.Protocol):
         self._control._clients.discard(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._dropping >= 0:
+            self._drop(len(data))
+            return
         self._decoder.feed(data)
         self._next()
+
+    def eof_received(self) -> bool:
+        return self._dropping < 0  # keep the connection open for the reply under way, unless over-long
+
+    def _drop(self, count: int) -> None:
+        """After an over-long request: the error reply and the end of file are on their way; what
+        the client still sends is read and dropped (closing with unread bytes would reset the
+        connection, and the client might never read the reply), up to DRAIN_LIMIT."""
+        self._dropping += count
+        if self._dropping > DRAIN_LIMIT:
+            self.close()
 
     def pause_writing(self) -> None:
         self._full = True
@@ -213,7 +229,8 @@ class _Client(asyncio.Protocol):
             except protocol.TooLong as exc:
                 log.warning("control: %s: %s: disconnected", self.who, exc)
                 self.send(protocol.error(f"bad request: {exc}"))
-                self.close()
+                self._transport.write_eof()
+                self._dropping = 0
                 return
             if request is None:
                 return

@@ -90,6 +90,15 @@ async def run(
         log.error("%s", exc)
         await server.shutdown()
         return 1
+    if control is not None and channel is None:  # (a successor takes its predecessor's)
+        try:
+            control.bind()
+        except OSError as exc:  # as for an address in use
+            log.error("cannot listen on the control socket: %s", exc)
+            _close_kept(kept)
+            fdstore.forget(notifier, [*stored, *kept])
+            await server.shutdown()
+            return 1
     try:
         inherited = await _inheritance(channel, stored)
         if inherited is None:
@@ -99,19 +108,16 @@ async def run(
     except (OSError, handover.HandoverError) as exc:
         log.error("cannot %s: %s", "take over" if channel is not None else "listen", exc)
         _close_kept(kept)  # (a restart's state, if any, is closed by the store: see fdstore.py)
+        if control is not None:
+            await control.close()
         await server.shutdown()
         return 1
     finally:
         fdstore.forget(notifier, [*stored, *kept])  # ours now: taken over, or closed
-    if control is not None:
+    if control is not None and channel is not None:
         try:
             _control_socket(control, inherited)
         except OSError as exc:
-            if inherited is None:  # a first start: as for an address in use
-                log.error("cannot listen on the control socket: %s", exc)
-                _close_kept(kept)
-                await server.shutdown()
-                return 1
             log.error("no control socket: %s", exc)  # the clients taken over are served on
             control = upgrade.control = None
     if kept and inherited is not None:  # copies of what a restart's state holds: served from it
