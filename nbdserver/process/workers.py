@@ -564,6 +564,9 @@ class WorkerPool:
         total.server.add(self.recovery)
         for part in [*self._retired, *(w.last for w in self._workers if w.last is not None)]:
             total.add(part)
+        # The connections open now: not those of the dead workers' last counters.
+        live = [c for w in self._workers if w.alive and w.last is not None for c in w.last.clients]
+        total.clients = [*snapshot.clients, *live]
         return total
 
     def reload(self, config: ServerConfig) -> None:

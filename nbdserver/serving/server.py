@@ -294,7 +294,7 @@ class Server:
         for connection in self.connections:
             if connection.export is None:
                 negotiating += 1
-            else:
+            elif connection.export.name in exports:  # (not one being disconnected from a removed export)
                 exports[connection.export.name].connections += 1
         clients = [
             {"peer": c.peer, "export": c.export.name if c.export is not None else None, "in_flight": c.in_flight}
