@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -290,3 +291,19 @@ def test_the_control_socket_and_its_changes_survive_an_upgrade(image, control, s
     finally:
         u.stop()
     assert not control.exists()
+
+
+@pytest.mark.parametrize("processes", PROCESSES)
+def test_a_reload_keeps_the_changes(start_server, control, short_dir, processes):
+    """SIGHUP re-reads the file with the changes over it: a removed export stays removed, an added one stays."""
+    make_image(short_dir / "a.img", MiB)
+    make_image(short_dir / "c.img", MiB)
+    config = short_dir / "nbdserver.toml"
+    config.write_text('[[export]]\nname = "a"\npath = "a.img"\n[[export]]\nname = "c"\npath = "c.img"\n')
+    server = start_server("--config", config, "--control", control, "--processes", processes)
+    assert ctl(control, "export", "add", "b", short_dir / "b.img", "--size", "1M").returncode == 0
+    assert ctl(control, "export", "remove", "a").returncode == 0
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.logged("reloaded:")
+    assert set(exports(control)) == {"b", "c"}
+    assert not any("no longer configured" in line or "not added" in line for line in server.log), server.log_text()
