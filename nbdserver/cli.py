@@ -11,9 +11,11 @@ import uvloop
 
 from . import build, configfile
 from .backing import DEFAULT_WORKERS, ENGINES
+from .backing.librbd import PREFIX as RBD_PREFIX
 from .config import (
     AUTO_PROCESSES_MAX,
     CACHE_MODES,
+    DEFAULT_CONTROL,
     DEFAULT_METRICS,
     DEFAULT_WINDOW_US,
     LOG_LEVELS,
@@ -28,6 +30,7 @@ from .config import (
     parse_processes,
     parse_size,
 )
+from .control import client, state
 from .metrics import top
 from .process import daemon
 from .process.systemd import configure_logging
@@ -232,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"poll this long after a request arrives or a reply leaves (default {DEFAULT_WINDOW_US}; 0: off)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    serve.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        help="take nbdserver ctl's commands on a Unix socket at PATH, mode 0600 (default: none)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the exports added and removed through the control socket in DIR, "
+        "applied over the configuration at start (default: none, not kept)",
+    )
     check = commands.add_parser(
         "check-config",
         help="check a configuration file",
@@ -245,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="default %(default)s",
     )
+    _add_ctl(commands)
     live = commands.add_parser(
         "top",
         help="iostat -x for a running server's exports",
@@ -263,6 +280,59 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--once", action="store_true", help="print one report (over one interval) and exit")
     live.add_argument("--count", "-c", type=int, help="stop after this many reports")
     return parser
+
+
+def _add_ctl(commands: argparse._SubParsersAction) -> None:
+    ctl = commands.add_parser(
+        "ctl",
+        help="drive a running server through its control socket",
+        description="Ask a running server (serve --control PATH) for its status, or change its exports.",
+        epilog=(
+            "examples:\n"
+            "  nbdserver ctl status\n"
+            "  nbdserver ctl export add backup /srv/backup.img --size 10G\n"
+            "  nbdserver ctl export remove backup --force"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ctl.add_argument(
+        "--control", type=Path, default=DEFAULT_CONTROL, metavar="PATH", help="the control socket (default %(default)s)"
+    )
+    ctl.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+    what = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    what.add_parser("status", help="exports and connections")
+    export = what.add_parser("export", help="add or remove an export").add_subparsers(
+        dest="export_command", required=True, metavar="add|remove"
+    )
+    add = export.add_parser("add", help="serve another export, in every worker process")
+    add.add_argument("name")
+    add.add_argument("path", help="backing file or block device (or rbd:POOL/IMAGE)")
+    add.add_argument("--read-only", "-r", action="store_true", help="export it read-only")
+    add.add_argument("--size", type=_arg(parse_size), help="create a sparse image of SIZE if PATH does not exist")
+    add.add_argument("--cache", choices=CACHE_MODES, default="buffered", help="buffered (default) or direct")
+    add.add_argument("--description", default="", help="shown by nbdinfo --list")
+    remove = export.add_parser("remove", help="stop serving an export")
+    remove.add_argument("name")
+    remove.add_argument(
+        "--force", action="store_true", help="disconnect its clients (their requests in flight answered first)"
+    )
+
+
+def _ctl_request(args: argparse.Namespace) -> tuple[str, dict]:
+    """The control socket's command and arguments for ``nbdserver ctl ...``."""
+    if args.ctl_command == "status":
+        return "status", {}
+    if args.export_command == "remove":
+        return "export.remove", {"name": args.name, "force": args.force}
+    path = args.path if args.path.startswith(RBD_PREFIX) else os.path.abspath(args.path)  # the server's cwd is not ours
+    return "export.add", {
+        "name": args.name,
+        "path": path,
+        "read_only": args.read_only,
+        "size": args.size,
+        "cache": args.cache,
+        "description": args.description,
+    }
 
 
 def _arg(parse):
@@ -307,6 +377,8 @@ _OVERRIDES = {
     "rbd_id": "rbd_id",
     "rbd_timeout": "rbd_timeout",
     "rbd_exclusive": "rbd_exclusive",
+    "control": "control",
+    "state_dir": "state_dir",
 }
 
 
@@ -399,13 +471,23 @@ def main(argv: list[str] | None = None) -> int:
         return top.run(args.url, args.interval, once=args.once, count=args.count)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "ctl":
+        command, request = _ctl_request(args)
+        return client.run(args.control, command, request, args.json)
     if args.command == "serve":
         try:
             config = config_from_args(args)
         except ConfigError as exc:
             parser.error(str(exc))
         configure_logging(config.log_level)
-        reread = (lambda: config_from_args(args)) if args.config else None
-        return uvloop.run(daemon.run(config, reread))
+        try:
+            changes = state.initial(config.state_dir)  # exports added and removed at run time
+            config = changes.apply(config)
+            config.validate()
+        except ConfigError as exc:
+            print(f"nbdserver: {exc}", file=sys.stderr)
+            return 2
+        reread = (lambda: changes.apply(config_from_args(args))) if args.config else None
+        return uvloop.run(daemon.run(config, reread, changes))
     parser.error(f"unknown command {args.command}")
     return 2

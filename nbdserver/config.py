@@ -17,6 +17,8 @@ from .protocol.constants import NBD_DEFAULT_PORT
 
 DEFAULT_WINDOW_US = 100  # microseconds the event loop polls after a request arrives (serving/polling.py)
 METRICS_FD_NAME = "metrics"  # an inherited socket of this name serves /metrics; the others serve NBD
+CONTROL_FD_NAME = "control"  # the control socket, as an upgrade hands it to the successor
+DEFAULT_CONTROL = Path("/run/nbdserver/control")  # where nbdserver ctl looks by default (the packaged unit's)
 
 
 class ConfigError(ValueError):
@@ -132,6 +134,8 @@ class ServerConfig:
     rbd_id: str | None = None  # the cephx user of RBD exports without their own; None: admin
     rbd_timeout: float = DEFAULT_RBD_TIMEOUT  # seconds to connect, open, or have a request answered
     rbd_exclusive: bool = False  # RBD exports take their images' exclusive locks for good
+    control: Path | None = None  # the control socket (nbdserver ctl); None: none
+    state_dir: Path | None = None  # where changes made through it are kept across restarts; None: nowhere
 
     @property
     def asked_processes(self) -> int:

@@ -11,6 +11,8 @@ Keys are spelled like the command-line flags::
     tls-certificate = "server-cert.pem"
     tls-key = "server-key.pem"
     tls-ca = "ca-cert.pem"            # clients must present a certificate signed by it
+    control = "/run/nbdserver/control"  # the control socket of nbdserver ctl
+    state-dir = "/var/lib/nbdserver"  # exports added and removed through it, kept across restarts
 
     [metrics]
     listen = "127.0.0.1:10810"        # or: enabled = false
@@ -77,7 +79,7 @@ def load(path: Path) -> ServerConfig:
             export.path = path.parent / export.path
         if export.rbd_conf is not None:
             export.rbd_conf = path.parent / export.rbd_conf
-    for name in ("tls_certificate", "tls_key", "tls_ca", "rbd_conf"):
+    for name in ("tls_certificate", "tls_key", "tls_ca", "rbd_conf", "control", "state_dir"):
         if (value := getattr(config, name)) is not None:
             setattr(config, name, path.parent / value)
     return config
@@ -275,6 +277,8 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "rbd-id": ("rbd_id", _str),
     "rbd-timeout": ("rbd_timeout", _seconds),
     "rbd-exclusive": ("rbd_exclusive", _bool),
+    "control": ("control", _path),
+    "state-dir": ("state_dir", _path),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),

@@ -116,12 +116,16 @@ class Snapshot:
     server: ServerStats
     exports: dict[str, ExportSnapshot]
     negotiating: int = 0  # connections still in the handshake
+    # Each connection: {"peer", "export" (None in the handshake), "in_flight"}; for the control
+    # socket's status, which names them (/metrics counts them only).
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: Snapshot) -> None:
         """Count ``other`` in (another process's): exports it has and this one has not are added
         (a copy: a snapshot kept to be added to stays as it was)."""
         self.server.add(other.server)
         self.negotiating += other.negotiating
+        self.clients = [*self.clients, *other.clients]
         for name, export in other.exports.items():
             if name in self.exports:
                 self.exports[name].add(export)
@@ -133,9 +137,11 @@ class Snapshot:
             "server": self.server.to_json(),
             "exports": {name: e.to_json() for name, e in self.exports.items()},
             "negotiating": self.negotiating,
+            "clients": self.clients,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
         exports = {name: ExportSnapshot.from_json(e) for name, e in data["exports"].items()}
-        return cls(ServerStats.from_json(data["server"]), exports, data["negotiating"])
+        # (no clients: from a worker of the version before them)
+        return cls(ServerStats.from_json(data["server"]), exports, data["negotiating"], list(data.get("clients", [])))

@@ -8,14 +8,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbdserver"
 # Each layer, and the layers above it that it must not import.  The top modules (cli, the
 # daemon's entry points) may import anything.
 LAYERS = {
-    "protocol": {"block", "backing", "serving", "process", "metrics", "cli"},
-    "backing": {"block", "serving", "process", "cli"},
-    "block": {"serving", "process", "cli"},  # above the engines it submits to
-    "metrics": {"serving", "process", "cli"},
-    "serving": {"process", "cli"},
+    "protocol": {"block", "backing", "serving", "control", "process", "metrics", "cli"},
+    "backing": {"block", "serving", "control", "process", "cli"},
+    "block": {"serving", "control", "process", "cli"},  # above the engines it submits to
+    "metrics": {"serving", "control", "process", "cli"},
+    "serving": {"control", "process", "cli"},
+    # Above the server it drives, below the process layer that starts it (and hands it over).
+    "control": {"process", "cli"},
     "process": {"cli"},
-    "config": {"serving", "process", "cli"},
-    "stats": {"serving", "process", "cli"},
+    "config": {"serving", "control", "process", "cli"},
+    "stats": {"serving", "control", "process", "cli"},
 }
 
 

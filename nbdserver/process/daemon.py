@@ -8,6 +8,7 @@ the event loop, reloads on SIGHUP and shuts down cleanly on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -19,8 +20,11 @@ from time import monotonic
 
 from .. import build
 from ..backing.librbd import RbdError
-from ..config import ConfigError, ServerConfig
-from ..serving.server import Server
+from ..config import CONTROL_FD_NAME, ConfigError, ServerConfig
+from ..control.commands import Context
+from ..control.listener import ControlServer
+from ..control.state import Changes
+from ..serving.server import Server, remove_socket
 from . import fdstore, handover, keeper
 from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
 from .workers import WorkerError, WorkerPool, pool_of
@@ -28,11 +32,14 @@ from .workers import WorkerError, WorkerPool, pool_of
 log = logging.getLogger("nbdserver")
 
 
-async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = None) -> int:
+async def run(
+    config: ServerConfig, reread: Callable[[], ServerConfig] | None = None, changes: Changes | None = None
+) -> int:
     """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if the server cannot start (2 if
     the configuration cannot work: an RBD image that cannot be opened, say).
 
-    ``reread`` gives the configuration anew (file and command line) for SIGHUP.
+    ``reread`` gives the configuration anew (file and command line) for SIGHUP; ``changes``: the
+    exports added and removed through the control socket, applied to both already.
     """
     log.info("%s", build.describe())
     _raise_descriptor_limit()
@@ -61,7 +68,10 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _Reload(server, notifier, reread).start)
-    upgrade = _Upgrade(server, notifier, successor_env, stop, pool.keeper if pool is not None else None)
+    control = None
+    if config.control is not None:
+        control = ControlServer(config.control, Context(server, changes or Changes(), config.state_dir))
+    upgrade = _Upgrade(server, notifier, successor_env, stop, pool.keeper if pool is not None else None, control)
     loop.add_signal_handler(signal.SIGUSR2, upgrade.start)
     try:
         stored, named = fdstore.split(inherited_fds())
@@ -80,6 +90,15 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
         log.error("%s", exc)
         await server.shutdown()
         return 1
+    if control is not None and channel is None:  # (a successor takes its predecessor's)
+        try:
+            control.bind()
+        except OSError as exc:  # as for an address in use
+            log.error("cannot listen on the control socket: %s", exc)
+            _close_kept(kept)
+            fdstore.forget(notifier, [*stored, *kept])
+            await server.shutdown()
+            return 1
     try:
         inherited = await _inheritance(channel, stored)
         if inherited is None:
@@ -89,10 +108,18 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     except (OSError, handover.HandoverError) as exc:
         log.error("cannot %s: %s", "take over" if channel is not None else "listen", exc)
         _close_kept(kept)  # (a restart's state, if any, is closed by the store: see fdstore.py)
+        if control is not None:
+            await control.close()
         await server.shutdown()
         return 1
     finally:
         fdstore.forget(notifier, [*stored, *kept])  # ours now: taken over, or closed
+    if control is not None and channel is not None:
+        try:
+            _control_socket(control, inherited)
+        except OSError as exc:
+            log.error("no control socket: %s", exc)  # the clients taken over are served on
+            control = upgrade.control = None
     if kept and inherited is not None:  # copies of what a restart's state holds: served from it
         for _, fd in kept:
             os.close(fd)
@@ -104,6 +131,10 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
     if pool is None:  # this process serves: the locks of --rbd-exclusive are taken now
         for export in server.exports.values():
             export.take_lock()
+    if control is not None:
+        await control.serve()
+    elif inherited is not None and CONTROL_FD_NAME in inherited.extras:
+        _drop_control_socket(inherited.extras[CONTROL_FD_NAME])
     upgrade.serving()
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")
@@ -118,11 +149,33 @@ async def run(config: ServerConfig, reread: Callable[[], ServerConfig] | None = 
             pool.keeper.drop_all()
         await fdstore.store(server, notifier, listeners=not sockets)  # for a restart; a stop closes them
     notifier.notify("STOPPING=1", "STATUS=finishing requests in flight")
+    if control is not None:
+        await control.close()  # the commands under way first: they may be changing exports
     await server.shutdown()
     if watchdog is not None:
         watchdog.cancel()
     notifier.close()
     return 0
+
+
+def _control_socket(control: ControlServer, inherited: handover.Inheritance | None) -> None:
+    """The predecessor's control socket (an upgrade: its file never went away), else a new one
+    (OSError if another server listens there).  One at another path than ours is let go."""
+    handed = inherited.extras.pop(CONTROL_FD_NAME, None) if inherited is not None else None
+    if handed is not None and handed[0] == str(control.path):
+        control.adopt(*handed)
+        return
+    if handed is not None:
+        _drop_control_socket(handed)
+    control.bind()
+
+
+def _drop_control_socket(handed: tuple[str, socket.socket]) -> None:
+    """A predecessor's control socket we do not take (no --control here, or another path)."""
+    path, sock = handed
+    sock.close()
+    remove_socket(path)
+    log.info("control socket %s closed: not configured here", path)
 
 
 def _recover_kept(pool: WorkerPool, kept: list[tuple[str, int]]) -> None:
@@ -204,10 +257,17 @@ class _Upgrade:
     """SIGUSR2: hand everything to a successor started from our command line, then exit."""
 
     def __init__(
-        self, server: Server, notifier: Notifier, env: dict[str, str], stop: asyncio.Event, kept: keeper.Keeper | None
+        self,
+        server: Server,
+        notifier: Notifier,
+        env: dict[str, str],
+        stop: asyncio.Event,
+        kept: keeper.Keeper | None,
+        control: ControlServer | None,
     ) -> None:
         self._server, self._notifier, self._env, self._stop = server, notifier, env, stop
         self._kept = kept
+        self.control = control
         self._task: asyncio.Task[None] | None = None
         self._serving = False
         self._asked = False  # SIGUSR2 came while starting: upgrade once serving
@@ -242,7 +302,14 @@ class _Upgrade:
     async def _run(self) -> None:
         log.info("SIGUSR2: upgrading: starting the successor")
         self._notifier.notify("STATUS=upgrading: starting the successor")
-        if await handover.hand_over(self._server, self._env, self._before_go):
+        control = self.control
+        # No export changes through the control socket meanwhile: the successor starts with those
+        # made so far (in its environment), and takes the control socket.
+        async with control.changing if control is not None else contextlib.nullcontext():
+            env = {**self._env, **(control.successor_env() if control is not None else {})}
+            extras = [control] if control is not None else []
+            handed = await handover.hand_over(self._server, env, self._before_go, extras)
+        if handed:
             self.done = True
             self._stop.set()
         else:

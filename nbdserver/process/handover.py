@@ -5,11 +5,12 @@ with one end of a socket pair in ``NBDSERVER_HANDOVER_FD``.  The two talk in
 frames (a JSON head, raw bytes, and file descriptors riding along):
 
     successor                         predecessor
-    hello {versions}           ──▶    (went on serving while the successor started)
+    hello {versions, takes}    ──▶    (went on serving while the successor started)
                                       stops accepting; every connection in the transmission
                                       phase stops taking requests, answers those it took, and
                                       its replies leave the process ("quiesced")
                                ◀──    listener {name, path} + fd            (each listening socket)
+                               ◀──    listener {name, path, extra} + fd     (the control socket, if it takes it)
                                ◀──    connection {terms} + fd + raw bytes   (each quiesced connection)
                                ◀──    end {quiesced_at}
     taken                      ──▶
@@ -35,13 +36,14 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from time import monotonic
-from typing import Any
+from typing import Any, Protocol
 
 from .. import build
+from ..config import CONTROL_FD_NAME
 from ..protocol import Negotiated, TransmissionFlag
 from ..protocol.handshake import ExportInfo
 from ..serving.connection import Connection
@@ -141,6 +143,25 @@ def inherited_channel(environ: dict[str, str] | os._Environ[str] = os.environ) -
 # The predecessor --------------------------------------------------------------------------
 
 
+class Handed(Protocol):
+    """A listening socket of a layer above the server's (the control socket), handed over beside
+    the server's own to a successor that says it takes it (``takes`` in its hello)."""
+
+    name: str
+
+    def stop_accepting(self) -> tuple[str, socket.socket]:
+        """Accept no more; (its path, a copy of the listening socket)."""
+        ...
+
+    async def take_back(self, sock: socket.socket) -> None:
+        """The handover failed: accept again (on the copy)."""
+        ...
+
+    def let_go(self) -> None:
+        """The successor has it: leave its file at shutdown."""
+        ...
+
+
 @dataclass
 class Package:
     """Everything a successor takes: frames (head, raw bytes, socket) and the last one."""
@@ -149,6 +170,7 @@ class Package:
     moving: list[Connection]
     frames: list[tuple[dict[str, Any], bytes, Any]]
     end: dict[str, Any]
+    extras: list[tuple[Handed, socket.socket]] = field(default_factory=list)  # and our copies
 
     @property
     def connections(self) -> int:
@@ -158,6 +180,9 @@ class Package:
     def let_go(self, server: Server) -> None:
         """The successor has it all: close our copies, without a word to the clients."""
         for _, _, sock in self.listeners:
+            sock.close()
+        for handed, sock in self.extras:
+            handed.let_go()
             sock.close()
         server.disown_sockets()
         for connection in self.moving:
@@ -173,6 +198,8 @@ class Package:
         """Undo: listen again and take requests again."""
         if self.listeners:
             await server.start([(name, sock) for name, _, sock in self.listeners])
+        for handed, sock in self.extras:
+            await handed.take_back(sock)
         for connection in self.moving:
             connection.resume()
         workers = pool_of(server)
@@ -187,14 +214,18 @@ class Package:
                 sock.close()
 
 
-async def package(server: Server, listeners: bool = True) -> Package:
-    """Stop accepting (if ``listeners``), quiesce the connections, and describe what is to go."""
+async def package(server: Server, listeners: bool = True, extras: Sequence[Handed] = ()) -> Package:
+    """Stop accepting (if ``listeners``, and on ``extras``), quiesce the connections, and describe
+    what is to go."""
     quiesced_at = monotonic()
     copies = server.stop_listening() if listeners else []
+    handed = [(extra, *extra.stop_accepting()) for extra in extras]
     moving, closed_slow = await _quiesce(server)
     frames: list[tuple[dict[str, Any], bytes, Any]] = [
         ({"type": "listener", "name": name, "path": path}, b"", sock) for name, path, sock in copies
     ]
+    frames += [({"type": "listener", "name": h.name, "path": p, "extra": True}, b"", sock) for h, p, sock in handed]
+    extra_copies = [(h, sock) for h, _, sock in handed]
     for connection in moving:
         assert connection.negotiated is not None
         terms = ConnectionTerms.of(connection.negotiated, connection.peer)
@@ -206,16 +237,19 @@ async def package(server: Server, listeners: bool = True) -> Package:
         try:
             theirs, their_slow = await workers.package()
         except WorkerError as exc:
-            await Package(copies, moving, frames, {}).take_back(server)  # the workers' too
+            await Package(copies, moving, frames, {}, extra_copies).take_back(server)  # the workers' too
             raise HandoverError(f"the worker processes could not hand over: {exc}") from None
         frames += [({**head, "worker": True}, raw, sock) for head, raw, sock in theirs]
         closed_slow += their_slow
     end = {"type": "end", "version": STATE_VERSION, "quiesced_at": quiesced_at, "closed_slow": closed_slow}
-    return Package(copies, moving, frames, end)
+    return Package(copies, moving, frames, end, extra_copies)
 
 
-async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callable[[int], None]) -> bool:
-    """Start a successor and hand it every listening socket and every connection it can take.
+async def hand_over(
+    server: Server, env_extra: dict[str, str], before_go: Callable[[int], None], extras: Sequence[Handed] = ()
+) -> bool:
+    """Start a successor and hand it every listening socket (``extras`` too, those it takes) and
+    every connection it can take.
 
     True once the successor has them (this server then has only handshakes and TLS connections
     left to finish); False, with everything as before, if it could not be done.  ``before_go`` is
@@ -235,7 +269,8 @@ async def hand_over(server: Server, env_extra: dict[str, str], before_go: Callab
         hello, _, _ = await loop.run_in_executor(None, receive_frame, channel)
         if hello.get("type") != "hello" or STATE_VERSION not in hello.get("versions", ()):
             raise HandoverError(f"the successor does not take state version {STATE_VERSION}: {hello}")
-        packed = await package(server)
+        takes = hello.get("takes", [])  # a successor of the version before them takes none
+        packed = await package(server, extras=[extra for extra in extras if extra.name in takes])
         channel.settimeout(ANSWER_TIMEOUT)
         await loop.run_in_executor(None, _send_state, channel, packed)
     except (OSError, EOFError, ValueError, HandoverError) as exc:
@@ -316,6 +351,7 @@ class Inheritance:
 
     listeners: list[tuple[str, socket.socket]] = field(default_factory=list)
     owned_paths: list[str] = field(default_factory=list)
+    extras: dict[str, tuple[str, socket.socket]] = field(default_factory=dict)  # name: (path, socket)
     connections: list[tuple[ConnectionTerms, socket.socket, bytes]] = field(default_factory=list)
     quiesced_at: float = 0.0
     closed_slow: int = 0
@@ -323,7 +359,9 @@ class Inheritance:
     def add(self, head: dict[str, Any], raw: bytes, fd: int | None) -> bool:
         """Take one frame; True once it was the last."""
         kind = head.get("type")
-        if kind == "listener" and fd is not None:
+        if kind == "listener" and fd is not None and head.get("extra"):
+            self.extras[head["name"]] = (head["path"], socket.socket(fileno=fd))
+        elif kind == "listener" and fd is not None:
             self.listeners.append((head["name"], socket.socket(fileno=fd)))
             if head["path"]:
                 self.owned_paths.append(head["path"])
@@ -339,7 +377,7 @@ class Inheritance:
         return False
 
     def close(self) -> None:
-        for _, sock in self.listeners:
+        for _, sock in [*self.listeners, *self.extras.values()]:
             sock.close()
         for _, sock, _ in self.connections:
             sock.close()
@@ -357,7 +395,8 @@ async def take_over(channel: socket.socket) -> Inheritance:
 def _receive_state(channel: socket.socket) -> Inheritance:
     inherited = Inheritance()
     channel.settimeout(ANSWER_TIMEOUT + QUIESCE_TIMEOUT + START_TIMEOUT)
-    send_frame(channel, {"type": "hello", "versions": [STATE_VERSION], "pid": os.getpid()})
+    hello = {"type": "hello", "versions": [STATE_VERSION], "pid": os.getpid(), "takes": [CONTROL_FD_NAME]}
+    send_frame(channel, hello)
     try:
         while True:
             head, raw, fds = receive_frame(channel)

@@ -108,7 +108,12 @@ class Worker:
         elif kind == "snapshot":
             self._run(self._snapshot())
         elif kind == "reload":
-            self._run(self._reload(pickle.loads(raw)))
+            self._run(self._reload(pickle.loads(raw), bool(head.get("answer"))))
+        elif kind == "export_hide":
+            connections = self.server.hide_export(head["name"], head["hidden"])
+            self._send({"type": "export_hidden", "connections": connections})
+        elif kind == "export_drop":
+            self._run(self._drop_export(head["name"]))
         elif kind == "package":
             self._run(self._package())
         elif kind in ("let_go", "take_back"):
@@ -216,15 +221,27 @@ class Worker:
             self._send(head, raw, [sock.fileno()])
         self._send(packed.end)
 
-    async def _reload(self, config: ServerConfig) -> None:
+    async def _reload(self, config: ServerConfig, answer: bool = False) -> None:
+        """As SIGHUP says; ``answer``: say when done, and which exports could not be opened (an
+        export added through the control socket must be open in every worker before it is offered)."""
+        changed: list[str] = []
+        refused: list[str] = []
         try:
             set_log_level(config.log_level)
             async with self._reloading:
-                changed, _ = await self.server.reload(config)  # what could not change, the primary logs
+                changed, refused = await self.server.reload(config)  # what could not change, the primary logs
         except ConfigError as exc:
             log.debug("reload: %s", exc)
-            return
-        log.debug("reloaded: %s", "; ".join(changed))
+            refused = [str(exc)]
+        else:
+            log.debug("reloaded: %s", "; ".join(changed))
+        if answer:
+            missing = [e.name for e in config.exports if e.name not in self.server.exports]
+            self._send({"type": "reloaded", "missing": missing, "refused": refused})
+
+    async def _drop_export(self, name: str) -> None:
+        closed = await self.server.drop_export(name)
+        self._send({"type": "export_dropped", "closed": closed})
 
 
 async def serve(

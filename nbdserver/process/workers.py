@@ -497,10 +497,10 @@ class WorkerPool:
     def _tell(self, worker: _Worker, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> bool:
         return worker.alive and worker.channel.send(head, raw, fds)
 
-    async def _ask(self, worker: _Worker, head: dict[str, Any], last: str) -> list[Frame]:
+    async def _ask(self, worker: _Worker, head: dict[str, Any], last: str, raw: bytes = b"") -> list[Frame]:
         """Send ``head`` and collect the answers up to one of type ``last``."""
         async with worker.asking:
-            if not self._tell(worker, head):
+            if not self._tell(worker, head, raw):
                 raise WorkerError(f"worker {worker.index} is gone")
             answers = []
             while True:
@@ -564,12 +564,50 @@ class WorkerPool:
         total.server.add(self.recovery)
         for part in [*self._retired, *(w.last for w in self._workers if w.last is not None)]:
             total.add(part)
+        # The connections open now: not those of the dead workers' last counters.
+        live = [c for w in self._workers if w.alive and w.last is not None for c in w.last.clients]
+        total.clients = [*snapshot.clients, *live]
         return total
 
     def reload(self, config: ServerConfig) -> None:
         self.config = config
         for worker in self._workers:
             self._tell(worker, {"type": "reload"}, pickle.dumps(share(config, self.count)))
+
+    async def apply(self, config: ServerConfig) -> list[str]:
+        """Reload every worker with ``config`` as SIGHUP does, and wait until each has: what any
+        could not open (a worker that dies meanwhile is replaced with ``config``)."""
+        self.config = config
+        raw = pickle.dumps(share(config, self.count))
+        answers = await self._ask_all({"type": "reload", "answer": True}, "reloaded", raw)
+        return [f"worker {index}: {'; '.join(head['refused'])}" for index, head in answers if head.get("missing")]
+
+    async def hide_export(self, name: str, hidden: bool) -> int:
+        """Offer an export to new clients or not, in every worker; returns its clients there."""
+        answers = await self._ask_all({"type": "export_hide", "name": name, "hidden": hidden}, "export_hidden")
+        return sum(head.get("connections", 0) for _, head in answers)
+
+    async def drop_export(self, name: str, config: ServerConfig) -> int:
+        """Disconnect an export's clients in every worker and close it there; ``config`` is without it
+        (for the workers started from now on).  Returns the clients disconnected."""
+        self.config = config
+        answers = await self._ask_all({"type": "export_drop", "name": name}, "export_dropped")
+        return sum(head.get("closed", 0) for _, head in answers)
+
+    async def _ask_all(self, head: dict[str, Any], last: str, raw: bytes = b"") -> list[tuple[int, dict[str, Any]]]:
+        """Ask every worker at once: (its index, its last answer) of each that answered.  One that
+        did not is logged: a dead one's replacement starts from self.config."""
+
+        async def ask(worker: _Worker) -> tuple[int, dict[str, Any]] | None:
+            try:
+                answers = await self._ask(worker, head, last, raw)
+            except WorkerError as exc:
+                log.warning("%s: %s", head["type"], exc)
+                return None
+            return worker.index, answers[-1][0]
+
+        answered = await asyncio.gather(*(ask(w) for w in self._workers if w.alive))
+        return [answer for answer in answered if answer is not None]
 
     async def package(self) -> tuple[list[tuple[dict[str, Any], bytes, socket.socket]], int]:
         """Every worker quiesces its connections and passes them here, for an upgrade: (frames as

@@ -350,8 +350,13 @@ class Connection(asyncio.BufferedProtocol):
             self._timer = None
         if self.server.config.idle_timeout:
             self._timer = self._loop.call_later(self.server.config.idle_timeout, self._check_idle)
+        export = self.server.exports.get(negotiated.export.name)
+        if export is None:  # removed through the control socket while this client haggled
+            log.info("%s: export %r was removed: disconnecting", self.peer, negotiated.export.name)
+            self._hard_disconnect()
+            return
         self._tx = Transmission(negotiated)
-        self.export = self.server.exports[negotiated.export.name]
+        self.export = export
         self.export.queue.submitters += 1
         # Room for what came behind the handshake (or, taken over, every byte not yet taken).
         self._staging = self._open_journal(trailing) or Staging(STAGING_SIZE, trailing)
@@ -693,6 +698,11 @@ class Connection(asyncio.BufferedProtocol):
         if self._tx is None or self._disconnecting or self._transport is None or self._tls_task is not None:
             return None
         return self._tx.negotiated
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not yet answered (the control socket's status shows them)."""
+        return self._in_flight
 
     @property
     def transport_socket(self) -> socket.socket | None:

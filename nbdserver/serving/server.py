@@ -74,6 +74,9 @@ class Workers(Protocol):
     async def refresh(self) -> None: ...
     def add_to(self, snapshot: Snapshot) -> Snapshot: ...
     def reload(self, config: ServerConfig) -> None: ...
+    async def apply(self, config: ServerConfig) -> list[str]: ...
+    async def hide_export(self, name: str, hidden: bool) -> int: ...
+    async def drop_export(self, name: str, config: ServerConfig) -> int: ...
     async def stop(self, timeout: float) -> None: ...
 
 
@@ -113,6 +116,7 @@ class Server:
         self.tls_context = tls_context(config)  # None when TLS is off
         self._turned_away_log = LogThrottle()
         self.workers = workers
+        self._hidden: set[str] = set()  # exports offered to no new client while their removal is decided
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -148,13 +152,16 @@ class Server:
 
     def _update_catalog(self) -> None:
         """What handshakes from now on offer."""
-        self.catalog = ExportCatalog([e.info for e in self.exports.values()], self.config.default_export)
+        self.catalog = ExportCatalog([e.info for e in self._offered()], self.config.default_export)
+
+    def _offered(self) -> list[Export]:
+        return [e for e in self.exports.values() if e.name not in self._hidden]
 
     def catalog_for(self, address: str | None) -> ExportCatalog:
         """The exports a client at ``address`` (None: a Unix socket) may see and use."""
         if self.config.allow is None and all(e.config.allow is None for e in self.exports.values()):
             return self.catalog
-        infos = [e.info for e in self.exports.values() if e.config.allows(self.config, address)]
+        infos = [e.info for e in self._offered() if e.config.allows(self.config, address)]
         default = self.catalog.default if any(i.name == self.catalog.default for i in infos) else ""
         return ExportCatalog(infos, default)
 
@@ -201,7 +208,7 @@ class Server:
         loop = asyncio.get_running_loop()
         serving = self.workers is None  # else bound only, for _serve to take over
         if listener.is_unix:
-            _remove_stale_socket(listener.path)
+            remove_stale_socket(listener.path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(listener.path)
             self._unix_paths.append(listener.path)
@@ -287,9 +294,13 @@ class Server:
         for connection in self.connections:
             if connection.export is None:
                 negotiating += 1
-            else:
+            elif connection.export.name in exports:  # (not one being disconnected from a removed export)
                 exports[connection.export.name].connections += 1
-        own = Snapshot(self.stats, exports, negotiating)
+        clients = [
+            {"peer": c.peer, "export": c.export.name if c.export is not None else None, "in_flight": c.in_flight}
+            for c in self.connections
+        ]
+        own = Snapshot(self.stats, exports, negotiating, clients)
         return self.workers.add_to(own) if self.workers is not None else own
 
     def status(self) -> str:
@@ -343,6 +354,82 @@ class Server:
         if self.workers is not None:
             self.workers.reload(new)
         return changed, refused
+
+    async def add_export(self, config: ExportConfig) -> None:
+        """Open a new export here and in every worker process (as a reload adds one), then offer it
+        to new clients.  ConfigError or OSError if it cannot be: nothing has changed then."""
+        if config.name in self.exports:
+            raise ConfigError(f"export {config.name!r} exists already")
+        replace(self.config, exports=[*self.config.exports, config]).validate()
+        if config.rbd is not None and self.workers is not None and self.workers.count > 1:
+            raise ConfigError(
+                f"export {config.name!r}: an RBD image is served by one process, and {self.workers.count} serve here"
+            )
+        await self._open_export_off_loop(config)
+        self.config.exports.append(config)
+        if self.workers is not None:
+            problems = await self.workers.apply(self.config)
+            if problems:
+                await self._remove(config.name)
+                raise ConfigError(f"export {config.name!r} not added: {'; '.join(problems)}")
+        self._update_catalog()
+
+    async def remove_export(self, name: str, force: bool) -> int:
+        """Stop serving an export, here and in every worker process; returns the clients disconnected.
+
+        ConfigError if there is no such export, it is the last, or it has clients and not ``force``
+        (then nothing has changed).  New clients are not offered it while that is decided; those
+        connected are disconnected as at a stop: their requests in flight answered, then closed."""
+        if name not in self.exports:
+            raise ConfigError(f"no export {name!r}")
+        if len(self.exports) == 1:
+            raise ConfigError(f"export {name!r} is the last one: a server serves at least one")
+        connected = self.hide_export(name, True)
+        if self.workers is not None:
+            connected += await self.workers.hide_export(name, True)
+        if connected and not force:
+            self.hide_export(name, False)
+            if self.workers is not None:
+                await self.workers.hide_export(name, False)
+            raise ConfigError(f"export {name!r} has {connected} client(s) connected (--force disconnects them)")
+        return await self._remove(name)
+
+    async def _remove(self, name: str) -> int:
+        self.config.exports = [e for e in self.config.exports if e.name != name]
+        if self.config.default_export == name:
+            self.config.default_export = None  # the empty name picks as if none were named
+        closed = 0
+        if self.workers is not None:  # (a worker started from now on opens it no more)
+            closed += await self.workers.drop_export(name, self.config)
+        return closed + await self.drop_export(name)
+
+    def hide_export(self, name: str, hidden: bool) -> int:
+        """Offer ``name`` to new clients of this process or not; returns its clients here."""
+        if hidden:
+            self._hidden.add(name)
+        else:
+            self._hidden.discard(name)
+        self._update_catalog()
+        return sum(c.export is not None and c.export.name == name for c in self.connections)
+
+    async def drop_export(self, name: str, timeout: float = 10.0) -> int:
+        """Disconnect an export's clients in this process (each once its requests in flight are
+        answered), then close it; returns how many were disconnected."""
+        export = self.exports.get(name)
+        if export is None:
+            return 0
+        clients = [c for c in self.connections if c.export is export]
+        for connection in clients:
+            connection.shutdown()
+        await _all_closed(clients, timeout)
+        del self.exports[name]
+        self._hidden.discard(name)
+        self.config.exports = [e for e in self.config.exports if e.name != name]
+        if self.config.default_export == name:
+            self.config.default_export = None
+        self._update_catalog()
+        await export.close()
+        return len(clients)
 
     def _reload_export(self, export: Export, config: ExportConfig, refused: list[str]) -> list[str]:
         changed = []
@@ -410,20 +497,25 @@ class Server:
             self._metrics.close()
         for connection in list(self.connections):
             connection.shutdown()
-        waits = [c.closed.wait() for c in list(self.connections)]
-        if waits:
-            _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
+        await _all_closed(list(self.connections), timeout)
         if self.workers is not None:
             await self.workers.stop(timeout)
         for export in self.exports.values():
             await export.close()
         log.info("buffer pool: %d blocks allocated, %d bytes idle", self.pool.created, self.pool.idle_bytes)
         for path in self._unix_paths:  # ours only: an inherited socket's file belongs to the service manager
-            _remove_socket(path)
+            remove_socket(path)
+
+
+async def _all_closed(connections: list[Connection], timeout: float) -> None:
+    """Wait until each of ``connections`` has closed; log those that did not within ``timeout``."""
+    waits = [asyncio.ensure_future(c.closed.wait()) for c in connections]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d connection(s) did not finish within %.0f s", len(pending), timeout)
 
 
 def _peer(sock: socket.socket) -> str:
@@ -471,6 +563,8 @@ _RESTART_FIELDS = (
     "rbd_conf",
     "rbd_id",
     "rbd_timeout",
+    "control",
+    "state_dir",
 )
 _EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow", "rbd_conf", "rbd_id")
 
@@ -487,7 +581,7 @@ async def _unix_server(
     return await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """Remove a Unix socket left by a server that is gone; refuse to take a live one."""
     try:
         if not stat.S_ISSOCK(os.stat(path).st_mode):
@@ -505,7 +599,7 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
 
 
-def _remove_socket(path: str) -> None:
+def remove_socket(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -1,0 +1,151 @@
+"""The control socket's commands: what each does to the server, and what it answers.
+
+A command is a coroutine taking the control's context and the request's arguments and returning
+the reply's fields; CommandError is its refusal.  COMMANDS names them; those in CHANGES change the
+server, so they run one at a time (and not during an upgrade), are logged with who asked, and
+are kept in the state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backing.librbd import PREFIX as RBD_PREFIX
+from ..config import CACHE_MODES, ConfigError, ExportConfig
+from ..serving.server import Server
+from . import state
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """The command is refused or failed; the message says why, for the client."""
+
+
+@dataclass
+class Context:
+    """What the commands act on."""
+
+    server: Server
+    changes: state.Changes
+    state_dir: Path | None
+
+
+Command = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def status(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The exports and the connections, as /metrics gets them (every worker process asked)."""
+    server = context.server
+    if server.workers is not None:
+        await server.workers.refresh()
+    snapshot = server.snapshot()
+    exports = []
+    for name, export in server.exports.items():
+        counted = snapshot.exports.get(name)
+        exports.append(
+            {
+                "name": name,
+                "size": export.info.size,
+                "backing": str(export.config.path),
+                "engine": counted.engine if counted is not None else export.engine.name,
+                "read_only": export.config.read_only,
+                "connections": counted.connections if counted is not None else 0,
+            }
+        )
+    clients = sorted(snapshot.clients, key=lambda c: (str(c.get("export")), str(c.get("peer"))))
+    return {"exports": exports, "connections": clients, "negotiating": snapshot.negotiating}
+
+
+async def export_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Open a new export in every process, as --export would have; kept in the state directory."""
+    config = _export_config(args)
+    try:
+        await context.server.add_export(config)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        why = f"{exc.filename}: {exc.strerror}" if exc.strerror and exc.filename else str(exc)
+        raise CommandError(f"export {config.name!r} not added: {why}") from None
+    context.changes.add(config)
+    await _keep(context, f"export {config.name!r} is served until a restart")
+    return {"message": f"export {config.name!r} added", "export": config.name}
+
+
+async def export_remove(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Close an export in every process; refused while it has clients, unless ``force``."""
+    name = _arg(args, "name", str)
+    force = _arg(args, "force", bool, False)
+    try:
+        closed = await context.server.remove_export(name, force)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    context.changes.remove(name)
+    await _keep(context, f"export {name!r} is served again after a restart")
+    return {"message": f"export {name!r} removed ({closed} client(s) disconnected)", "disconnected": closed}
+
+
+async def _keep(context: Context, otherwise: str) -> None:
+    """Write the changes to the state directory, off the event loop.  The change is made whatever
+    comes of it: a failure is said to the client (and ``otherwise``, what it means)."""
+    if context.state_dir is None:
+        return
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, state.save, context.state_dir, context.changes)
+    except OSError as exc:
+        log.error("cannot write the state directory %s: %s", context.state_dir, exc)
+        raise CommandError(f"done, but not kept in {context.state_dir}: {exc} ({otherwise})") from None
+
+
+def _export_config(args: dict[str, Any]) -> ExportConfig:
+    path = _arg(args, "path", str)
+    if not path.startswith(RBD_PREFIX) and not Path(path).is_absolute():
+        raise CommandError(f"path {path!r} is not absolute (nbdserver ctl makes it so)")
+    size = _arg(args, "size", int, None)
+    if size is not None and size <= 0:
+        raise CommandError("size must be positive")
+    cache = _arg(args, "cache", str, "buffered")
+    if cache not in CACHE_MODES:
+        raise CommandError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
+    return ExportConfig(
+        name=_arg(args, "name", str),
+        path=Path(path),
+        read_only=_arg(args, "read_only", bool, False),
+        description=_arg(args, "description", str, ""),
+        create_size=size,
+        cache=cache,
+    )
+
+
+_MISSING = object()
+
+
+def _arg(args: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """``args[key]``, which must be a ``kind`` (or None where the default is None)."""
+    value = args.get(key, default)
+    if value is _MISSING:
+        raise CommandError(f"argument {key!r} is missing")
+    if value is None and default is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CommandError(f"argument {key!r} must be a {kind.__name__}")
+    return value
+
+
+COMMANDS: dict[str, Command] = {
+    "status": status,
+    "export.add": export_add,
+    "export.remove": export_remove,
+}
+CHANGES = frozenset({"export.add", "export.remove"})
+
+
+def describe(command: str, args: dict[str, Any]) -> str:
+    """A change as the log says it."""
+    shown = " ".join(f"{k}={v!r}" for k, v in sorted(args.items()))
+    return f"{command} {shown}".strip()
