@@ -32,7 +32,7 @@ class Side:
     def __init__(self, pool: BufferPool, staged: bytes = b"") -> None:
         self.pool = pool
         self.journal = Journal(pool, TAG, IN_BASE - len(staged), OUT_BASE, len(staged))
-        self.staging = Staging(4096, staged, self.journal.halves, self.journal.moved)
+        self.staging = Staging(4096, staged, self.journal.halves, self.journal)
         self.read = IN_BASE  # every byte read, as the kernel counts them
 
     def receive(self, data: bytes) -> None:
