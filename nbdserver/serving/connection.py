@@ -397,7 +397,7 @@ class Connection(asyncio.BufferedProtocol):
         out_base = written + transport.get_write_buffer_size()
         journal = Journal(export.pool, self.tag, read - len(staged), out_base, len(staged))
         self.journal = journal
-        return Staging(STAGING_SIZE, staged, journal.halves, journal.moved)
+        return Staging(STAGING_SIZE, staged, journal.halves, journal)
 
     # Transmission: requests in --------------------------------------------------------
 

@@ -25,12 +25,22 @@ request is answered twice, and none is lost: every NBD command may be carried ou
 Every record is written before the word that makes it count (the consumed mark, a slot's state,
 the log's head), each an aligned 8-byte store: whatever instant the process dies, the journal
 tells one consistent story.
+
+The consumed mark is stored lazily: taking a request (its slot written) and copying out its payload
+move the mark in the writer's memory only, and it is stored before anything that would make a
+lagging mark tell a wrong story: before a reply is logged (a request answered must have been
+counted, or it would be taken again and answered twice), before the staging buffer drops bytes
+(those after the mark must still be where the journal says), before a payload is received in place,
+and before the disconnect flag.  Until then a replacement cuts the requests after the stored mark
+again from the staging buffer, where their bytes still are, exactly as it would had the process died
+before taking them.  A WRITE taken and answered thus stores the mark once, not two or three times.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,6 +88,27 @@ FLAG_GIVEN_UP: Final = 2  # the journal could not keep up (see ``give_up``): the
 # the request, and orders it among the others); its payload's length << 8 | its header's length;
 # its payload's block (NONE: none); then its header.
 _REF: Final = 1  # a piece of a logged reply that is a slice of the arena (0: bytes in the log)
+_FAST_BYTES: Final = 4096  # a reply's first piece (bytes) up to this long is logged with one pack_into
+
+# A reply record written by one call (the ``pack_into`` of a struct: the words, then the bytes, padded
+# to a word), by the length of its bytes: those bytes alone (``_bytes_record``), or followed by a slice
+# of the arena (``_ref_record``).  Bound methods, looked up once.
+_BYTES_RECORDS: Final[dict[int, Callable[..., None]]] = {}
+_REF_RECORDS: Final[dict[int, Callable[..., None]]] = {}
+
+
+def _bytes_record(n: int) -> Callable[..., None]:
+    pack = _BYTES_RECORDS.get(n)
+    if pack is None:
+        pack = _BYTES_RECORDS[n] = struct.Struct(f"<4Q{(n + 7) & ~7}s").pack_into
+    return pack
+
+
+def _ref_record(n: int) -> Callable[..., None]:
+    pack = _REF_RECORDS.get(n)
+    if pack is None:
+        pack = _REF_RECORDS[n] = struct.Struct(f"<4Q{(n + 7) & ~7}s2Q").pack_into
+    return pack
 
 
 class JournalError(Exception):
@@ -101,6 +132,10 @@ class Journal:
         self._ring = self._block[RING_START:]
         self._ring_words = self._ring.cast("Q")
         self._base = in_base  # the stream offset of byte 0 of the staging half in use
+        self._consumed = in_base  # the consumed mark, as the writer knows it (stored: see _store_consumed)
+        self._lagging = False  # the stored consumed mark is behind _consumed
+        self._last_block: memoryview | None = None  # the block _offset_of was asked about last,
+        self._last_offset = -1  # and its offset
         self._half = 0  # the staging half in use
         self._direct = False
         self._free = list(range(SLOTS - 1, -1, -1))
@@ -139,6 +174,7 @@ class Journal:
         free, words = self._free, self._words
         if not free or length > MAX_HEADER:
             self.give_up("no room for a request")
+            self._consumed, self._lagging = end, False
             words[_CONSUMED] = end
             return -1
         slot = free.pop()
@@ -146,24 +182,42 @@ class Journal:
         w = at >> 3
         words[w + 1] = payload << 8 | length
         if payload:
-            offset = -1 if block is None else self._arena.offset_of(block)
+            offset = -1 if block is None else self._offset_of(block)
             if offset < 0 and block is not None:
                 self.give_up("a payload outside the arena")
             words[w + 2] = NONE if offset < 0 else offset
         self._block[at + _SLOT_HEADER : at + _SLOT_HEADER + length] = view[pos : pos + length]
         words[w] = end << 1 | 1
-        words[_CONSUMED] = end  # the commit: the slot counts from here
+        # The commit, the consumed mark passing the header, is stored later (_store_consumed): the
+        # slot counts from there; until then the request is in the staging buffer still.
+        self._consumed = end
+        self._lagging = True
         self._ends[slot] = end
         return slot
 
+    def _offset_of(self, block: memoryview) -> int:
+        """The arena's ``offset_of``, remembered for the last block asked about: a client with one
+        request at a time is given the same block for each."""
+        if block is not self._last_block:
+            self._last_block, self._last_offset = block, self._arena.offset_of(block)
+        return self._last_offset
+
     def consumed(self, pos: int) -> None:
         """Bytes of the staging buffer up to ``pos`` are taken (a payload copied out, a header)."""
-        self._words[_CONSUMED] = self._base + pos
+        self._consumed = self._base + pos
+        self._lagging = True
+
+    def _store_consumed(self) -> None:
+        """Store the consumed mark (see the module's docstring for when it must be)."""
+        if self._lagging:
+            self._lagging = False
+            self._words[_CONSUMED] = self._consumed
 
     def receiving(self, direct: bool) -> None:
         """The next receive goes into the payload being received itself (``direct``), or into the
         staging buffer."""
         if direct != self._direct:
+            self._store_consumed()  # the payload's bytes so far are counted before more go after them
             self._direct = direct
             self._words[_DIRECT] = 1 if direct else 0
 
@@ -173,17 +227,20 @@ class Journal:
         if slot >= 0:
             consumed = self._ends[slot] + got
             words = self._words
+            self._consumed, self._lagging = consumed, False
             words[_CONSUMED] = consumed
             self._base = consumed
             words[_BASE] = consumed << 1 | self._half
 
     def moved(self, pos: int, half: int) -> None:
         """The staging buffer dropped its first ``pos`` bytes; what was left is in ``half`` now."""
+        self._store_consumed()  # past what was dropped, before the staged bytes are said to be elsewhere
         self._base += pos
         self._half = half
         self._words[_BASE] = self._base << 1 | half
 
     def disconnecting(self) -> None:
+        self._store_consumed()  # the requests before the disconnect are counted first
         self._words[_FLAGS] |= FLAG_DISCONNECTING
 
     def describe(self, terms: bytes) -> bool:
@@ -201,6 +258,7 @@ class Journal:
     def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
         """A reply queued to be sent; the request in ``slot`` (-1: none) is answered.  ``data``
         (a slice of ``block``) is where the pieces that are not bytes come from."""
+        self._store_consumed()  # the request counts before its answer does
         if not self.given_up:
             self._append(self._ends[slot] if slot >= 0 else 0, pieces, data, block)
         else:
@@ -226,6 +284,11 @@ class Journal:
         if skip:
             words[at >> 3] = 0  # the next record is at the start
             at = 0
+        size = self._append_fast(request, at, pieces, data, block)
+        if size:
+            self._head = head + skip + size
+            self._words[_HEAD] = self._head  # the commit: the reply counts from here
+            return
         first = at >> 3
         w = first + 3
         length = 0
@@ -265,6 +328,42 @@ class Journal:
         self._head = head + skip + size
         self._words[_HEAD] = self._head  # the commit: the reply counts from here
 
+    def _append_fast(
+        self, request: int, at: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None
+    ) -> int:
+        """Write the record of a reply of the common shapes in one ``pack_into`` at ``at`` of the log,
+        not committed: a header alone (bytes), or a header and the data that is ``block``'s first
+        bytes.  Returns the record's size; 0 for any other reply (``_append`` writes it piece by
+        piece, in the same format)."""
+        count = len(pieces)
+        if not 0 < count <= 2:
+            return 0
+        header = pieces[0]
+        if type(header) is not bytes:
+            return 0
+        n = len(header)
+        if n > _FAST_BYTES:
+            return 0
+        padded = (n + 7) & ~7
+        if count == 1:
+            size = 32 + padded
+            _bytes_record(n)(self._ring, at, request << 1 | 1, self.out, n << 24 | size, n << 1, header)
+            self.out += n
+            return size
+        piece = pieces[1]
+        if piece is not data or block is None:
+            return 0
+        offset = self._offset_of(block)  # data is the block's first bytes
+        if offset < 0:
+            return 0
+        m = len(piece)
+        size = 48 + padded
+        _ref_record(n)(
+            self._ring, at, request << 1 | 1, self.out, (n + m) << 24 | size, n << 1, header, m << 1 | _REF, offset
+        )
+        self.out += n + m
+        return size
+
     @property
     def crowded(self) -> bool:
         """The log holds so much not yet known to be written that no new request should be taken."""
@@ -272,21 +371,32 @@ class Journal:
 
     def written(self, offset: int) -> None:
         """Every reply byte before stream offset ``offset`` is the kernel's: drop their records."""
-        words, tail = self._ring_words, self._tail
-        while tail < self._head:
-            w = (tail % RING_SIZE) >> 3
-            if words[w] == 0:  # the next record is at the start
-                tail += RING_SIZE - (w << 3)
-                continue
-            sizes = words[w + 2]
-            end = words[w + 1] + (sizes >> 24)
-            if end > offset:
-                break
-            tail += sizes & 0xFFFFFF
-            self._words[_TAIL_OUT] = end  # before the tail moves: an empty log always tells its end
-        if tail != self._tail:
-            self._tail = tail
-            self._words[_TAIL] = tail
+        tail, head = self._tail, self._head
+        if tail == head:
+            return
+        if offset >= self.out and not self.given_up:  # all of them: the log's end is known
+            end = self.out
+            tail = head
+        else:
+            words, end = self._ring_words, -1
+            while tail < head:
+                w = (tail % RING_SIZE) >> 3
+                if words[w] == 0:  # the next record is at the start
+                    tail += RING_SIZE - (w << 3)
+                    continue
+                sizes = words[w + 2]
+                record_end = words[w + 1] + (sizes >> 24)
+                if record_end > offset:
+                    break
+                tail += sizes & 0xFFFFFF
+                end = record_end
+            if end < 0:
+                return
+        # The end of what is dropped before the tail moves (it may run ahead of the tail meanwhile:
+        # see _resend): an empty log always tells where it ended.
+        self._words[_TAIL_OUT] = end
+        self._tail = tail
+        self._words[_TAIL] = tail
 
     def give_up(self, why: str) -> None:
         """Stop journaling this connection: it cannot be recovered (it is served on as before)."""

@@ -12,7 +12,10 @@ taken yet are whole in one half or the other at every instant.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .journal import Journal
 
 STAGING_SIZE = 256 * 1024  # the transmission phase's buffer, at first
 STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
@@ -26,13 +29,13 @@ class Staging:
         size: int = HANDSHAKE_STAGING_SIZE,
         data: bytes = b"",
         halves: tuple[memoryview, memoryview] | None = None,
-        on_move: Callable[[int, int], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         """A buffer of ``size`` bytes (or as many as ``data``), holding ``data`` unconsumed.  With
-        ``halves`` (each as large as it may grow), it stages into those, and ``on_move(dropped,
-        half)`` is told whenever bytes at the front are dropped."""
+        ``halves`` (each as large as it may grow), it stages into those, and ``journal.moved(dropped,
+        half)`` is told whenever bytes at the front are dropped (a call compiled code makes directly)."""
         size = max(size, len(data))
-        self._halves, self._on_move = halves, on_move
+        self._halves, self._journal = halves, journal
         self._half = 0
         self.view = halves[0] if halves is not None else memoryview(bytearray(size))
         self._size = size  # where windows end (before narrowing); grows to STAGING_MAX
@@ -83,8 +86,8 @@ class Staging:
                     target = halves[self._half]
                     target[:left] = self.view[pos : self.filled]
                     self.view = target
-                assert self._on_move is not None
-                self._on_move(pos, self._half)
+                assert self._journal is not None
+                self._journal.moved(pos, self._half)
         elif left and pos:
             self.view[:left] = self.view[pos : self.filled]
         self.filled = left

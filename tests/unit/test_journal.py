@@ -32,7 +32,7 @@ class Side:
     def __init__(self, pool: BufferPool, staged: bytes = b"") -> None:
         self.pool = pool
         self.journal = Journal(pool, TAG, IN_BASE - len(staged), OUT_BASE, len(staged))
-        self.staging = Staging(4096, staged, self.journal.halves, self.journal.moved)
+        self.staging = Staging(4096, staged, self.journal.halves, self.journal)
         self.read = IN_BASE  # every byte read, as the kernel counts them
 
     def receive(self, data: bytes) -> None:
@@ -271,3 +271,43 @@ def test_the_terms_kept_beside_the_journal_are_read_back_by_a_successor_of_the_p
     side.journal.close()
     with pytest.raises(JournalError, match="no journal"):
         terms_at(view, side.journal.record, TAG)  # the connection ended: nothing to take over
+
+
+def test_a_request_taken_before_its_mark_is_stored_is_taken_again_from_the_staging_buffer(pool):
+    """The consumed mark is stored lazily: until a reply or a move of the staging buffer stores it,
+    a replacement cuts the request again from the bytes still staged, and never answers it twice."""
+    side = Side(pool)
+    first, second = write(20, 0, b"f" * 64), write(21, 8192, b"s" * 32)
+    side.receive(b"".join(first) + b"".join(second))
+    slot, _ = side.take(0, *first)
+    side.take(len(b"".join(first)), *second)  # both taken, the mark not stored yet
+    assert side.recovered(OUT_BASE) == (b"", b"".join(first) + b"".join(second))
+    side.journal.reply(slot, [b"A" * 16], None, None)  # stores the mark before the reply counts
+    assert side.recovered(OUT_BASE) == (b"A" * 16, b"".join(second))
+    side.staging.keep(side.staging.filled)
+    assert side.recovered(OUT_BASE + 16) == (b"", b"".join(second))
+
+
+def test_replies_of_every_shape_are_read_back_byte_for_byte(pool):
+    """Headers alone and headers with data are logged by one call each, other shapes piece by piece:
+    the log reads back the same either way."""
+    side = Side(pool)
+    data = pool.take(4096)
+    data[:4096] = os.urandom(4096)
+    other = pool.take(8192)
+    other[:100] = os.urandom(100)
+    replies = [
+        ([b"a" * 16], None, None),
+        ([b"b" * 20], None, None),  # not a multiple of a word
+        ([b"c" * 20, data[:4096]], data[:4096], data),  # a header and the block's data
+        ([b"d" * 32, data[:1000]], data[:1000], data),
+        ([b"e" * 12, data[:512], b"f" * 20, data[512:1024]], data[:1024], data),  # several chunks
+        ([b"g" * 20, other[:100]], None, None),  # data that is a slice, not the block
+        ([b"h" * 24, b"i" * 8], None, None),  # bytes in two pieces
+    ]
+    whole = b""
+    for pieces, reply_data, block in replies:
+        side.journal.reply(-1, pieces, reply_data, block)
+        whole += b"".join(bytes(p) for p in pieces)
+    for written in (0, 7, 16, 36, len(whole) - 1, len(whole)):
+        assert side.recovered(OUT_BASE + written) == (whole[written:], b"")
