@@ -1,4 +1,5 @@
-"""Dirty bitmaps (block/dirty.py): marks, extents, what is trusted after which end."""
+"""Dirty bitmaps (block/dirty.py): marks, extents, what is trusted after which end, and the
+qemu:dirty-bitmap contexts the handshake offers for them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import pytest
 
 from nbdserver.block import dirty
 from nbdserver.block.dirty import DIRTY, BitmapError, DirtyBitmap, ExportBitmaps
+from nbdserver.protocol import ExportCatalog, ExportInfo, ServerHandshake
+from nbdserver.protocol.constants import BASE_ALLOCATION, Option, OptionReply
+from nbdserver.protocol.constants import TransmissionFlag as TF
+
+from .test_handshake import contexts, go_disk, send, start, types
+from .wire import meta_request, option
 
 K = 1024
 SIZE = 1 << 20
@@ -191,3 +198,38 @@ def write_boot_id(where: Path, boot: bytes) -> None:
     with open(where / "b.bitmap", "r+b") as f:
         f.seek(dirty._BOOT)
         f.write(struct.pack("16s", boot))
+
+
+# The handshake's contexts -------------------------------------------------------------------
+
+BITMAPPED = ExportInfo("disk", SIZE, TF.HAS_FLAGS, bitmaps=("a", "b"))
+
+
+def structured() -> ServerHandshake:
+    hs = start(catalog=ExportCatalog([BITMAPPED]))
+    send(hs, option(Option.STRUCTURED_REPLY))
+    return hs
+
+
+@pytest.mark.parametrize(
+    ("queries", "listed"),
+    [
+        ((), [BASE_ALLOCATION, "qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"]),
+        (("qemu:",), ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"]),
+        (("qemu:dirty-bitmap:",), ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"]),
+        (("qemu:dirty-bitmap:b", "base:"), ["qemu:dirty-bitmap:b", BASE_ALLOCATION]),
+        (("qemu:dirty-bitmap:zz", "qemu:allocation-depth"), []),
+    ],
+)
+def test_list_meta_context_names_the_bitmaps(queries, listed):
+    replies, _ = send(structured(), option(Option.LIST_META_CONTEXT, meta_request("disk", *queries)))
+    assert contexts(replies) == [(0, name) for name in listed]
+    assert types(replies)[-1] == OptionReply.ACK
+
+
+def test_set_meta_context_takes_whole_names_each_with_its_id():
+    hs = structured()
+    queries = ("qemu:dirty-bitmap:b", "qemu:", BASE_ALLOCATION, "qemu:dirty-bitmap:b", "qemu:dirty-bitmap:zz")
+    replies, _ = send(hs, option(Option.SET_META_CONTEXT, meta_request("disk", *queries)))
+    assert contexts(replies) == [(1, "qemu:dirty-bitmap:b"), (2, BASE_ALLOCATION)]
+    assert go_disk(hs).meta_contexts == {1: "qemu:dirty-bitmap:b", 2: BASE_ALLOCATION}
