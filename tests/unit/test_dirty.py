@@ -1,5 +1,6 @@
-"""Dirty bitmaps (block/dirty.py): marks, extents, what is trusted after which end, and the
-qemu:dirty-bitmap contexts the handshake offers for them."""
+"""Dirty bitmaps (block/dirty.py): marks, extents, what is trusted after which end, the
+qemu:dirty-bitmap contexts the handshake offers for them, and block status replies that carry them
+(serving/bitmaps.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from nbdserver.block import dirty
+from nbdserver.block import Request, dirty
 from nbdserver.block.dirty import DIRTY, BitmapError, DirtyBitmap, ExportBitmaps
 from nbdserver.protocol import ExportCatalog, ExportInfo, ServerHandshake
-from nbdserver.protocol.constants import BASE_ALLOCATION, Option, OptionReply
+from nbdserver.protocol.constants import BASE_ALLOCATION, Command, Option, OptionReply, ReplyFlag
 from nbdserver.protocol.constants import TransmissionFlag as TF
+from nbdserver.protocol.replies import CompactReplies, ExtendedReplies
+from nbdserver.serving.bitmaps import status_reply
 
 from .test_handshake import contexts, go_disk, send, start, types
 from .wire import meta_request, option
@@ -233,3 +236,32 @@ def test_set_meta_context_takes_whole_names_each_with_its_id():
     replies, _ = send(hs, option(Option.SET_META_CONTEXT, meta_request("disk", *queries)))
     assert contexts(replies) == [(1, "qemu:dirty-bitmap:b"), (2, BASE_ALLOCATION)]
     assert go_disk(hs).meta_contexts == {1: "qemu:dirty-bitmap:b", 2: BASE_ALLOCATION}
+
+
+# Block status replies of several contexts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("extended", [False, True])
+@pytest.mark.parametrize("named", [None, (2,), (2, 1)])
+def test_a_reply_has_a_chunk_per_context_and_only_the_last_is_done(tmp_path, extended, named):
+    bitmaps = ExportBitmaps(tmp_path, SIZE)
+    bitmaps.add("b", G).mark(G, 1)
+    request = Request(Command.BLOCK_STATUS, 0, 7, 0, 4 * G, lambda r: None)
+    request.contexts = named
+    replies = ExtendedReplies() if extended else CompactReplies(True)
+    negotiated = {1: BASE_ALLOCATION, 2: "qemu:dirty-bitmap:b"}
+    chunks = status_reply(replies, request, negotiated, [(4 * G, True)], bitmaps)
+    header = struct.Struct(">IHHQQQII" if extended else ">IHHQII")
+    parsed = [header.unpack_from(bytes(chunk)) for chunk in chunks]
+    ids = list(named or (1, 2))
+    assert [p[-2] if extended else p[-1] for p in parsed] == ids
+    assert [p[1] for p in parsed] == [0] * (len(ids) - 1) + [ReplyFlag.DONE]
+    descriptors = {}
+    for chunk, context_id in zip(chunks, ids, strict=True):
+        body = bytes(chunk)[header.size :]
+        form = ">QQ" if extended else ">II"
+        descriptors[context_id] = list(struct.iter_unpack(form, body))
+    assert descriptors[2] == [(G, 0), (G, DIRTY), (2 * G, 0)]
+    if 1 in descriptors:
+        assert descriptors[1] == [(4 * G, 3)]  # a hole that reads as zeroes
+    bitmaps.close()
