@@ -148,7 +148,11 @@ class DirtyBitmap:
         except BaseException:
             os.close(fd)
             raise
-        bitmap._take_into_use(size)
+        try:
+            bitmap._take_into_use(size)
+        except BaseException:
+            bitmap.close(keep=False)
+            raise
         return bitmap
 
     def _take_into_use(self, size: int) -> None:
@@ -165,6 +169,7 @@ class DirtyBitmap:
             )
         if size != self.size:
             self._resize(size)
+            mapped = self._map
         mapped[_BOOT : _BOOT + 16] = current
         mapped[_CLEAN] = 0
         mapped.flush(0, mmap.PAGESIZE)  # that it is in use must be on disk before any mark matters
@@ -178,7 +183,10 @@ class DirtyBitmap:
             size,
         )
         granules = (size + self.granularity - 1) >> self._shift
-        os.posix_fallocate(self._fd, 0, _file_size(granules))
+        try:
+            os.posix_fallocate(self._fd, 0, _file_size(granules))
+        except OSError as exc:
+            raise BitmapError(f"{self.path}: cannot grow it for the export's size: {exc.strerror}") from None
         self._map.close()
         self._map = mmap.mmap(self._fd, _file_size(granules), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         struct.pack_into("<Q", self._map, _SIZE, size)

@@ -117,6 +117,17 @@ def test_closed_cleanly_before_a_reboot_is_trusted(tmp_path):
     again.close()
 
 
+def test_an_export_of_another_size_is_not_trusted_until_cleared(tmp_path, caplog):
+    make(tmp_path).close()
+    grown = DirtyBitmap.open(tmp_path / "b.bitmap", 4 * SIZE)
+    assert not grown.trusted and grown.extents(0, 4 * SIZE) == [(4 * SIZE, DIRTY)]
+    assert "kept for 1048576 bytes, the export has 4194304" in caplog.text
+    grown.clear()
+    grown.mark(4 * SIZE - 1, 1)
+    assert grown.extents(0, 4 * SIZE) == [(4 * SIZE - G, 0), (G, DIRTY)]
+    grown.close()
+
+
 def test_sync_only_when_marked(tmp_path):
     bitmap = make(tmp_path)
     assert header_byte(tmp_path, dirty._MARKED) == 0
