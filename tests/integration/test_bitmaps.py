@@ -280,7 +280,8 @@ def test_marks_survive_the_sigkill_of_the_whole_server(start_server, short_dir, 
     args = serve_args(short_dir, processes, "b")
     server = start_server(*args)
     h = client(server, "qemu:dirty-bitmap:b")
-    write_all(h)  # every write acknowledged
+    write_all(h)  # every write acknowledged, then a FLUSH
+    assert bitmap_file(short_dir, "b").read_bytes()[66] == 0  # the FLUSH synced the marks first
     kill_everything(server)
     server = start_server(*args)
     h = client(server, "qemu:dirty-bitmap:b")
