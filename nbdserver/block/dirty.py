@@ -54,6 +54,7 @@ _NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,127}")
 _RUNS = re.compile(rb"\x00+|[^\x00]+")
 _FILL = b"\x01" * (1 << 20)
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+NO_STATE_DIR = "dirty bitmaps are kept in the state directory: start the server with --state-dir"
 
 
 class BitmapError(ConfigError):
@@ -295,9 +296,11 @@ def _fsync_directory(path: Path) -> None:
 class ExportBitmaps:
     """The bitmaps of one export in one process."""
 
-    def __init__(self, where: Path | None, size: int) -> None:
-        """``where``: the export's directory of bitmaps (None: no state directory, no bitmaps)."""
+    def __init__(self, where: Path | None, size: int, unavailable: str = NO_STATE_DIR) -> None:
+        """``where``: the export's directory of bitmaps (None: no bitmaps, for the reason
+        ``unavailable`` says)."""
         self.where, self.size = where, size
+        self.unavailable = "" if where is not None else unavailable
         self.by_name: dict[str, DirtyBitmap] = {}
         self.active = False  # any bitmap to mark: the one test a write pays without bitmaps
 
@@ -306,7 +309,7 @@ class ExportBitmaps:
         those removed meanwhile.  BitmapError if one cannot be made or opened."""
         if self.where is None:
             if wanted:
-                raise BitmapError("dirty bitmaps are kept in the state directory: start the server with --state-dir")
+                raise BitmapError(self.unavailable)
             return
         for name in wanted:
             if name not in self.by_name and not (self.where / (name + SUFFIX)).exists():
@@ -325,7 +328,7 @@ class ExportBitmaps:
 
     def add(self, name: str, granularity: int) -> DirtyBitmap:
         if self.where is None:
-            raise BitmapError("dirty bitmaps are kept in the state directory: start the server with --state-dir")
+            raise BitmapError(self.unavailable)
         check_name(name)
         if name in self.by_name:
             raise BitmapError(f"a bitmap {name!r} exists already")

@@ -78,9 +78,13 @@ class Export:
             preferred_block=max(4096, backing.offset_align),
             tls_required=config.tls_required(server),
         )
-        state = server.state_dir
-        where = directory(state, config.name) if state is not None and config.rbd is None else None
-        self.bitmaps = ExportBitmaps(where, backing.size)  # marked by every WRITE, WRITE_ZEROES and TRIM
+        # Marked by every WRITE, WRITE_ZEROES and TRIM (serving/bitmaps.py).
+        if config.rbd is not None:
+            self.bitmaps = ExportBitmaps(None, backing.size, "dirty bitmaps are for files and block devices")
+        elif server.state_dir is None:
+            self.bitmaps = ExportBitmaps(None, backing.size)
+        else:
+            self.bitmaps = ExportBitmaps(directory(server.state_dir, config.name), backing.size)
         try:
             self.load_bitmaps(make_bitmaps)
         except BaseException:

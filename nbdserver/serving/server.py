@@ -418,7 +418,12 @@ class Server:
             raise ConfigError(f"export {export_name!r} is read-only: it has no writes to track")
         loop = asyncio.get_running_loop()
         bitmap = await loop.run_in_executor(None, export.bitmaps.add, name, granularity)
-        await self._bitmaps_changed(export)
+        try:
+            await self._bitmaps_changed(export)
+        except ConfigError:
+            export.bitmaps.remove(name)  # a bitmap some worker does not mark would miss writes
+            await self._bitmaps_changed(export)
+            raise
         return bitmap
 
     async def remove_bitmap(self, export_name: str, name: str) -> None:
@@ -440,8 +445,8 @@ class Server:
         export = self.exports.get(export_name)
         if export is None:
             raise ConfigError(f"no export {export_name!r}")
-        if self.config.state_dir is None:
-            raise ConfigError("dirty bitmaps are kept in the state directory: start the server with --state-dir")
+        if export.bitmaps.unavailable:
+            raise ConfigError(f"export {export_name!r}: {export.bitmaps.unavailable}")
         return export
 
     async def _bitmaps_changed(self, export: Export) -> None:
