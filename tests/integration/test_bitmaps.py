@@ -292,6 +292,25 @@ def test_marks_survive_the_sigkill_of_the_whole_server(start_server, short_dir, 
         h.shutdown()
 
 
+def test_marks_survive_the_sigkill_of_the_primary(start_server, short_dir):
+    """Its workers finish and exit (no service manager keeps their connections): the last one to
+    close a bitmap marks it clean, and the next start finds every acknowledged write marked."""
+    args = serve_args(short_dir, "2", "b")
+    server = start_server(*args)
+    workers = server.worker_pids()
+    h = client(server, "qemu:dirty-bitmap:b")
+    write_all(h)
+    server.kill()
+    assert wait_for(lambda: not any(running(pid) for pid in workers), timeout=60)
+    assert bitmap_file(short_dir, "b").read_bytes()[64] == 1
+    server = start_server(*args)
+    h = client(server, "qemu:dirty-bitmap:b")
+    try:
+        assert dirty_map(h, "b") == expected(ALL) and listed(short_dir / "control")["b"]["trusted"]
+    finally:
+        h.shutdown()
+
+
 @pytest.mark.parametrize("processes", PROCESSES)
 def test_bitmaps_survive_a_stop_and_one_added_at_run_time_a_restart(start_server, short_dir, processes):
     args = serve_args(short_dir, processes)
