@@ -291,7 +291,8 @@ def _add_ctl(commands: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  nbdserver ctl status\n"
             "  nbdserver ctl export add backup /srv/backup.img --size 10G\n"
-            "  nbdserver ctl export remove backup --force"
+            "  nbdserver ctl export remove backup --force\n"
+            "  nbdserver ctl bitmap add disk backup-1 --granularity 64K"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -316,12 +317,33 @@ def _add_ctl(commands: argparse._SubParsersAction) -> None:
     remove.add_argument(
         "--force", action="store_true", help="disconnect its clients (their requests in flight answered first)"
     )
+    _add_ctl_bitmap(what)
+
+
+def _add_ctl_bitmap(what: argparse._SubParsersAction) -> None:
+    bitmap = what.add_parser("bitmap", help="dirty bitmaps: which blocks were written").add_subparsers(
+        dest="bitmap_command", required=True, metavar="add|remove|clear|list"
+    )
+    add = bitmap.add_parser("add", help="track the writes to an export from now on (needs --state-dir)")
+    add.add_argument("export")
+    add.add_argument("name")
+    add.add_argument(
+        "--granularity", type=_arg(parse_size), default=64 * 1024, help="bytes per mark: 4K to 64M (default 64K)"
+    )
+    for command, text in (("remove", "stop tracking and delete the bitmap"), ("clear", "mark everything clean")):
+        one = bitmap.add_parser(command, help=text)
+        one.add_argument("export")
+        one.add_argument("name")
+    listing = bitmap.add_parser("list", help="the bitmaps of an export, or of every export")
+    listing.add_argument("export", nargs="?")
 
 
 def _ctl_request(args: argparse.Namespace) -> tuple[str, dict]:
     """The control socket's command and arguments for ``nbdserver ctl ...``."""
     if args.ctl_command == "status":
         return "status", {}
+    if args.ctl_command == "bitmap":
+        return _ctl_bitmap(args)
     if args.export_command == "remove":
         return "export.remove", {"name": args.name, "force": args.force}
     path = args.path if args.path.startswith(RBD_PREFIX) else os.path.abspath(args.path)  # the server's cwd is not ours
@@ -333,6 +355,16 @@ def _ctl_request(args: argparse.Namespace) -> tuple[str, dict]:
         "cache": args.cache,
         "description": args.description,
     }
+
+
+def _ctl_bitmap(args: argparse.Namespace) -> tuple[str, dict]:
+    command = args.bitmap_command
+    if command == "list":
+        return "bitmap.list", {} if args.export is None else {"export": args.export}
+    request = {"export": args.export, "name": args.name}
+    if command == "add":
+        request["granularity"] = args.granularity
+    return f"bitmap.{command}", request
 
 
 def _arg(parse):

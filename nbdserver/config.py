@@ -57,6 +57,7 @@ class ExportConfig:
     rbd_conf: Path | None = None  # an RBD image's cluster: this ceph.conf; None: as the server says
     rbd_id: str | None = None  # the cephx user it connects as; None: as the server says
     rbd_exclusive: bool | None = None  # take the image's lock for good; None: as the server says
+    dirty_bitmaps: tuple[str, ...] = ()  # dirty bitmaps made at start if missing (kept in the state directory)
 
     @property
     def rbd(self) -> RbdName | None:
@@ -162,6 +163,16 @@ class ServerConfig:
     def merge_limits(self) -> MergeLimits:
         return MergeLimits(max_bytes=self.max_submission_bytes, max_segments=self.max_segments)
 
+    def _validate_bitmaps(self, export: ExportConfig) -> None:
+        if not export.dirty_bitmaps:
+            return
+        if self.state_dir is None:
+            raise ConfigError(f"export {export.name!r}: dirty bitmaps are kept in the state directory: give one")
+        if export.read_only:
+            raise ConfigError(f"export {export.name!r}: a read-only export has no writes to track in a dirty bitmap")
+        if export.rbd is not None:
+            raise ConfigError(f"export {export.name!r}: dirty bitmaps are for files and block devices, not RBD images")
+
     def validate(self) -> None:
         if not self.exports:
             raise ConfigError("no exports: give a backing file or --export")
@@ -177,6 +188,7 @@ class ServerConfig:
                     f"export {export.name!r}: cache mode {export.cache!r} is not one of {', '.join(CACHE_MODES)}"
                 )
             self._validate_rbd(export)
+            self._validate_bitmaps(export)
         self._validate_tls()
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
@@ -311,11 +323,13 @@ def parse_listener(text: str) -> Listener:
 
 def parse_export(text: str) -> ExportConfig:
     """``name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=MODE][,allow=NET+NET]
-    [,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,description=TEXT]``; PATH may be ``rbd:POOL/IMAGE``.
+    [,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,dirty-bitmap=NAME...][,description=TEXT]``; PATH may
+    be ``rbd:POOL/IMAGE``; ``dirty-bitmap`` may be given more than once.
 
     ``description`` takes the rest of the text, commas included, so it comes last.
     """
     fields: dict[str, str] = {}
+    bitmaps: list[str] = []
     rest = text
     while rest:
         if rest.startswith("description="):
@@ -325,6 +339,8 @@ def parse_export(text: str) -> ExportConfig:
         key, eq, value = item.partition("=")
         if key in ("read-only", "ro", "rbd-exclusive") and not eq:
             fields["read-only" if key == "ro" else key] = "1"
+        elif key == "dirty-bitmap" and value:
+            bitmaps.append(value)
         elif key in ("name", "path", "size", "cache", "tls", "allow", "rbd-conf", "rbd-id") and eq:
             fields[key] = value
         else:
@@ -343,4 +359,5 @@ def parse_export(text: str) -> ExportConfig:
         rbd_conf=Path(fields["rbd-conf"]) if "rbd-conf" in fields else None,
         rbd_id=fields.get("rbd-id"),
         rbd_exclusive=True if "rbd-exclusive" in fields else None,
+        dirty_bitmaps=tuple(bitmaps),
     )

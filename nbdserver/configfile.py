@@ -198,6 +198,10 @@ def _listeners(key: str, value: Any):
     return [_listener(item_key, item) for item_key, item in _items(key, value, "addresses")]
 
 
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    return tuple(_str(item_key, item) for item_key, item in _items(key, value, "names"))
+
+
 def _networks(key: str, value: Any):
     networks: list[Network] = []
     for item_key, item in _items(key, value, "networks"):
@@ -293,4 +297,5 @@ _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "rbd-conf": ("rbd_conf", _path),
     "rbd-id": ("rbd_id", _str),
     "rbd-exclusive": ("rbd_exclusive", _bool),
+    "dirty-bitmap": ("dirty_bitmaps", _names),
 }

@@ -23,6 +23,7 @@ class Request:
         "blocked_by",
         "buffer",
         "command",
+        "contexts",
         "cookie",
         "errno",
         "extents",
@@ -61,6 +62,7 @@ class Request:
         self.errno = 0
         self.message = ""
         self.extents: list[Extent] | None = None
+        self.contexts: tuple[int, ...] | None = None  # BLOCK_STATUS: the context ids it named; None: all
         self.seq = 0  # arrival order at the queue
         self.slot = -1  # where the connection's journal holds it (serving/journal.py); -1: nowhere
         self.arrival = 0.0  # time.monotonic() when the queue took it

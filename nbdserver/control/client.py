@@ -68,6 +68,8 @@ def run(path: Path, command: str, args: dict[str, Any], as_json: bool) -> int:
         print(f"nbdserver ctl: {reply.get('error', 'failed')}", file=sys.stderr)
     elif command == "status":
         print(format_status(reply))
+    elif command == "bitmap.list":
+        print(format_bitmaps(reply["bitmaps"]))
     else:
         print(reply.get("message", "done"))
     return 0 if reply["ok"] else 1
@@ -90,9 +92,29 @@ def format_status(reply: dict[str, Any]) -> str:
         [c["peer"], '""' if c["export"] == "" else c["export"] or "(handshake)", str(c["in_flight"])]
         for c in reply["connections"]
     ]
+    bitmaps = [dict(b, export=e["name"]) for e in reply["exports"] for b in e.get("bitmaps", [])]
+    if bitmaps:
+        lines += ["", format_bitmaps(bitmaps)]
     lines.append("")
     lines += _table(["CONNECTION", "EXPORT", "IN FLIGHT"], clients) if clients else ["no connections"]
     return "\n".join(lines)
+
+
+def format_bitmaps(bitmaps: list[dict[str, Any]]) -> str:
+    """Dirty bitmaps as a table; one whose marks may have been lost says so."""
+    if not bitmaps:
+        return "no bitmaps"
+    rows = [
+        [
+            b["export"] or '""',
+            b["name"],
+            _size(b["granularity"]),
+            _size(b["dirty"]),
+            "yes" if b["trusted"] else "NO: reports all dirty until cleared",
+        ]
+        for b in bitmaps
+    ]
+    return "\n".join(_table(["EXPORT", "BITMAP", "GRANULARITY", "DIRTY", "TRUSTED"], rows))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

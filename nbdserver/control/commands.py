@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backing.librbd import PREFIX as RBD_PREFIX
+from ..block.dirty import DEFAULT_GRANULARITY, DirtyBitmap
 from ..config import CACHE_MODES, ConfigError, ExportConfig
 from ..serving.server import Server
 from . import state
@@ -56,6 +57,7 @@ async def status(context: Context, args: dict[str, Any]) -> dict[str, Any]:
                 "engine": counted.engine if counted is not None else export.engine.name,
                 "read_only": export.config.read_only,
                 "connections": counted.connections if counted is not None else 0,
+                "bitmaps": [_bitmap_json(name, b) for _, b in sorted(export.bitmaps.by_name.items())],
             }
         )
     clients = sorted(snapshot.clients, key=lambda c: (str(c.get("export")), str(c.get("peer"))))
@@ -88,6 +90,64 @@ async def export_remove(context: Context, args: dict[str, Any]) -> dict[str, Any
     context.changes.remove(name)
     await _keep(context, f"export {name!r} is served again after a restart")
     return {"message": f"export {name!r} removed ({closed} client(s) disconnected)", "disconnected": closed}
+
+
+async def bitmap_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """A dirty bitmap on an export, kept in the state directory, marked by every write that is
+    answered after this command is."""
+    export, name = _arg(args, "export", str), _arg(args, "name", str)
+    granularity = _arg(args, "granularity", int, DEFAULT_GRANULARITY)
+    try:
+        bitmap = await context.server.add_bitmap(export, name, granularity)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return {"message": f"bitmap {name!r} added to export {export!r}", "bitmap": _bitmap_json(export, bitmap)}
+
+
+async def bitmap_remove(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    export, name = _arg(args, "export", str), _arg(args, "name", str)
+    try:
+        await context.server.remove_bitmap(export, name)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return {"message": f"bitmap {name!r} removed from export {export!r}"}
+
+
+async def bitmap_clear(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Every granule clean again (and an untrusted bitmap trusted): writes answered after this are
+    marked; a write in flight meanwhile may or may not be."""
+    export, name = _arg(args, "export", str), _arg(args, "name", str)
+    try:
+        bitmap = context.server.bitmaps_of(export).get(name)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    await asyncio.get_running_loop().run_in_executor(None, bitmap.clear)
+    return {"message": f"bitmap {name!r} of export {export!r} cleared"}
+
+
+async def bitmap_list(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The bitmaps of one export, or of every one."""
+    export = _arg(args, "export", str, None)
+    names = [export] if export is not None else list(context.server.exports)
+    if export is not None and export not in context.server.exports:
+        raise CommandError(f"no export {export!r}")
+    listed = [
+        _bitmap_json(name, bitmap)
+        for name in names
+        for bitmap in sorted(context.server.exports[name].bitmaps.by_name.values(), key=lambda b: b.name)
+    ]
+    return {"bitmaps": listed}
+
+
+def _bitmap_json(export: str, bitmap: DirtyBitmap) -> dict[str, Any]:
+    return {
+        "export": export,
+        "name": bitmap.name,
+        "granularity": bitmap.granularity,
+        "size": bitmap.size,
+        "dirty": bitmap.dirty_bytes(),
+        "trusted": bitmap.trusted,
+    }
 
 
 async def _keep(context: Context, otherwise: str) -> None:
@@ -141,8 +201,12 @@ COMMANDS: dict[str, Command] = {
     "status": status,
     "export.add": export_add,
     "export.remove": export_remove,
+    "bitmap.add": bitmap_add,
+    "bitmap.remove": bitmap_remove,
+    "bitmap.clear": bitmap_clear,
+    "bitmap.list": bitmap_list,
 }
-CHANGES = frozenset({"export.add", "export.remove"})
+CHANGES = frozenset({"export.add", "export.remove", "bitmap.add", "bitmap.remove", "bitmap.clear"})
 
 
 def describe(command: str, args: dict[str, Any]) -> str:

@@ -112,6 +112,8 @@ class Worker:
         elif kind == "export_hide":
             connections = self.server.hide_export(head["name"], head["hidden"])
             self._send({"type": "export_hidden", "connections": connections})
+        elif kind == "bitmaps_load":
+            self._send({"type": "bitmaps_loaded", "refused": self._load_bitmaps(head["export"])})
         elif kind == "export_drop":
             self._run(self._drop_export(head["name"]))
         elif kind == "package":
@@ -239,6 +241,14 @@ class Worker:
             missing = [e.name for e in config.exports if e.name not in self.server.exports]
             self._send({"type": "reloaded", "missing": missing, "refused": refused})
 
+    def _load_bitmaps(self, export: str) -> list[str]:
+        try:
+            self.server.load_bitmaps(export)
+        except ConfigError as exc:
+            log.error("export %r: %s", export, exc)
+            return [str(exc)]
+        return []
+
     async def _drop_export(self, name: str) -> None:
         closed = await self.server.drop_export(name)
         self._send({"type": "export_dropped", "closed": closed})
@@ -248,7 +258,7 @@ async def serve(
     config: ServerConfig, channel: socket.socket, ledger: Ledger, arena: Arena | None, kept: bool = False
 ) -> int:
     try:
-        server = Server(config, ledger, arena=arena)
+        server = Server(config, ledger, arena=arena, worker=True)
         server.open_exports()
     except (ConfigError, OSError) as exc:
         send_frame(channel, {"type": "failed", "why": str(exc)})

@@ -594,6 +594,12 @@ class WorkerPool:
         answers = await self._ask_all({"type": "export_drop", "name": name}, "export_dropped")
         return sum(head.get("closed", 0) for _, head in answers)
 
+    async def load_bitmaps(self, export: str) -> list[str]:
+        """Every worker opens the export's bitmaps the primary made, and closes those it removed;
+        returns what any could not do."""
+        answers = await self._ask_all({"type": "bitmaps_load", "export": export}, "bitmaps_loaded")
+        return [f"worker {index}: {'; '.join(head['refused'])}" for index, head in answers if head.get("refused")]
+
     async def _ask_all(self, head: dict[str, Any], last: str, raw: bytes = b"") -> list[tuple[int, dict[str, Any]]]:
         """Ask every worker at once: (its index, its last answer) of each that answered.  One that
         did not is logged: a dead one's replacement starts from self.config."""

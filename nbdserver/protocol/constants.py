@@ -141,6 +141,7 @@ class AllocationState(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"  # + a bitmap's name: qemu's context of changed blocks
 
 
 # The command flags as plain ints, for per-request code (IntFlag operators are slow).

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .constants import (
     BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
     IHAVEOPT,
     MAX_STRING,
     NBDMAGIC,
@@ -51,6 +52,7 @@ class ExportInfo:
     preferred_block: int = 4096
     max_payload: int = 32 * 1024 * 1024
     tls_required: bool = False  # reachable only after STARTTLS (selective TLS)
+    bitmaps: tuple[str, ...] = ()  # dirty bitmaps, offered as qemu:dirty-bitmap:NAME contexts
 
 
 class TlsMode(enum.Enum):
@@ -368,16 +370,14 @@ class ServerHandshake:
         for query in queries:
             if ":" not in query:
                 raise _InvalidOption(f"metadata context query {query!r} has no namespace")
-        if setting:
-            selected = BASE_ALLOCATION in queries
-        else:
-            selected = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
-        if selected:
-            context_id = _ALLOCATION_CONTEXT_ID if setting else 0
-            self._reply(OptionReply.META_CONTEXT, struct.pack(">I", context_id) + BASE_ALLOCATION.encode())
-            if setting:
-                self._meta_export = name
-                self._meta_contexts = {_ALLOCATION_CONTEXT_ID: BASE_ALLOCATION}
+        contexts: dict[int, str] = {}
+        for context in _select_contexts(info, queries, setting):
+            context_id = len(contexts) + _ALLOCATION_CONTEXT_ID if setting else 0
+            contexts[context_id] = context
+            self._reply(OptionReply.META_CONTEXT, struct.pack(">I", context_id) + context.encode())
+        if setting and contexts:
+            self._meta_export = name
+            self._meta_contexts = contexts
         self._reply(OptionReply.ACK)
         return OptionReply.ACK
 
@@ -418,6 +418,32 @@ _HANDLERS: dict[int, Callable[[ServerHandshake, bytes, list[Event]], OptionReply
     Option.SET_META_CONTEXT: ServerHandshake._opt_meta_context,
     Option.EXTENDED_HEADERS: ServerHandshake._opt_extended_headers,
 }
+
+
+def _select_contexts(info: ExportInfo, queries: list[str], setting: bool) -> list[str]:
+    """The contexts of ``info`` that ``queries`` select, each once, in the order first asked.
+
+    SET takes whole names only; LIST also takes a namespace (``base:``, ``qemu:``) or the
+    ``qemu:dirty-bitmap:`` prefix for all of its kind, and no query for every context, as qemu-nbd
+    answers.  Unknown names and namespaces select nothing."""
+    bitmaps = [DIRTY_BITMAP_PREFIX + name for name in info.bitmaps]
+    every = [BASE_ALLOCATION, *bitmaps]
+    if not queries:
+        return [] if setting else every
+    selected: list[str] = []
+    for query in queries:
+        if query in every:
+            found = [query]
+        elif setting:
+            found = []
+        elif query == "base:":
+            found = [BASE_ALLOCATION]
+        elif query in ("qemu:", DIRTY_BITMAP_PREFIX):
+            found = bitmaps
+        else:
+            found = []
+        selected += [context for context in found if context not in selected]
+    return selected
 
 
 def _decode(raw: bytes) -> str:

@@ -67,10 +67,13 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     )
 
 
-def block_status_chunk(cookie: int, context_id: int, descriptors: Sequence[tuple[int, int]]) -> bytes:
-    """One BLOCK_STATUS chunk (the last of its reply) of (length, status flags) descriptors."""
+def block_status_chunk(
+    cookie: int, context_id: int, descriptors: Sequence[tuple[int, int]], done: bool = True
+) -> bytes:
+    """One BLOCK_STATUS chunk (``done``: the last of its reply) of (length, status flags) descriptors."""
     body = struct.pack(f">I{2 * len(descriptors)}I", context_id, *[v for d in descriptors for v in d])
-    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.BLOCK_STATUS, cookie, len(body)) + body
+    flags = ReplyFlag.DONE if done else 0
+    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.BLOCK_STATUS, cookie, len(body)) + body
 
 
 def error_reply(cookie: int, error: int, structured: bool, message: str = "") -> list[Buffer]:
@@ -177,12 +180,15 @@ def ext_error_chunk(cookie: int, offset: int, error: int, message: str = "") -> 
     return header + text
 
 
-def ext_block_status_chunk(cookie: int, offset: int, context_id: int, descriptors: Sequence[tuple[int, int]]) -> bytes:
-    """One BLOCK_STATUS_EXT chunk (the last of its reply) of 64-bit (length, status flags) descriptors."""
+def ext_block_status_chunk(
+    cookie: int, offset: int, context_id: int, descriptors: Sequence[tuple[int, int]], done: bool = True
+) -> bytes:
+    """One BLOCK_STATUS_EXT chunk (``done``: the last of its reply) of 64-bit (length, status flags)
+    descriptors."""
     count = len(descriptors)
     header = _EXT_STATUS.pack(
         EXTENDED_REPLY_MAGIC,
-        ReplyFlag.DONE,
+        ReplyFlag.DONE if done else 0,
         ChunkType.BLOCK_STATUS_EXT,
         cookie,
         offset,
@@ -211,6 +217,12 @@ class Replies:
         """For base:allocation: holes carry ``zero_flags`` (HOLE|ZERO)."""
         raise NotImplementedError
 
+    def status_chunk(
+        self, cookie: int, offset: int, context_id: int, descriptors: Sequence[tuple[int, int]], done: bool
+    ) -> Buffer:
+        """One chunk of a BLOCK_STATUS reply of several contexts: (length, flags) descriptors."""
+        raise NotImplementedError
+
 
 class CompactReplies(Replies):
     """Simple replies, or 20-byte structured reply chunks where they were negotiated."""
@@ -232,6 +244,11 @@ class CompactReplies(Replies):
     ) -> list[Buffer]:
         return block_status_reply(cookie, context_id, extents, zero_flags)
 
+    def status_chunk(
+        self, cookie: int, offset: int, context_id: int, descriptors: Sequence[tuple[int, int]], done: bool
+    ) -> Buffer:
+        return block_status_chunk(cookie, context_id, descriptors, done)
+
 
 class ExtendedReplies(Replies):
     """32-byte chunks: never a simple reply, block status in 64-bit descriptors."""
@@ -252,6 +269,11 @@ class ExtendedReplies(Replies):
     ) -> list[Buffer]:
         descriptors = [(length, zero_flags if hole else 0) for length, hole in extents]
         return [ext_block_status_chunk(cookie, offset, context_id, descriptors)]
+
+    def status_chunk(
+        self, cookie: int, offset: int, context_id: int, descriptors: Sequence[tuple[int, int]], done: bool
+    ) -> Buffer:
+        return ext_block_status_chunk(cookie, offset, context_id, descriptors, done)
 
 
 __all__ = [

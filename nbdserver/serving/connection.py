@@ -34,10 +34,11 @@ from ..protocol import (
     Transmission,
     error_from_errno,
 )
-from ..protocol.constants import FLAG_DF, FLAG_REQ_ONE, AllocationState
+from ..protocol.constants import BASE_ALLOCATION, FLAG_DF, FLAG_REQ_ONE, AllocationState
 from ..protocol.replies import Buffer
 from ..protocol.transmission import encode_request_header
 from . import counts
+from .bitmaps import status_reply, track
 from .journal import Journal
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
@@ -495,6 +496,8 @@ class Connection(asyncio.BufferedProtocol):
             self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
         elif header.command == Command.WRITE:
             request.buffer = bytearray()
+        if header.contexts is not None:
+            request.contexts = header.contexts
         if journal is not None:
             request.slot = journal.taken(self._staging.view, at, taken, payload, request.block)
         if not payload:
@@ -509,9 +512,12 @@ class Connection(asyncio.BufferedProtocol):
             self._pause_transport()  # held off while the payload arrived
 
     def _submit(self, request: Request) -> None:
-        assert self.export is not None
+        export = self.export
+        assert export is not None
         request.arrival = self._received_at
-        self.export.queue.submit(request)
+        if export.bitmaps.active:
+            track(export.bitmaps, request)  # before the request can be answered
+        export.queue.submit(request)
 
     def _refuse_now(self) -> None:
         assert self._refused is not None and self._tx is not None
@@ -557,8 +563,10 @@ class Connection(asyncio.BufferedProtocol):
             extents = request.extents or [(request.length, False)]
             if request.flags & FLAG_REQ_ONE:
                 extents = extents[:1]
-            (context_id,) = tx.meta_contexts  # the one context: a filter can name no other
-            return replies.block_status(request.cookie, request.offset, context_id, extents, _HOLE_FLAGS)
+            contexts = tx.meta_contexts
+            if len(contexts) == 1 and contexts.get(1) == BASE_ALLOCATION:  # a filter can name no other
+                return replies.block_status(request.cookie, request.offset, 1, extents, _HOLE_FLAGS)
+            return status_reply(replies, request, tx.meta_contexts, extents, self.export.bitmaps)  # type: ignore[union-attr]
         return replies.ok(request.cookie, request.offset)
 
     def _send(

@@ -11,6 +11,7 @@ from ..backing.librbd import RbdEngine, RbdImage
 from ..backing.rbdlock import ExclusiveLock, refuse_if_held
 from ..block import RequestQueue
 from ..block.buffers import PAGE_SIZE, BufferPool, ByteBudget
+from ..block.dirty import ExportBitmaps, directory
 from ..block.ledger import Account, Ledger
 from ..config import ConfigError, ExportConfig, ServerConfig
 from ..protocol import ExportInfo
@@ -43,9 +44,13 @@ class Export:
         ledger: Ledger,
         budget: ByteBudget | None = None,
         image: RbdImage | None = None,
+        make_bitmaps: bool = True,
     ) -> None:
         """``ledger``: where the writes to its backing file are counted (by every process serving it);
-        ``image``: its RBD image, opened already (else it is opened here)."""
+        ``image``: its RBD image, opened already (else it is opened here); ``make_bitmaps``: make the
+        dirty bitmaps configured that are missing (the primary does, before its workers start: a
+        worker opens what is kept, so that one started after a bitmap was removed does not make it
+        again)."""
         self.config = config
         self.pool = pool
         # Its own in-flight budget, within the server's (``budget``).
@@ -73,6 +78,28 @@ class Export:
             preferred_block=max(4096, backing.offset_align),
             tls_required=config.tls_required(server),
         )
+        # Marked by every WRITE, WRITE_ZEROES and TRIM (serving/bitmaps.py).
+        if config.rbd is not None:
+            self.bitmaps = ExportBitmaps(None, backing.size, "dirty bitmaps are for files and block devices")
+        elif server.state_dir is None:
+            self.bitmaps = ExportBitmaps(None, backing.size)
+        else:
+            self.bitmaps = ExportBitmaps(directory(server.state_dir, config.name), backing.size)
+        try:
+            self.load_bitmaps(make_bitmaps)
+        except BaseException:
+            self.bitmaps.close()
+            self.engine.close()
+            raise
+
+    def load_bitmaps(self, make: bool = False) -> None:
+        """Open the bitmaps kept for the export (``make``: making those configured), close those
+        removed; what handshakes offer follows.  BitmapError if one cannot be made or opened."""
+        self.bitmaps.load(self.config.dirty_bitmaps if make else ())
+        self.bitmaps_changed()
+
+    def bitmaps_changed(self) -> None:
+        self.info = replace(self.info, bitmaps=tuple(sorted(self.bitmaps.by_name)))
 
     @property
     def name(self) -> str:
@@ -119,6 +146,7 @@ class Export:
         if not self.backing.read_only:  # it may have been written before a reload made it read-only
             await self.engine.flush()
         self.engine.close()
+        self.bitmaps.close()  # after the flush: marked clean only once the data is written
         log.info("export %r: %s", self.name, self.queue.stats.summary())
 
 

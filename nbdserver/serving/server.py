@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from ..backing.librbd import RbdImage
 from ..block.buffers import Arena, BufferPool, ByteBudget
+from ..block.dirty import DirtyBitmap, ExportBitmaps
 from ..block.ledger import Ledger
 from ..config import METRICS_FD_NAME, ConfigError, ExportConfig, Listener, ServerConfig
 from ..metrics import MetricsEndpoint, ServerCollector
@@ -77,6 +78,7 @@ class Workers(Protocol):
     async def apply(self, config: ServerConfig) -> list[str]: ...
     async def hide_export(self, name: str, hidden: bool) -> int: ...
     async def drop_export(self, name: str, config: ServerConfig) -> int: ...
+    async def load_bitmaps(self, export: str) -> list[str]: ...
     async def stop(self, timeout: float) -> None: ...
 
 
@@ -87,11 +89,13 @@ class Server:
         ledger: Ledger | None = None,
         workers: Workers | None = None,
         arena: Arena | None = None,
+        worker: bool = False,
     ) -> None:
         """``ledger``: shared with the other processes serving the same exports (a worker's).
         ``workers``: the worker processes that serve this server's clients (the primary's).
         ``arena``: memory that outlives this process, for the request buffers and the connections'
-        journals (a worker's: its primary keeps the arena, see journal.py)."""
+        journals (a worker's: its primary keeps the arena, see journal.py).  ``worker``: this is a
+        worker process, which opens the dirty bitmaps its primary makes and removes."""
         config.validate()
         self.config = config
         self.exports: dict[str, Export] = {}
@@ -117,6 +121,7 @@ class Server:
         self._turned_away_log = LogThrottle()
         self.workers = workers
         self._hidden: set[str] = set()  # exports offered to no new client while their removal is decided
+        self._worker = worker
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -136,7 +141,7 @@ class Server:
         self._open_export(config, store)
 
     def _open_export(self, config: ExportConfig, store: RbdImage | None = None) -> None:
-        export = Export(config, self.config, self.pool, self.ledger, self.budget, store)
+        export = Export(config, self.config, self.pool, self.ledger, self.budget, store, not self._worker)
         self.exports[export.name] = export
         for error in (Error.EINVAL, Error.EPERM, Error.ENOSPC, Error.EOVERFLOW):
             self.stats.refused[export.name, error.name] += 0  # shown from zero
@@ -403,6 +408,55 @@ class Server:
             closed += await self.workers.drop_export(name, self.config)
         return closed + await self.drop_export(name)
 
+    # Dirty bitmaps: made and removed here, opened by every worker before the change is answered ---
+
+    async def add_bitmap(self, export_name: str, name: str, granularity: int) -> DirtyBitmap:
+        """A new bitmap, marked by every write from now on, in every process.  ConfigError (a
+        BitmapError) if it cannot be: nothing is left of it then."""
+        export = self._bitmapped(export_name)
+        if export.config.read_only:
+            raise ConfigError(f"export {export_name!r} is read-only: it has no writes to track")
+        loop = asyncio.get_running_loop()
+        bitmap = await loop.run_in_executor(None, export.bitmaps.add, name, granularity)
+        try:
+            await self._bitmaps_changed(export)
+        except ConfigError:
+            export.bitmaps.remove(name)  # a bitmap some worker does not mark would miss writes
+            await self._bitmaps_changed(export)
+            raise
+        return bitmap
+
+    async def remove_bitmap(self, export_name: str, name: str) -> None:
+        export = self._bitmapped(export_name)
+        export.bitmaps.remove(name)
+        await self._bitmaps_changed(export)
+
+    def bitmaps_of(self, export_name: str) -> ExportBitmaps:
+        return self._bitmapped(export_name).bitmaps
+
+    def load_bitmaps(self, export_name: str) -> None:
+        """The primary made or removed one of the export's bitmaps: open or close it here too."""
+        export = self.exports.get(export_name)
+        if export is not None:
+            export.load_bitmaps()
+            self._update_catalog()
+
+    def _bitmapped(self, export_name: str) -> Export:
+        export = self.exports.get(export_name)
+        if export is None:
+            raise ConfigError(f"no export {export_name!r}")
+        if export.bitmaps.unavailable:
+            raise ConfigError(f"export {export_name!r}: {export.bitmaps.unavailable}")
+        return export
+
+    async def _bitmaps_changed(self, export: Export) -> None:
+        export.bitmaps_changed()
+        self._update_catalog()
+        if self.workers is not None:
+            problems = await self.workers.load_bitmaps(export.name)
+            if problems:
+                raise ConfigError(f"export {export.name!r}: bitmaps not opened: {'; '.join(problems)}")
+
     def hide_export(self, name: str, hidden: bool) -> int:
         """Offer ``name`` to new clients of this process or not; returns its clients here."""
         if hidden:
@@ -566,7 +620,17 @@ _RESTART_FIELDS = (
     "control",
     "state_dir",
 )
-_EXPORT_RESTART_FIELDS = ("path", "cache", "create_size", "max_inflight_bytes", "tls", "allow", "rbd_conf", "rbd_id")
+_EXPORT_RESTART_FIELDS = (
+    "path",
+    "cache",
+    "create_size",
+    "max_inflight_bytes",
+    "tls",
+    "allow",
+    "rbd_conf",
+    "rbd_id",
+    "dirty_bitmaps",
+)
 
 
 async def _unix_server(

@@ -77,6 +77,7 @@ def test_status_on_a_socket_of_mode_0600(start_server, image, control, processes
             "engine": disk["engine"],
             "read_only": False,
             "connections": 1,
+            "bitmaps": [],
         }
         assert disk["engine"] in ("uring", "threads")
         [client] = reply["connections"]
