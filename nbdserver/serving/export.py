@@ -16,6 +16,7 @@ from ..block.ledger import Account, Ledger
 from ..config import ConfigError, ExportConfig, ServerConfig
 from ..protocol import ExportInfo
 from ..protocol import TransmissionFlag as TF
+from ..stats import ExportSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +125,37 @@ class Export:
         if isinstance(self.backing, RbdImage) and holder:
             await asyncio.get_running_loop().run_in_executor(None, self.backing.fence, holder)
 
+    @property
+    def _lock(self) -> ExclusiveLock | None:
+        """The lock ``--rbd-exclusive`` takes for good; None for any other export."""
+        return self.engine.lock if isinstance(self.engine, RbdEngine) else None
+
     def take_lock(self) -> None:
         """This process serves the export: take its backing's lock for good, if configured so
         (``--rbd-exclusive``), in the background; its I/O waits for it."""
-        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
-            self.engine.lock.take()
+        if self._lock is not None:
+            self._lock.take()
 
     def refuse_if_locked(self) -> None:
         """At a server's first start: RbdError if another holds the lock this export is to take."""
-        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
-            refuse_if_held(self.engine.backing)
+        if self._lock is not None:
+            refuse_if_held(self._lock.image)
 
     def release_lock(self) -> None:
         """A successor serves the export now: let the lock go (blocking, briefly)."""
-        if isinstance(self.engine, RbdEngine) and self.engine.lock is not None:
-            self.engine.lock.release()
+        if self._lock is not None:
+            self._lock.release()
+
+    def snapshot(self) -> ExportSnapshot:
+        """Its counters as /metrics shows them (the counters themselves, not copies)."""
+        return ExportSnapshot(
+            self.info.size,
+            self.queue.stats,
+            self.queue.in_flight,
+            self.budget.used,
+            engine=self.engine.name,
+            backing=str(self.backing.path),
+        )
 
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""

@@ -23,7 +23,7 @@ from ..block.ledger import Ledger
 from ..config import METRICS_FD_NAME, ConfigError, ExportConfig, Listener, ServerConfig
 from ..metrics import MetricsEndpoint, ServerCollector
 from ..protocol import Error, ExportCatalog, TlsMode
-from ..stats import ExportSnapshot, ServerStats, Snapshot
+from ..stats import ServerStats, Snapshot
 from .acceptor import Acceptor
 from .connection import Connection
 from .export import Export, open_image
@@ -289,12 +289,7 @@ class Server:
 
     def snapshot(self) -> Snapshot:
         """What /metrics shows of this process (the exports' counters themselves, not copies)."""
-        exports = {
-            name: ExportSnapshot(e.info.size, e.queue.stats, e.queue.in_flight, e.budget.used, engine=e.engine.name)
-            for name, e in self.exports.items()
-        }
-        for name, e in self.exports.items():
-            exports[name].backing = str(e.backing.path)
+        exports = {name: e.snapshot() for name, e in self.exports.items()}
         negotiating = 0
         for connection in self.connections:
             if connection.export is None:
