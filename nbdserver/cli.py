@@ -292,7 +292,9 @@ def _add_ctl(commands: argparse._SubParsersAction) -> None:
             "  nbdserver ctl status\n"
             "  nbdserver ctl export add backup /srv/backup.img --size 10G\n"
             "  nbdserver ctl export remove backup --force\n"
-            "  nbdserver ctl bitmap add disk backup-1 --granularity 64K"
+            "  nbdserver ctl bitmap add disk backup-1 --granularity 64K\n"
+            "  nbdserver ctl checkpoint disk monday\n"
+            "  nbdserver ctl snapshot remove disk monday"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -318,6 +320,33 @@ def _add_ctl(commands: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="disconnect its clients (their requests in flight answered first)"
     )
     _add_ctl_bitmap(what)
+    _add_ctl_snapshot(what)
+
+
+def _add_ctl_snapshot(what: argparse._SubParsersAction) -> None:
+    snapshot = what.add_parser(
+        "snapshot", help="read-only copies of an export, served as EXPORT@NAME (XFS, btrfs)"
+    ).add_subparsers(dest="snapshot_command", required=True, metavar="add|remove|list")
+    add = snapshot.add_parser("add", help="copy the export at one request boundary (a reflink: needs --state-dir)")
+    remove = snapshot.add_parser("remove", help="stop serving a snapshot or checkpoint and delete it")
+    for one in (add, remove):
+        one.add_argument("export")
+        one.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="disconnect its clients")
+    listing = snapshot.add_parser("list", help="the snapshots of an export, or of every export")
+    listing.add_argument("export", nargs="?")
+    checkpoint = what.add_parser(
+        "checkpoint",
+        help="a snapshot with the bitmap of what changed since the previous checkpoint, for a backup",
+        description=(
+            "At one request boundary: snapshot EXPORT as EXPORT@NAME, freeze onto it the bitmap of what "
+            "changed since the previous checkpoint (all of it, for the first), and start bitmap NAME on "
+            "EXPORT for what changes from now on.  A backup reads EXPORT@NAME's dirty extents from "
+            "qemu:dirty-bitmap:NAME, then removes it with 'snapshot remove'."
+        ),
+    )
+    checkpoint.add_argument("export")
+    checkpoint.add_argument("name")
 
 
 def _add_ctl_bitmap(what: argparse._SubParsersAction) -> None:
@@ -344,6 +373,10 @@ def _ctl_request(args: argparse.Namespace) -> tuple[str, dict]:
         return "status", {}
     if args.ctl_command == "bitmap":
         return _ctl_bitmap(args)
+    if args.ctl_command == "checkpoint":
+        return "checkpoint", {"export": args.export, "name": args.name}
+    if args.ctl_command == "snapshot":
+        return _ctl_snapshot(args)
     if args.export_command == "remove":
         return "export.remove", {"name": args.name, "force": args.force}
     path = args.path if args.path.startswith(RBD_PREFIX) else os.path.abspath(args.path)  # the server's cwd is not ours
@@ -365,6 +398,16 @@ def _ctl_bitmap(args: argparse.Namespace) -> tuple[str, dict]:
     if command == "add":
         request["granularity"] = args.granularity
     return f"bitmap.{command}", request
+
+
+def _ctl_snapshot(args: argparse.Namespace) -> tuple[str, dict]:
+    command = args.snapshot_command
+    if command == "list":
+        return "snapshot.list", {} if args.export is None else {"export": args.export}
+    request = {"export": args.export, "name": args.name}
+    if command == "remove":
+        request["force"] = args.force
+    return f"snapshot.{command}", request
 
 
 def _arg(parse):

@@ -58,6 +58,7 @@ class ExportConfig:
     rbd_id: str | None = None  # the cephx user it connects as; None: as the server says
     rbd_exclusive: bool | None = None  # take the image's lock for good; None: as the server says
     dirty_bitmaps: tuple[str, ...] = ()  # dirty bitmaps made at start if missing (kept in the state directory)
+    snapshot_of: str | None = None  # a snapshot (serving/snapshots.py) of this export, read-only
 
     @property
     def rbd(self) -> RbdName | None:

@@ -142,6 +142,7 @@ class FioResult:
     p99_us: float  # completion latency of the slower direction
     client_us: float = 0.0  # fio's own CPU (user and system) per request: where the client is the limit
     requests: int = 0  # completed, every job and direction
+    max_ms: float = 0.0  # the longest completion
 
 
 def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> FioResult:
@@ -156,7 +157,7 @@ def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None =
     out = proc.stdout
     # The nbd engine prints "connected to NBD server" before the JSON.
     report = json.loads(out[out.index("{") :])
-    mibs = iops = p99 = client_s = 0.0
+    mibs = iops = p99 = client_s = longest = 0.0
     requests = 0
     for job in report["jobs"]:
         if job.get("error"):
@@ -168,9 +169,10 @@ def run_fio(args: Sequence[str], timeout: float, env: Mapping[str, str] | None =
                 iops += side["iops"]
                 requests += side["total_ios"]
                 p99 = max(p99, side["clat_ns"]["percentile"]["99.000000"] / 1000)
+                longest = max(longest, side["clat_ns"]["max"] / 1e6)
     if not mibs:
         raise RuntimeError("fio moved no data")
-    return FioResult(mibs, iops, p99, client_s / requests * 1e6 if requests else 0.0, requests)
+    return FioResult(mibs, iops, p99, client_s / requests * 1e6 if requests else 0.0, requests, longest)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:

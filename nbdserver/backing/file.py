@@ -513,6 +513,15 @@ def _append_extent(extents: list[Extent], length: int, hole: bool) -> None:
         extents.append((length, hole))
 
 
+def fsync_directory(path: Path) -> None:
+    """Make the names in a directory durable (a file created, linked or renamed there)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _create_sparse(path: Path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

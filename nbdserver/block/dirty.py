@@ -7,12 +7,13 @@ processes marking neighbouring granules at once cannot undo each other's mark, w
 read-modify-write of a shared bit could (Python has no atomic OR).  A write touching one granule
 costs a load and at most two stores.
 
-The header says whether the marks can be trusted.  Marks reach the disk only when the page cache
-writes them back, or when a FLUSH asks (:meth:`DirtyBitmap.sync`); data may reach it sooner.  So a
-bitmap left open (not closed cleanly) by a process of an earlier boot, a machine that crashed, may
-lack marks of data that is on the disk: it is not trusted, and reports everything dirty until it
-is cleared.  A process that crashed while the machine stayed up loses nothing: its marks are in
-the page cache, which the next process maps.
+The header says whether the marks can be trusted.  Marks reach the disk when the page cache
+writes them back, data when it writes the data back: in either order.  So a bitmap left open (not
+closed cleanly) by a process of an earlier boot, a machine that crashed, may lack marks of data
+that is on the disk: it is not trusted, and reports everything dirty until it is cleared.  (Syncing
+the marks at each FLUSH would not change that: data written without a FLUSH reaches the disk too.)
+A process that crashed while the machine stayed up loses nothing: its marks are in the page cache,
+which the next process maps.
 
 Which processes have a bitmap open is known from their shared flock() on the file, which the
 kernel drops when a process dies: the last one to close it (it alone can take the lock
@@ -31,6 +32,7 @@ import struct
 import uuid
 from pathlib import Path
 
+from ..backing.file import fsync_directory
 from ..config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ _HEAD = struct.Struct("<8sIIQQ16s")  # magic, version, reserved, granularity, ex
 _SIZE, _BOOT = 24, 32  # where the export size and the boot id are in the header
 _CLEAN = 64  # 1: closed by the last process that had it open
 _UNTRUSTED = 65  # 1: marks may have been lost (a machine crash): everything reads dirty until cleared
-_MARKED = 66  # 1: marked since the last sync
+# 66: no longer used (was: marked since the last sync)
+_CHECKPOINT = 67  # 1: tracks the export's writes since the checkpoint it is named after
+_FROZEN = 68  # 1: a checkpoint's record of what changed before it: never marked again
 MIN_GRANULARITY = 4096
 MAX_GRANULARITY = 64 * 1024 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
@@ -106,9 +110,10 @@ class DirtyBitmap:
     # Making and finding ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, where: Path, name: str, granularity: int, size: int) -> DirtyBitmap:
+    def create(cls, where: Path, name: str, granularity: int, size: int, checkpoint: bool = False) -> DirtyBitmap:
         """A new, clean bitmap: BitmapError if one of that name exists or there is no room (then no
-        file is left behind).  Its blocks are allocated now: a mark must never find the disk full."""
+        file is left behind).  Its blocks are allocated now: a mark must never find the disk full.
+        ``checkpoint``: it tracks the writes since the checkpoint of its name."""
         check_name(name)
         check_granularity(granularity)
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -119,6 +124,8 @@ class DirtyBitmap:
         try:
             os.posix_fallocate(fd, 0, _file_size(granules))
             os.pwrite(fd, _HEAD.pack(MAGIC, VERSION, 0, granularity, size, boot_id()), 0)
+            if checkpoint:
+                os.pwrite(fd, b"\x01", _CHECKPOINT)
             os.fsync(fd)
             os.link(temporary, path)  # never replaces: another process may have made it meanwhile
         except FileExistsError:
@@ -129,7 +136,7 @@ class DirtyBitmap:
         finally:
             os.close(fd)
             temporary.unlink(missing_ok=True)
-        _fsync_directory(where)
+        fsync_directory(where)
         return cls.open(path, size)
 
     @classmethod
@@ -161,7 +168,7 @@ class DirtyBitmap:
         which boot."""
         current, mapped = boot_id(), self._map
         kept_by = bytes(mapped[_BOOT : _BOOT + 16])
-        if not mapped[_CLEAN] and kept_by != current and not mapped[_UNTRUSTED]:
+        if not mapped[_CLEAN] and kept_by != current and not mapped[_UNTRUSTED] and not mapped[_FROZEN]:
             mapped[_UNTRUSTED] = 1
             log.warning(
                 "dirty bitmap %s was left open when the machine stopped: marks may be lost, so it reports "
@@ -198,7 +205,7 @@ class DirtyBitmap:
 
     def mark(self, offset: int, length: int) -> None:
         """The bytes from ``offset`` on are being written: mark their granules (before the write is
-        acknowledged).  Marks go first, then the flag that a sync is owed."""
+        acknowledged)."""
         if length <= 0:
             return
         first = HEADER + (offset >> self._shift)
@@ -212,20 +219,31 @@ class DirtyBitmap:
                 count = min(last + 1 - first, len(_FILL))
                 mapped[first : first + count] = _FILL[:count]
                 first += count
-        if not mapped[_MARKED]:
-            mapped[_MARKED] = 1
-
-    def sync(self) -> None:
-        """Make every mark so far durable (before a FLUSH is answered), if any was made since the
-        last sync by any process.  The flag goes first: a mark made meanwhile sets it again."""
-        mapped = self._map
-        if mapped[_MARKED]:
-            mapped[_MARKED] = 0
-            mapped.flush()
 
     @property
     def trusted(self) -> bool:
         return not self._map[_UNTRUSTED]
+
+    def distrust(self) -> None:
+        """Marks may be missing (a process could not open it): report everything dirty until cleared."""
+        self._map[_UNTRUSTED] = 1
+        self._map.flush(0, mmap.PAGESIZE)
+
+    @property
+    def checkpoint(self) -> bool:
+        """It tracks the writes since the checkpoint of its name."""
+        return bool(self._map[_CHECKPOINT])
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self._map[_FROZEN])
+
+    def freeze(self) -> None:
+        """No more marks: from now on it records what changed up to a checkpoint.  Durable on return."""
+        mapped = self._map
+        mapped[_CHECKPOINT] = 0
+        mapped[_FROZEN] = 1
+        mapped.flush()
 
     def clear(self) -> None:
         """Every granule clean, and trusted again."""
@@ -285,14 +303,6 @@ class DirtyBitmap:
         return True
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ExportBitmaps:
     """The bitmaps of one export in one process."""
 
@@ -344,6 +354,51 @@ class ExportBitmaps:
         bitmap.path.unlink(missing_ok=True)
         bitmap.close(keep=False)
 
+    # Checkpoints (serving/snapshots.py): called while the export's requests are held ----------
+
+    def tracking(self) -> DirtyBitmap | None:
+        """The bitmap that tracks the writes since the export's last checkpoint, if any."""
+        return next((b for b in self.by_name.values() if b.checkpoint), None)
+
+    def freeze_tracking(self, into: Path, name: str) -> None:
+        """What changed since the last checkpoint, as bitmap ``name`` in ``into`` (a snapshot's
+        directory), frozen: the tracking bitmap itself, moved there; or, if there is none (a first
+        checkpoint, or its bitmap was removed), one with everything dirty.  BitmapError if it
+        cannot be made (nothing has changed then)."""
+        check_name(name)
+        into.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = into / (name + SUFFIX)
+        if target.exists():
+            raise BitmapError(f"{target} exists already")
+        tracking = self.tracking()
+        if tracking is None:
+            frozen = DirtyBitmap.create(into, name, DEFAULT_GRANULARITY, self.size)
+            frozen.mark(0, self.size)
+            frozen.freeze()
+            frozen.close()
+            return
+        tracking.freeze()
+        try:
+            os.rename(tracking.path, target)  # within the state directory: one filesystem
+        except OSError as exc:
+            raise BitmapError(f"bitmap {tracking.name!r} not moved to {into}: {exc.strerror}") from None
+        fsync_directory(into)
+        fsync_directory(tracking.path.parent)
+        del self.by_name[tracking.name]
+        self.active = bool(self.by_name)
+        tracking.close(keep=False)
+
+    def start_tracking(self, name: str, granularity: int) -> DirtyBitmap:
+        """A new bitmap ``name`` that tracks the writes from the checkpoint of that name on."""
+        if self.where is None:
+            raise BitmapError(self.unavailable)
+        check_name(name)
+        if name in self.by_name:
+            raise BitmapError(f"a bitmap {name!r} exists already")
+        bitmap = DirtyBitmap.create(self.where, name, granularity, self.size, checkpoint=True)
+        self._adopt(bitmap)
+        return bitmap
+
     def get(self, name: str) -> DirtyBitmap:
         bitmap = self.by_name.get(name)
         if bitmap is None:
@@ -353,10 +408,6 @@ class ExportBitmaps:
     def mark(self, offset: int, length: int) -> None:
         for bitmap in self.by_name.values():
             bitmap.mark(offset, length)
-
-    def sync(self) -> None:
-        for bitmap in self.by_name.values():
-            bitmap.sync()
 
     def close(self) -> None:
         for bitmap in self.by_name.values():

@@ -75,6 +75,7 @@ class RequestQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Future[None] | None = None  # what drain() waits on
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._held: list[Request] | None = None  # submitted while held (a snapshot is made)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -90,6 +91,10 @@ class RequestQueue:
 
     def submit(self, request: Request) -> None:
         """Queue a request; its ``arrival`` may be set already (one clock reading for many requests)."""
+        held = self._held
+        if held is not None:
+            held.append(request)
+            return
         request.seq = self._seq
         self._seq += 1
         now = request.arrival
@@ -150,6 +155,23 @@ class RequestQueue:
             if self._idle is None or self._idle.done():
                 self._idle = self.loop.create_future()
             await asyncio.shield(self._idle)
+
+    async def hold(self) -> None:
+        """Take no request to the backing until :meth:`release`, and wait until those taken before
+        have completed: the backing is then as every answered request left it (a request boundary,
+        for a snapshot).  Requests submitted meanwhile wait, their arrival time kept."""
+        if self._held is None:
+            self._held = []
+        await self.drain()
+
+    def release(self) -> list[Request]:
+        """Stop holding; returns the requests held, for the caller to :meth:`submit` again."""
+        held, self._held = self._held or [], None
+        return held
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
 
     # Admission: hazards, then merging ------------------------------------------------
 

@@ -70,6 +70,8 @@ def run(path: Path, command: str, args: dict[str, Any], as_json: bool) -> int:
         print(format_status(reply))
     elif command == "bitmap.list":
         print(format_bitmaps(reply["bitmaps"]))
+    elif command == "snapshot.list":
+        print(format_snapshots(reply["snapshots"]))
     else:
         print(reply.get("message", "done"))
     return 0 if reply["ok"] else 1
@@ -115,6 +117,22 @@ def format_bitmaps(bitmaps: list[dict[str, Any]]) -> str:
         for b in bitmaps
     ]
     return "\n".join(_table(["EXPORT", "BITMAP", "GRANULARITY", "DIRTY", "TRUSTED"], rows))
+
+
+def format_snapshots(snapshots: list[dict[str, Any]]) -> str:
+    if not snapshots:
+        return "no snapshots"
+    rows = [
+        [
+            s["served_as"],
+            _size(s["size"]),
+            "yes" if s["checkpoint"] else "no",
+            _size(s["bitmap"]["dirty"]) if s["bitmap"] else "-",
+            s["path"],
+        ]
+        for s in snapshots
+    ]
+    return "\n".join(_table(["SNAPSHOT", "SIZE", "CHECKPOINT", "CHANGED", "FILE"], rows))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

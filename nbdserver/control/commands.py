@@ -18,6 +18,8 @@ from typing import Any
 from ..backing.librbd import PREFIX as RBD_PREFIX
 from ..block.dirty import DEFAULT_GRANULARITY, DirtyBitmap
 from ..config import CACHE_MODES, ConfigError, ExportConfig
+from ..serving import snapshots
+from ..serving.export import Export
 from ..serving.server import Server
 from . import state
 
@@ -83,6 +85,10 @@ async def export_remove(context: Context, args: dict[str, Any]) -> dict[str, Any
     """Close an export in every process; refused while it has clients, unless ``force``."""
     name = _arg(args, "name", str)
     force = _arg(args, "force", bool, False)
+    export = context.server.exports.get(name)
+    if export is not None and export.config.snapshot_of is not None:
+        parent, snapshot = export.config.snapshot_of, name[len(export.config.snapshot_of) + 1 :]
+        raise CommandError(f"export {name!r} is a snapshot: nbdserver ctl snapshot remove {parent} {snapshot}")
     try:
         closed = await context.server.remove_export(name, force)
     except ConfigError as exc:
@@ -90,6 +96,76 @@ async def export_remove(context: Context, args: dict[str, Any]) -> dict[str, Any
     context.changes.remove(name)
     await _keep(context, f"export {name!r} is served again after a restart")
     return {"message": f"export {name!r} removed ({closed} client(s) disconnected)", "disconnected": closed}
+
+
+async def snapshot_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """A read-only copy of the export at one request boundary, served as EXPORT@NAME."""
+    return await _snapshot(context, args, checkpoint=False)
+
+
+async def checkpoint(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot, the bitmap of what changed since the previous checkpoint frozen onto it, and a
+    new bitmap tracking from it on: the backup primitive."""
+    return await _snapshot(context, args, checkpoint=True)
+
+
+async def _snapshot(context: Context, args: dict[str, Any], checkpoint: bool) -> dict[str, Any]:
+    export, name = _arg(args, "export", str), _arg(args, "name", str)
+    what = "checkpoint" if checkpoint else "snapshot"
+    try:
+        made = await snapshots.make(context.server, export, name, checkpoint)
+    except snapshots.NotServed as exc:
+        context.changes.add(exc.config)  # on disk: served after a restart
+        await _keep(context, "not served after a restart either")
+        raise CommandError(str(exc)) from None
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    context.changes.add(made.config)
+    await _keep(context, f"{made.config.path} is not served after a restart")
+    message = f"{what} {name!r} of export {export!r} served as {made.config.name!r} ({made.config.path})"
+    return {
+        "message": message + (f"; warning: {made.warning}" if made.warning else ""),
+        "snapshot": _snapshot_json(context.server.exports[made.config.name]),
+        "paused_ms": round(made.paused * 1e3, 3),
+        "warning": made.warning,
+    }
+
+
+async def snapshot_remove(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Stop serving a snapshot (or checkpoint) and delete it; refused while it has clients unless
+    ``force``."""
+    export, name = _arg(args, "export", str), _arg(args, "name", str)
+    force = _arg(args, "force", bool, False)
+    try:
+        closed = await snapshots.remove(context.server, export, name, force)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    context.changes.remove(snapshots.export_name(export, name))
+    await _keep(context, "it is served again after a restart, if its file is there")
+    message = f"snapshot {name!r} of export {export!r} removed ({closed} client(s) disconnected)"
+    return {"message": message, "disconnected": closed}
+
+
+async def snapshot_list(context: Context, args: dict[str, Any]) -> dict[str, Any]:
+    export = _arg(args, "export", str, None)
+    if export is not None and export not in context.server.exports:
+        raise CommandError(f"no export {export!r}")
+    listed = [_snapshot_json(e) for e in snapshots.snapshots_of(context.server, export)]
+    return {"snapshots": sorted(listed, key=lambda s: (s["export"], s["name"]))}
+
+
+def _snapshot_json(snapshot: Export) -> dict[str, Any]:
+    parent = snapshot.config.snapshot_of or ""
+    bitmaps = snapshot.bitmaps.by_name
+    return {
+        "export": parent,
+        "name": snapshot.name[len(parent) + len(snapshots.SEPARATOR) :],
+        "served_as": snapshot.name,
+        "path": str(snapshot.config.path),
+        "size": snapshot.info.size,
+        "checkpoint": bool(bitmaps),
+        "bitmap": _bitmap_json(snapshot.name, next(iter(bitmaps.values()))) if bitmaps else None,
+    }
 
 
 async def bitmap_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +182,7 @@ async def bitmap_add(context: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 async def bitmap_remove(context: Context, args: dict[str, Any]) -> dict[str, Any]:
     export, name = _arg(args, "export", str), _arg(args, "name", str)
+    _not_a_snapshot(context, export)
     try:
         await context.server.remove_bitmap(export, name)
     except ConfigError as exc:
@@ -117,12 +194,20 @@ async def bitmap_clear(context: Context, args: dict[str, Any]) -> dict[str, Any]
     """Every granule clean again (and an untrusted bitmap trusted): writes answered after this are
     marked; a write in flight meanwhile may or may not be."""
     export, name = _arg(args, "export", str), _arg(args, "name", str)
+    _not_a_snapshot(context, export)
     try:
         bitmap = context.server.bitmaps_of(export).get(name)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     await asyncio.get_running_loop().run_in_executor(None, bitmap.clear)
     return {"message": f"bitmap {name!r} of export {export!r} cleared"}
+
+
+def _not_a_snapshot(context: Context, export: str) -> None:
+    """A checkpoint's bitmap is its record of what changed: it goes with the snapshot."""
+    found = context.server.exports.get(export)
+    if found is not None and found.config.snapshot_of is not None:
+        raise CommandError(f"export {export!r} is a snapshot: its bitmap goes when it is removed")
 
 
 async def bitmap_list(context: Context, args: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +232,8 @@ def _bitmap_json(export: str, bitmap: DirtyBitmap) -> dict[str, Any]:
         "size": bitmap.size,
         "dirty": bitmap.dirty_bytes(),
         "trusted": bitmap.trusted,
+        "checkpoint": bitmap.checkpoint,  # tracks the writes since the checkpoint of its name
+        "frozen": bitmap.frozen,  # a checkpoint's: what changed up to it
     }
 
 
@@ -205,8 +292,23 @@ COMMANDS: dict[str, Command] = {
     "bitmap.remove": bitmap_remove,
     "bitmap.clear": bitmap_clear,
     "bitmap.list": bitmap_list,
+    "snapshot.add": snapshot_add,
+    "snapshot.remove": snapshot_remove,
+    "snapshot.list": snapshot_list,
+    "checkpoint": checkpoint,
 }
-CHANGES = frozenset({"export.add", "export.remove", "bitmap.add", "bitmap.remove", "bitmap.clear"})
+CHANGES = frozenset(
+    {
+        "export.add",
+        "export.remove",
+        "bitmap.add",
+        "bitmap.remove",
+        "bitmap.clear",
+        "snapshot.add",
+        "snapshot.remove",
+        "checkpoint",
+    }
+)
 
 
 def describe(command: str, args: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""What changes made through the control socket survive: exports added and removed at run time.
+"""What changes made through the control socket survive: exports added and removed at run time
+(snapshots among the exports added).
 
 They are kept as one JSON file in the state directory (``--state-dir``), written atomically (a
 temporary file, fsync, rename, fsync of the directory), and applied over the configuration at
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ExportConfig, ServerConfig
+from ..backing.file import fsync_directory
+from ..config import ConfigError, ExportConfig, ServerConfig, parse_networks
 
 FILE = "exports.json"
 ENV = "NBDSERVER_CONTROL_STATE"  # the predecessor's changes, for a successor (an upgrade)
@@ -66,7 +68,7 @@ class Changes:
 
 
 def _export_json(export: ExportConfig) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "name": export.name,
         "path": str(export.path),
         "read-only": export.read_only,
@@ -74,6 +76,11 @@ def _export_json(export: ExportConfig) -> dict[str, Any]:
         "cache": export.cache,
         "description": export.description,
     }
+    if export.snapshot_of is not None:  # and as guarded as the export it copies
+        data["snapshot-of"] = export.snapshot_of
+        data["tls"] = export.tls
+        data["allow"] = None if export.allow is None else [str(n) for n in export.allow]
+    return data
 
 
 def _export(data: dict[str, Any]) -> ExportConfig:
@@ -84,6 +91,9 @@ def _export(data: dict[str, Any]) -> ExportConfig:
         create_size=None if data.get("size") is None else int(data["size"]),
         cache=str(data.get("cache", "buffered")),
         description=str(data.get("description", "")),
+        snapshot_of=None if data.get("snapshot-of") is None else str(data["snapshot-of"]),
+        tls=None if data.get("tls") is None else str(data["tls"]),
+        allow=None if data.get("allow") is None else parse_networks("+".join(data["allow"])),
     )
 
 
@@ -125,8 +135,4 @@ def save(state_dir: Path, changes: Changes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    directory = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)  # the rename itself
-    finally:
-        os.close(directory)
+    fsync_directory(state_dir)  # the rename itself

@@ -39,6 +39,8 @@ from .workers import share
 
 log = logging.getLogger("nbdserver")
 
+HOLD_LIMIT = 60.0  # seconds an export is held for a snapshot at most, should the primary not release it
+
 
 class Worker:
     """One worker's side of the socket pair: a frame from the primary at a time."""
@@ -56,6 +58,7 @@ class Worker:
         self._recoveries: dict[int, Recovery] = {}  # dead workers' arenas, their connections being taken over
         self._fencing: dict[str, asyncio.Task[None]] = {}  # dead processes' locks, taken from them
         self._reloading = asyncio.Lock()  # one reload at a time: each may wait on a cluster
+        self._holds: dict[str, asyncio.TimerHandle] = {}  # exports held for a snapshot: their deadline
         server.on_change = self._report_count
         server.on_journaled = self._journaled
         server.on_lost = self._ended
@@ -114,6 +117,11 @@ class Worker:
             self._send({"type": "export_hidden", "connections": connections})
         elif kind == "bitmaps_load":
             self._send({"type": "bitmaps_loaded", "refused": self._load_bitmaps(head["export"])})
+        elif kind == "export_hold":
+            self._run(self._hold(head["name"], head["timeout"]))
+        elif kind == "export_release":
+            self._release(head["name"])
+            self._send({"type": "export_released"})
         elif kind == "export_drop":
             self._run(self._drop_export(head["name"]))
         elif kind == "package":
@@ -248,6 +256,28 @@ class Worker:
             log.error("export %r: %s", export, exc)
             return [str(exc)]
         return []
+
+    async def _hold(self, name: str, timeout: float) -> None:
+        """Hold the export's requests until the primary releases them, or for HOLD_LIMIT at most
+        (should the release never come, the clients must not wait for ever)."""
+        export = self.server.exports.get(name)
+        refused = ""
+        if export is not None:
+            self._holds[name] = self._loop.call_later(HOLD_LIMIT, self._release, name)
+            try:
+                await asyncio.wait_for(export.hold(), timeout)
+            except TimeoutError:
+                self._release(name)
+                refused = f"the requests in flight did not complete in {timeout:.0f} s"
+        self._send({"type": "export_held", "refused": refused})
+
+    def _release(self, name: str) -> None:
+        timer = self._holds.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        export = self.server.exports.get(name)
+        if export is not None:
+            export.release()
 
     async def _drop_export(self, name: str) -> None:
         closed = await self.server.drop_export(name)

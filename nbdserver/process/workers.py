@@ -32,6 +32,8 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
                                             ◀──  recovered {resumed, closed}
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
+    export_hold {name} | export_release     ──▶  a request boundary, for a snapshot (serving/snapshots.py)
+                                            ◀──  export_held {refused} | export_released
     reload + pickled config                 ──▶  applied as SIGHUP applies it
     package                                 ──▶  quiesces its connections for an upgrade
                                             ◀──  connection {terms} + fd + bytes ..., end {closed_slow}
@@ -189,6 +191,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._retired: list[Snapshot] = []  # the last counters of workers that died
         self._stopping = False
+        self.lost = 0  # workers that died so far (a snapshot made meanwhile is not to be trusted)
         self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
         self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
         self._watching: asyncio.TimerHandle | None = None
@@ -312,6 +315,7 @@ class WorkerPool:
         self._forget(worker)
         if self._stopping:
             return
+        self.lost += 1
         if worker.last is not None:
             self._retired.append(worker.last)
         worker.open = worker.given = worker.taken = 0
@@ -599,6 +603,18 @@ class WorkerPool:
         returns what any could not do."""
         answers = await self._ask_all({"type": "bitmaps_load", "export": export}, "bitmaps_loaded")
         return [f"worker {index}: {'; '.join(head['refused'])}" for index, head in answers if head.get("refused")]
+
+    async def hold_export(self, name: str, timeout: float) -> list[str]:
+        """Every worker holds the export's new requests and waits for those it took to complete (a
+        snapshot is made); returns what any could not do."""
+        asked = {w.index for w in self._workers if w.alive}
+        answers = await self._ask_all({"type": "export_hold", "name": name, "timeout": timeout}, "export_held")
+        problems = [f"worker {index}: {head['refused']}" for index, head in answers if head.get("refused")]
+        silent = asked - {index for index, _ in answers}
+        return problems + [f"worker {index} did not answer" for index in sorted(silent)]
+
+    async def release_export(self, name: str) -> None:
+        await self._ask_all({"type": "export_release", "name": name}, "export_released")
 
     async def _ask_all(self, head: dict[str, Any], last: str, raw: bytes = b"") -> list[tuple[int, dict[str, Any]]]:
         """Ask every worker at once: (its index, its last answer) of each that answered.  One that

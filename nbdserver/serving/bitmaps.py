@@ -1,5 +1,5 @@
 """Where requests meet an export's dirty bitmaps (block/dirty.py): WRITE, WRITE_ZEROES and TRIM
-mark them, FLUSH makes the marks durable, BLOCK_STATUS reports them as qemu:dirty-bitmap contexts."""
+mark them, BLOCK_STATUS reports them as qemu:dirty-bitmap contexts."""
 
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ _HOLE_FLAGS = int(AllocationState.HOLE | AllocationState.ZERO)
 
 def track(bitmaps: ExportBitmaps, request: Request) -> None:
     """Called as the request is submitted, so before it can be answered: a write marks what it
-    touches (the whole request, whether or not it then succeeds: marking more is allowed); a FLUSH
-    first makes every mark so far durable, so that no flushed data is newer than its marks."""
+    touches (the whole request, whether or not it then succeeds: marking more is allowed)."""
     command = request.command
     if command == Command.WRITE or command == Command.WRITE_ZEROES or command == Command.TRIM:
         bitmaps.mark(request.offset, request.length)
-    elif command == Command.FLUSH:
-        bitmaps.sync()
 
 
 def status_reply(

@@ -515,7 +515,7 @@ class Connection(asyncio.BufferedProtocol):
         export = self.export
         assert export is not None
         request.arrival = self._received_at
-        if export.bitmaps.active:
+        if export.bitmaps.active and not export.queue.holding:  # else marked as it is released
             track(export.bitmaps, request)  # before the request can be answered
         export.queue.submit(request)
 

@@ -17,6 +17,7 @@ from ..config import ConfigError, ExportConfig, ServerConfig
 from ..protocol import ExportInfo
 from ..protocol import TransmissionFlag as TF
 from ..stats import ExportSnapshot
+from .bitmaps import track
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,28 @@ class Export:
             backing=str(self.backing.path),
         )
 
+    async def hold(self) -> None:
+        """Hold new requests and wait for those taken to complete (see RequestQueue.hold)."""
+        await self.queue.hold()
+
+    def release(self) -> None:
+        """Carry out the requests held.  Each write marks the bitmaps again: those it marked when it
+        arrived may have been frozen onto a checkpoint meanwhile, and it lands after it."""
+        held = self.queue.release()
+        if not held:
+            return
+        self.queue.start_plug()
+        try:
+            for request in held:
+                if self.bitmaps.active:
+                    track(self.bitmaps, request)
+                self.queue.submit(request)
+        finally:
+            self.queue.finish_plug()
+
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""
+        self.release()
         await self.queue.drain()
         if not self.backing.read_only:  # it may have been written before a reload made it read-only
             await self.engine.flush()

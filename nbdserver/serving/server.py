@@ -64,6 +64,7 @@ class Workers(Protocol):
     as the server sees them: the process layer above owns them, this layer only uses them."""
 
     count: int
+    lost: int  # workers that died (and were replaced) so far
     on_change: Callable[[], None]  # a worker's number of connections changed
     on_room: list[Callable[[], None]]  # called when has_room() may have become true
 
@@ -79,6 +80,8 @@ class Workers(Protocol):
     async def hide_export(self, name: str, hidden: bool) -> int: ...
     async def drop_export(self, name: str, config: ServerConfig) -> int: ...
     async def load_bitmaps(self, export: str) -> list[str]: ...
+    async def hold_export(self, name: str, timeout: float) -> list[str]: ...
+    async def release_export(self, name: str) -> None: ...
     async def stop(self, timeout: float) -> None: ...
 
 
@@ -414,17 +417,17 @@ class Server:
         loop = asyncio.get_running_loop()
         bitmap = await loop.run_in_executor(None, export.bitmaps.add, name, granularity)
         try:
-            await self._bitmaps_changed(export)
+            await self.bitmaps_changed(export)
         except ConfigError:
             export.bitmaps.remove(name)  # a bitmap some worker does not mark would miss writes
-            await self._bitmaps_changed(export)
+            await self.bitmaps_changed(export)
             raise
         return bitmap
 
     async def remove_bitmap(self, export_name: str, name: str) -> None:
         export = self._bitmapped(export_name)
         export.bitmaps.remove(name)
-        await self._bitmaps_changed(export)
+        await self.bitmaps_changed(export)
 
     def bitmaps_of(self, export_name: str) -> ExportBitmaps:
         return self._bitmapped(export_name).bitmaps
@@ -444,7 +447,9 @@ class Server:
             raise ConfigError(f"export {export_name!r}: {export.bitmaps.unavailable}")
         return export
 
-    async def _bitmaps_changed(self, export: Export) -> None:
+    async def bitmaps_changed(self, export: Export) -> None:
+        """One of the export's bitmaps was made or removed here: offer it, and have every worker
+        open or close it.  ConfigError if one could not."""
         export.bitmaps_changed()
         self._update_catalog()
         if self.workers is not None:

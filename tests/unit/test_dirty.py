@@ -128,16 +128,6 @@ def test_an_export_of_another_size_is_not_trusted_until_cleared(tmp_path, caplog
     grown.close()
 
 
-def test_sync_only_when_marked(tmp_path):
-    bitmap = make(tmp_path)
-    assert header_byte(tmp_path, dirty._MARKED) == 0
-    bitmap.mark(0, 1)
-    assert bitmap._map[dirty._MARKED] == 1
-    bitmap.sync()
-    assert bitmap._map[dirty._MARKED] == 0
-    bitmap.close()
-
-
 @pytest.mark.parametrize("granularity", [0, 2048, 4096 + 1, 96 * K, 128 * 1024 * 1024])
 def test_bad_granularity(tmp_path, granularity):
     with pytest.raises(BitmapError, match="power of two from 4 KiB to 64 MiB"):
