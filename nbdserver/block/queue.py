@@ -21,6 +21,7 @@ import asyncio
 import errno
 import logging
 from bisect import bisect_left
+from collections.abc import Callable
 from functools import partial
 from time import monotonic
 
@@ -76,6 +77,9 @@ class RequestQueue:
         self._idle: asyncio.Future[None] | None = None  # what drain() waits on
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: list[Request] | None = None  # submitted while held (a snapshot is made)
+        # Takes the requests that must wait for something outside the queue (True), while a
+        # snapshot's file is cloned (serving/cloning.py); None nearly always.
+        self.gate: Callable[[Request], bool] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -94,6 +98,9 @@ class RequestQueue:
         held = self._held
         if held is not None:
             held.append(request)
+            return
+        gate = self.gate
+        if gate is not None and gate(request):
             return
         request.seq = self._seq
         self._seq += 1

@@ -126,7 +126,9 @@ async def _snapshot(context: Context, args: dict[str, Any], checkpoint: bool) ->
     return {
         "message": message + (f"; warning: {made.warning}" if made.warning else ""),
         "snapshot": _snapshot_json(context.server.exports[made.config.name]),
-        "paused_ms": round(made.paused * 1e3, 3),
+        "paused_ms": round(made.paused * 1e3, 3),  # requests held, at the boundary
+        "cloned_ms": round(made.cloned * 1e3, 3),  # the file cloned, while served
+        "longest_clone_ms": round(made.longest * 1e3, 3),  # the longest a write could wait once asked for
         "warning": made.warning,
     }
 

@@ -120,8 +120,12 @@ class Worker:
         elif kind == "export_hold":
             self._run(self._hold(head["name"], head["timeout"]))
         elif kind == "export_release":
-            self._release(head["name"])
+            self._release(head["name"], head.get("gate", 0))
             self._send({"type": "export_released"})
+        elif kind == "cloned" and head["export"] in self.server.exports:
+            self.server.exports[head["export"]].gate_progress(head["frontier"], head["beyond"])
+        elif kind == "clone_end" and head["export"] in self.server.exports:
+            self.server.exports[head["export"]].open_gate()
         elif kind == "export_drop":
             self._run(self._drop_export(head["name"]))
         elif kind == "package":
@@ -271,13 +275,20 @@ class Worker:
                 refused = f"the requests in flight did not complete in {timeout:.0f} s"
         self._send({"type": "export_held", "refused": refused})
 
-    def _release(self, name: str) -> None:
+    def _release(self, name: str, gate: int = 0) -> None:
+        """Let the held requests go on; with ``gate``, the writes among them and those after wait for
+        the clone of a snapshot's file (that many granules), asked of the primary."""
         timer = self._holds.pop(name, None)
         if timer is not None:
             timer.cancel()
         export = self.server.exports.get(name)
         if export is not None:
+            if gate:
+                export.start_gate(gate, partial(self._ask_clone, name))
             export.release()
+
+    def _ask_clone(self, export: str, first: int, last: int) -> None:
+        self._send({"type": "clone_ask", "export": export, "first": first, "last": last})
 
     async def _drop_export(self, name: str) -> None:
         closed = await self.server.drop_export(name)

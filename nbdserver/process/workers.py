@@ -32,8 +32,11 @@ Channel (channel.py) on each side, so that neither ever waits on the other:
                                             ◀──  recovered {resumed, closed}
     snapshot                                ──▶
                                             ◀──  snapshot {data}       what /metrics sums
-    export_hold {name} | export_release     ──▶  a request boundary, for a snapshot (serving/snapshots.py)
+    export_hold {name} | export_release {gate}  ──▶  a request boundary, for a snapshot (serving/snapshots.py)
                                             ◀──  export_held {refused} | export_released
+                                            ◀──  clone_ask {export, first, last}   a write waits for these granules
+    cloned {export, frontier, beyond}       ──▶  granules of the snapshot's file cloned (serving/cloning.py)
+    clone_end {export}                      ──▶  the gate opens
     reload + pickled config                 ──▶  applied as SIGHUP applies it
     package                                 ──▶  quiesces its connections for an upgrade
                                             ◀──  connection {terms} + fd + bytes ..., end {closed_slow}
@@ -192,6 +195,7 @@ class WorkerPool:
         self._retired: list[Snapshot] = []  # the last counters of workers that died
         self._stopping = False
         self.lost = 0  # workers that died so far (a snapshot made meanwhile is not to be trusted)
+        self.on_clone_ask: Callable[[str, int, int], None] = lambda export, first, last: None
         self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
         self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
         self._watching: asyncio.TimerHandle | None = None
@@ -489,6 +493,9 @@ class WorkerPool:
         if kind == "recovered":
             self._recovered(worker, head)
             return
+        if kind == "clone_ask":
+            self.on_clone_ask(head["export"], head["first"], head["last"])
+            return
         if head.get("type") == "count":
             worker.open, worker.taken = head["connections"], head["taken"]
             self.on_change()
@@ -613,8 +620,18 @@ class WorkerPool:
         silent = asked - {index for index, _ in answers}
         return problems + [f"worker {index} did not answer" for index in sorted(silent)]
 
-    async def release_export(self, name: str) -> None:
-        await self._ask_all({"type": "export_release", "name": name}, "export_released")
+    async def release_export(self, name: str, gate: int) -> None:
+        """Every worker lets the held requests go on; with ``gate``, the number of granules of a
+        snapshot's file cloned from now on, behind a gate (serving/cloning.py)."""
+        await self._ask_all({"type": "export_release", "name": name, "gate": gate}, "export_released")
+
+    def clone_progress(self, name: str, frontier: int, beyond: list[int]) -> None:
+        for worker in self._workers:
+            self._tell(worker, {"type": "cloned", "export": name, "frontier": frontier, "beyond": beyond})
+
+    def clone_end(self, name: str) -> None:
+        for worker in self._workers:
+            self._tell(worker, {"type": "clone_end", "export": name})
 
     async def _ask_all(self, head: dict[str, Any], last: str, raw: bytes = b"") -> list[tuple[int, dict[str, Any]]]:
         """Ask every worker at once: (its index, its last answer) of each that answered.  One that

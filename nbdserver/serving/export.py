@@ -18,6 +18,7 @@ from ..protocol import ExportInfo
 from ..protocol import TransmissionFlag as TF
 from ..stats import ExportSnapshot
 from .bitmaps import track
+from .cloning import Ask, Gate
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Export:
             preferred_block=max(4096, backing.offset_align),
             tls_required=config.tls_required(server),
         )
+        self._gate: Gate | None = None  # while a snapshot's file is cloned
         # Marked by every WRITE, WRITE_ZEROES and TRIM (serving/bitmaps.py).
         if config.rbd is not None:
             self.bitmaps = ExportBitmaps(None, backing.size, "dirty bitmaps are for files and block devices")
@@ -177,8 +179,29 @@ class Export:
         finally:
             self.queue.finish_plug()
 
+    # A snapshot's file cloned while serving (cloning.py) ---------------------------------------
+
+    def start_gate(self, count: int, ask: Ask) -> None:
+        """From now on (within a hold), writes wait for the clone of the granules they change."""
+        self._gate = Gate(count, ask, self.queue.submit)
+        self.queue.gate = self._gate.admit
+
+    def gate_progress(self, frontier: int, beyond: list[int]) -> None:
+        if self._gate is not None:
+            self._gate.cloned(frontier, beyond)
+
+    def open_gate(self) -> None:
+        """The clone is over: what waits goes on, and nothing waits from now on."""
+        gate, self._gate = self._gate, None
+        self.queue.gate = None
+        if gate is not None:
+            gate.open()
+            if gate.waited:
+                log.info("export %r: %d writes waited for the clone of a snapshot", self.name, gate.waited)
+
     async def close(self) -> None:
         """Finish in-flight requests, make written data durable, release the backing."""
+        self.open_gate()
         self.release()
         await self.queue.drain()
         if not self.backing.read_only:  # it may have been written before a reload made it read-only

@@ -25,6 +25,7 @@ from ..metrics import MetricsEndpoint, ServerCollector
 from ..protocol import Error, ExportCatalog, TlsMode
 from ..stats import ServerStats, Snapshot
 from .acceptor import Acceptor
+from .cloning import Cloner
 from .connection import Connection
 from .export import Export, open_image
 from .polling import BusyPoll
@@ -65,6 +66,7 @@ class Workers(Protocol):
 
     count: int
     lost: int  # workers that died (and were replaced) so far
+    on_clone_ask: Callable[[str, int, int], None]  # a worker's gate wants these granules of an export
     on_change: Callable[[], None]  # a worker's number of connections changed
     on_room: list[Callable[[], None]]  # called when has_room() may have become true
 
@@ -81,7 +83,9 @@ class Workers(Protocol):
     async def drop_export(self, name: str, config: ServerConfig) -> int: ...
     async def load_bitmaps(self, export: str) -> list[str]: ...
     async def hold_export(self, name: str, timeout: float) -> list[str]: ...
-    async def release_export(self, name: str) -> None: ...
+    async def release_export(self, name: str, gate: int) -> None: ...
+    def clone_progress(self, name: str, frontier: int, beyond: list[int]) -> None: ...
+    def clone_end(self, name: str) -> None: ...
     async def stop(self, timeout: float) -> None: ...
 
 
@@ -125,6 +129,7 @@ class Server:
         self.workers = workers
         self._hidden: set[str] = set()  # exports offered to no new client while their removal is decided
         self._worker = worker
+        self.cloners: dict[str, Cloner] = {}  # snapshots' files being cloned, by export (snapshots.py)
 
     def open_exports(self) -> None:
         """Open every backing file; raises OSError naming the one that failed."""
@@ -177,6 +182,7 @@ class Server:
         """Start the worker processes, if any; WorkerError if one cannot start."""
         if self.workers is not None:
             self.workers.on_change = lambda: self.on_change()
+            self.workers.on_clone_ask = self.clone_asked
             await self.workers.start()
 
     async def start(self, inherited: Sequence[tuple[str, socket.socket]] = (), owned: Sequence[str] = ()) -> None:
@@ -456,6 +462,27 @@ class Server:
             problems = await self.workers.load_bitmaps(export.name)
             if problems:
                 raise ConfigError(f"export {export.name!r}: bitmaps not opened: {'; '.join(problems)}")
+
+    # A snapshot's file cloned while serving (cloning.py): the primary's cloner, every process's gate --
+
+    def clone_asked(self, export_name: str, first: int, last: int) -> None:
+        cloner = self.cloners.get(export_name)
+        if cloner is not None:
+            cloner.ask(first, last)
+
+    def clone_progress(self, export_name: str, frontier: int, beyond: list[int]) -> None:
+        export = self.exports.get(export_name)
+        if export is not None:
+            export.gate_progress(frontier, beyond)
+        if self.workers is not None:
+            self.workers.clone_progress(export_name, frontier, beyond)
+
+    async def end_clone(self, export_name: str) -> None:
+        export = self.exports.get(export_name)
+        if export is not None:
+            export.open_gate()
+        if self.workers is not None:
+            self.workers.clone_end(export_name)
 
     def hide_export(self, name: str, hidden: bool) -> int:
         """Offer ``name`` to new clients of this process or not; returns its clients here."""

@@ -1,20 +1,21 @@
-"""Snapshots and checkpoints: a copy of an export's file at one request boundary, served read-only
-as ``EXPORT@NAME``.
+"""Snapshots and checkpoints: a copy of an export's file as it was at one request boundary, served
+read-only as ``EXPORT@NAME``.
 
 The boundary: every process serving the export holds the requests that arrive and waits for those
-it took to complete (RequestQueue.hold), so the file is as the answered requests left it; the copy
-is a reflink (backing/reflink.py), which takes the time to copy the file's extent map, not its
-data.  A checkpoint, within the same hold, also moves the bitmap that tracked the writes since the
-previous checkpoint onto the snapshot, frozen, and starts a new one named after this checkpoint,
-opened by every process before a held write goes on (each then marks it).  The pause, from the
-hold to the release, is measured and logged.
+it took to complete (RequestQueue.hold), so the file is as the answered requests left it.  Within
+that hold a checkpoint also moves the bitmap that tracked the writes since the previous checkpoint
+onto the snapshot, frozen, and starts a new one named after this checkpoint, opened by every
+process before a held write goes on (each then marks it).  Then the requests go on, and the file
+is cloned while they do (cloning.py): a write waits only for the clone of what it changes.  The
+hold, and the clone, are measured and logged.
 
 The snapshot's file lies beside the export's (``FILE@NAME``), on the same filesystem as reflinks
 require; its bitmap in the state directory, as any export's.
 
-A worker process that died while the export was held is replaced by one that does not hold it: a
-snapshot made meanwhile is discarded and the command fails (it can be tried again); a checkpoint's
-new bitmap that some process may not have opened reports everything dirty (never less).
+A worker process that died while the export was held or cloned is replaced by one that knows
+nothing of it: the snapshot is discarded and the command fails (it can be tried again); a
+checkpoint's new bitmap that some process may not have opened reports everything dirty (never
+less).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from time import monotonic
 
 from ..backing import Backing, reflink
 from ..block.dirty import DEFAULT_GRANULARITY, BitmapError, check_name, directory
 from ..config import ConfigError, ExportConfig
+from .cloning import Cloner
 from .export import Export
 from .server import Server
 
@@ -52,7 +55,9 @@ class NotServed(ConfigError):
 @dataclass
 class Made:
     config: ExportConfig  # the snapshot's export
-    paused: float  # seconds the export's requests were held
+    paused: float  # seconds the export's requests were held, at the boundary
+    cloned: float  # seconds the file took to clone, while served
+    longest: float  # seconds of the longest clone call (a write waits for one, at most, once asked)
     warning: str = ""  # something the operator should know: the checkpoint was made anyway
 
 
@@ -90,23 +95,28 @@ async def make(server: Server, export: str, name: str, checkpoint: bool = False)
     source = parent.backing
     assert isinstance(source, Backing)  # not an RBD image: refused above
     loop = asyncio.get_running_loop()
-    warning = ""
-    await loop.run_in_executor(None, reflink.write_back, source.fd)  # before the hold: keeps it short
-    async with _held(server, parent) as pause:
-        try:
-            await loop.run_in_executor(None, reflink.clone, source.fd, parent.config.path, config.path)
-        except reflink.ReflinkError as exc:
-            raise ConfigError(f"snapshot {name!r} of export {export!r} not made: {exc.strerror}") from None
-        try:
-            pause.check()
-            if checkpoint:
-                warning = await _switch_bitmaps(server, parent, name, config.name, pause)
-        except BaseException:
-            config.path.unlink(missing_ok=True)
-            raise
-    made = Made(config, pause.seconds, warning)
     what = "checkpoint" if checkpoint else "snapshot"
-    log.info("export %r: %s %r made as %s, requests held %.1f ms", export, what, name, config.path, made.paused * 1e3)
+    try:  # made now, to learn before the hold whether the filesystem can clone
+        target = await loop.run_in_executor(None, reflink.Target, source.fd, parent.config.path, config.path)
+    except reflink.ReflinkError as exc:
+        raise ConfigError(f"{what} {name!r} of export {export!r} not made: {exc.strerror}") from None
+    try:
+        warning, pause, cloner = await _copy(server, parent, target, name, config.name, checkpoint)
+    except BaseException:
+        await loop.run_in_executor(None, target.discard)
+        raise
+    made = Made(config, pause.seconds, cloner.seconds, cloner.longest, warning)
+    log.info(
+        "export %r: %s %r made as %s: requests held %.1f ms, cloned in %.0f ms (%d calls, the longest %.1f ms)",
+        export,
+        what,
+        name,
+        config.path,
+        made.paused * 1e3,
+        made.cloned * 1e3,
+        cloner.calls,
+        made.longest * 1e3,
+    )
     if warning:
         log.warning("export %r: checkpoint %r: %s", export, name, warning)
     try:
@@ -115,6 +125,65 @@ async def make(server: Server, export: str, name: str, checkpoint: bool = False)
         why = f"{what} {name!r} made as {config.path} but not served ({exc}): a restart serves it"
         raise NotServed(why, config) from None
     return made
+
+
+async def _copy(
+    server: Server, parent: Export, target: reflink.Target, name: str, snapshot: str, checkpoint: bool
+) -> tuple[str, _Pause, Cloner]:
+    """Fix the snapshot at a request boundary (and switch the bitmaps there, for a checkpoint), then
+    clone the file while serving; returns the warning of the switch, the pause, the cloner.
+    ConfigError if the copy failed (a checkpoint's bitmaps are then as if it had not been made,
+    but for the export's tracking bitmap, which is gone: the next checkpoint's is all dirty)."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, reflink.write_back, target.source_fd)  # the clones' own is then short
+    cloner = Cloner(target, partial(server.clone_progress, parent.name))
+    server.cloners[parent.name] = cloner  # the gates ask it for granules from the release on
+    warning = ""
+    switched = False
+    try:
+        async with _held(server, parent, cloner) as pause:
+            pause.check()
+            if checkpoint:
+                warning = await _switch_bitmaps(server, parent, name, snapshot)
+                switched = True
+        log.info(
+            "export %r: %s %r fixed at a request boundary (requests held %.1f ms); cloning %d bytes",
+            parent.name,
+            "checkpoint" if checkpoint else "snapshot",
+            name,
+            pause.seconds * 1e3,
+            target.size,
+        )
+        try:
+            await cloner.run()
+        finally:
+            del server.cloners[parent.name]
+            await server.end_clone(parent.name)
+        pause.check()
+        await loop.run_in_executor(None, target.publish)
+    except BaseException as exc:
+        server.cloners.pop(parent.name, None)
+        if switched:
+            await _abandon_checkpoint(server, parent, name, snapshot)
+        if isinstance(exc, reflink.ReflinkError):
+            what = "checkpoint" if checkpoint else "snapshot"
+            raise ConfigError(f"{what} {name!r} of export {parent.name!r} not made: {exc.strerror}") from None
+        raise
+    return warning, pause, cloner
+
+
+async def _abandon_checkpoint(server: Server, parent: Export, name: str, snapshot: str) -> None:
+    """The copy failed after the bitmaps were switched: the frozen bitmap goes with the snapshot,
+    and so does the new tracking bitmap (a checkpoint of that name may be tried again)."""
+    if name in parent.bitmaps.by_name:
+        parent.bitmaps.remove(name)
+        try:
+            await server.bitmaps_changed(parent)
+        except ConfigError as exc:
+            log.error("export %r: %s", parent.name, exc)
+    if server.config.state_dir is not None:
+        shutil.rmtree(directory(server.config.state_dir, snapshot), ignore_errors=True)
+    log.warning("export %r: checkpoint %r abandoned: the next checkpoint's bitmap is all dirty", parent.name, name)
 
 
 def _snapshottable(server: Server, export: str, name: str, checkpoint: bool) -> Export:
@@ -137,7 +206,7 @@ def _snapshottable(server: Server, export: str, name: str, checkpoint: bool) -> 
     return parent
 
 
-async def _switch_bitmaps(server: Server, parent: Export, name: str, snapshot: str, pause: _Pause) -> str:
+async def _switch_bitmaps(server: Server, parent: Export, name: str, snapshot: str) -> str:
     """Within the hold: freeze the tracking bitmap onto the snapshot, start a new one, have every
     process open it.  Returns a warning, if the new bitmap cannot be relied upon."""
     assert server.config.state_dir is not None
@@ -155,10 +224,9 @@ async def _switch_bitmaps(server: Server, parent: Export, name: str, snapshot: s
     try:
         await server.bitmaps_changed(parent)
     except ConfigError as exc:
-        warning = str(exc)
-    if new is not None and (warning or not pause.check(raises=False)):
-        new.distrust()  # some process may not mark it
-        warning = f"{warning or 'a worker process died meanwhile'}: bitmap {name!r} reports everything dirty"
+        if new is not None:
+            new.distrust()  # some process may not mark it
+        warning = f"{exc}: bitmap {name!r} reports everything dirty"
     return warning
 
 
@@ -171,18 +239,18 @@ class _Pause:
         self.started = monotonic()
         self.seconds = 0.0
 
-    def check(self, raises: bool = True) -> bool:
-        if self._workers is None or self._workers.lost == self._lost:
-            return True
-        if raises:
-            raise ConfigError("a worker process died while the export was held: try again")
-        return False
+    def check(self) -> None:
+        """ConfigError if a worker died since the hold began (its replacement knows nothing of it)."""
+        if self._workers is not None and self._workers.lost != self._lost:
+            raise ConfigError("a worker process died while the snapshot was made: try again")
 
 
 @contextlib.asynccontextmanager
-async def _held(server: Server, export: Export) -> AsyncIterator[_Pause]:
-    """Hold the export's requests in every process (ConfigError if they do not complete in time)."""
+async def _held(server: Server, export: Export, cloner: Cloner) -> AsyncIterator[_Pause]:
+    """Hold the export's requests in every process (ConfigError if they do not complete in time);
+    on leaving without an error, put a gate in front of each queue before the requests go on."""
     pause = _Pause(server)
+    gated = 0
     try:
         problems = []
         try:
@@ -194,10 +262,12 @@ async def _held(server: Server, export: Export) -> AsyncIterator[_Pause]:
         if problems:
             raise ConfigError(f"export {export.name!r} not held: {'; '.join(problems)}")
         yield pause
+        export.start_gate(cloner.count, cloner.ask)
+        gated = cloner.count
     finally:
         export.release()
         if server.workers is not None:
-            await server.workers.release_export(export.name)
+            await server.workers.release_export(export.name, gated)
         pause.seconds = monotonic() - pause.started
 
 

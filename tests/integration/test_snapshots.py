@@ -11,9 +11,12 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +94,10 @@ def connect(server: ServerProcess, export: str, *contexts: str) -> nbd.NBD:
 
 def reply(root: Path, *args: str) -> dict:
     return json.loads(ok(root / "control", "--json", *args))
+
+
+def ctl_command(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "nbdserver", "ctl", "--control", str(root / "control"), *args]
 
 
 def refused(root: Path, *args: str) -> str:
@@ -195,6 +202,146 @@ def test_snapshots_need_a_state_directory(reflinks, start_server):
     image = make_image(reflinks / "fs" / "disk.img", SIZE)
     start_server("--export", f"name=disk,path={image}", "--control", str(reflinks / "control"))
     assert "--state-dir" in refused(reflinks, "snapshot", "add", "disk", "s1")
+
+
+class VersionedWriter:
+    """Writes 4k blocks, each holding its block number and a version that grows with every write,
+    QD writes in flight and never two to one block; records when each was sent and answered."""
+
+    QD = 16
+
+    def __init__(self, server: ServerProcess, blocks: int) -> None:
+        self.h = connect(server, "disk")
+        self.blocks = blocks
+        self.sent: dict[int, tuple[int, float]] = {}  # version -> block, when sent
+        self.acked: dict[int, float] = {}  # version -> when answered
+        self.errors: list[tuple[int, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def block(number: int, version: int) -> bytes:
+        return struct.pack("<QQ", number, version) * 256
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        busy: set[int] = set()
+        version = 0
+        while not self.stop.is_set() or busy:
+            while not self.stop.is_set() and len(busy) < self.QD:
+                number = rng.randrange(self.blocks)
+                if number in busy:
+                    continue
+                version += 1
+                busy.add(number)
+                self.sent[version] = (number, time.monotonic())
+
+                def done(error: int, version: int = version, number: int = number) -> int:
+                    if error:  # no exception in libnbd's callback: said in the test's thread
+                        self.errors.append((version, error))
+                    self.acked[version] = time.monotonic()
+                    busy.discard(number)
+                    return 1
+
+                self.h.aio_pwrite(self.block(number, version), number * 4096, completion=done)
+            self.h.poll(-1)
+
+    def __enter__(self) -> VersionedWriter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        self.h.shutdown()
+        assert not self.errors
+
+
+def fragment(h: nbd.NBD, blocks: int, writes: int) -> None:
+    """Scatter 4k writes over a file whose blocks a snapshot shares: each gets an extent of its own."""
+    rng = random.Random(3)
+    for _ in range(writes):
+        number = rng.randrange(blocks)
+        h.pwrite(VersionedWriter.block(number, 0), number * 4096)
+
+
+@pytest.mark.parametrize("command", ["snapshot", "checkpoint"])
+@pytest.mark.parametrize("processes", PROCESSES)
+def test_a_snapshot_taken_under_writes_holds_one_moment(reflinks, start_server, processes, command):
+    """A writer keeps 16 writes in flight while a snapshot is made of a fragmented file, which is
+    cloned while the writes go on: every block of the snapshot holds the last version answered
+    before the command was sent, or a later one, never one sent after its answer; and no write in
+    it was answered after one left out of it was sent (one moment, across blocks)."""
+    root = reflinks
+    server = start_server(*serve_args(root, processes))
+    blocks = SIZE // 4096
+    h = connect(server, "disk")
+    try:
+        for start in range(0, SIZE, 4 * MiB):
+            h.pwrite(
+                b"".join(VersionedWriter.block(n, 0) for n in range(start // 4096, (start + 4 * MiB) // 4096)), start
+            )
+        ok(root / "control", "snapshot", "add", "disk", "base")  # shared from now on: writes fragment it
+        fragment(h, blocks, 3000)
+    finally:
+        h.shutdown()
+    args = ["checkpoint", "disk", "s"] if command == "checkpoint" else ["snapshot", "add", "disk", "s"]
+    with VersionedWriter(server, blocks) as writer:
+        time.sleep(0.3)
+        asked = time.monotonic()
+        made = reply(root, *args)
+        answered = time.monotonic()
+        time.sleep(0.3)
+    assert made["cloned_ms"] >= 0 and made["paused_ms"] > 0
+    s = connect(server, "disk@s")
+    try:
+        data = whole(s)
+    finally:
+        s.shutdown()
+    versions = {}
+    for number in range(blocks):
+        got, version = struct.unpack_from("<QQ", data, number * 4096)
+        assert got == number and data[number * 4096 : (number + 1) * 4096] == VersionedWriter.block(number, version)
+        versions[number] = version
+    inside, outside = [], []
+    for version, (number, sent) in writer.sent.items():
+        acked = writer.acked[version]
+        (inside if version <= versions[number] else outside).append((sent, acked))
+        if acked < asked:
+            assert version <= versions[number], "a write answered before the snapshot was asked for is missing"
+        if sent > answered:
+            assert version > versions[number], "a write sent after the snapshot was made is in it"
+    assert inside and outside
+    assert min(acked for _, acked in outside) >= max(sent for sent, _ in inside), "not one moment"
+
+
+def test_a_worker_killed_during_a_checkpoint_costs_at_most_a_retry(reflinks, start_server):
+    """A worker dies while the file of a checkpoint is cloned (or just before or after): either the
+    checkpoint is made, or it fails saying why, leaves no file, and can be tried again under the
+    same name, its bitmap then all dirty (the tracking bitmap went with the failed one)."""
+    root = reflinks
+    server = start_server(*serve_args(root, "2"))
+    h = connect(server, "disk")
+    try:
+        ok(root / "control", "checkpoint", "disk", "c0")
+        fragment(h, SIZE // 4096, 6000)  # a clone of some tenths of a second
+    finally:
+        h.shutdown()
+    command = ctl_command(root, "checkpoint", "disk", "c1")
+    asked = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server.logged("checkpoint 'c1' fixed at a request boundary", timeout=60)  # cloning now, most likely
+    os.kill(server.worker_pids()[0], signal.SIGKILL)
+    _, err = asked.communicate(timeout=120)
+    assert server.logged("worker 0 started again", timeout=60)
+    if asked.returncode:
+        assert "worker process died" in err or "did not answer" in err or "is gone" in err, err
+        assert sorted(p.name for p in (root / "fs").iterdir() if "c1" in p.name) == []
+        assert "c1" not in {b["name"] for b in reply(root, "bitmap", "list", "disk")["bitmaps"]}
+        again = reply(root, "checkpoint", "disk", "c1")
+        assert again["snapshot"]["bitmap"]["dirty"] == SIZE  # no bitmap tracked since c0 any more
+    with contextlib.closing(_Reader(server, "disk@c1", "c1")) as c1:
+        assert c1.h.get_size() == SIZE and dirty_map(c1.h, "c1")[0][2] == 1
 
 
 # Checkpoints: the backup round trip --------------------------------------------------------
