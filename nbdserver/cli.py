@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the exports added and removed through the control socket in DIR, "
         "applied over the configuration at start (default: none, not kept)",
     )
+    serve.add_argument(
+        "--pid-file",
+        type=Path,
+        metavar="PATH",
+        help="write the main process's PID to PATH once serving (an upgrade's successor rewrites it)",
+    )
     check = commands.add_parser(
         "check-config",
         help="check a configuration file",
@@ -454,6 +460,7 @@ _OVERRIDES = {
     "rbd_exclusive": "rbd_exclusive",
     "control": "control",
     "state_dir": "state_dir",
+    "pid_file": "pid_file",
 }
 
 

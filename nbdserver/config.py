@@ -138,6 +138,7 @@ class ServerConfig:
     rbd_exclusive: bool = False  # RBD exports take their images' exclusive locks for good
     control: Path | None = None  # the control socket (nbdserver ctl); None: none
     state_dir: Path | None = None  # where changes made through it are kept across restarts; None: nowhere
+    pid_file: Path | None = None  # the main process's PID, written once it serves; None: none
 
     @property
     def asked_processes(self) -> int:

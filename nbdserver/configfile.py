@@ -13,6 +13,7 @@ Keys are spelled like the command-line flags::
     tls-ca = "ca-cert.pem"            # clients must present a certificate signed by it
     control = "/run/nbdserver/control"  # the control socket of nbdserver ctl
     state-dir = "/var/lib/nbdserver"  # exports added and removed through it, kept across restarts
+    pid-file = "/run/nbdserver/nbdserver.pid"  # the main process's PID, once it serves
 
     [metrics]
     listen = "127.0.0.1:10810"        # or: enabled = false
@@ -79,7 +80,7 @@ def load(path: Path) -> ServerConfig:
             export.path = path.parent / export.path
         if export.rbd_conf is not None:
             export.rbd_conf = path.parent / export.rbd_conf
-    for name in ("tls_certificate", "tls_key", "tls_ca", "rbd_conf", "control", "state_dir"):
+    for name in ("tls_certificate", "tls_key", "tls_ca", "rbd_conf", "control", "state_dir", "pid_file"):
         if (value := getattr(config, name)) is not None:
             setattr(config, name, path.parent / value)
     return config
@@ -283,6 +284,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "rbd-exclusive": ("rbd_exclusive", _bool),
     "control": ("control", _path),
     "state-dir": ("state_dir", _path),
+    "pid-file": ("pid_file", _path),
 }
 _EXPORT_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "name": ("name", _str),

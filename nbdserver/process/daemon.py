@@ -25,7 +25,7 @@ from ..control.commands import Context
 from ..control.listener import ControlServer
 from ..control.state import Changes
 from ..serving.server import Server, remove_socket
-from . import fdstore, handover, keeper
+from . import fdstore, handover, keeper, pidfile
 from .systemd import Notifier, inherited_fds, listening_sockets, set_log_level
 from .workers import WorkerError, WorkerPool, pool_of
 
@@ -138,6 +138,8 @@ async def run(
     upgrade.serving()
     server.on_change = lambda: notifier.notify(f"STATUS={server.status()}")
     notifier.notify("READY=1", f"STATUS={server.status()}")
+    if config.pid_file is not None:
+        pidfile.write(config.pid_file)
     watchdog = _Watchdog(loop, notifier) if notifier.watchdog_interval else None
     await stop.wait()
     log.info("shutting down")
@@ -154,6 +156,8 @@ async def run(
     await server.shutdown()
     if watchdog is not None:
         watchdog.cancel()
+    if config.pid_file is not None and not upgrade.done:  # (the successor's, if it was handed over)
+        pidfile.remove(config.pid_file)
     notifier.close()
     return 0
 
@@ -293,6 +297,8 @@ class _Upgrade:
         if self._kept is not None:
             self._kept.drop_all()
         self._notifier.notify(f"MAINPID={pid}")
+        if self._server.config.pid_file is not None:
+            pidfile.write(self._server.config.pid_file, pid)
 
     def serving(self) -> None:
         self._serving = True
