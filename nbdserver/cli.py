@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arg(parse_export),
         metavar="SPEC",
         help="another export: name=NAME,path=PATH[,read-only][,size=SIZE][,cache=MODE][,tls=require]"
-        "[,allow=NET+NET][,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,description=TEXT] "
+        "[,allow=NET+NET][,rbd-conf=FILE][,rbd-id=USER][,rbd-exclusive][,dirty-bitmap=NAME][,description=TEXT] "
         "(repeatable; PATH may be rbd:POOL/IMAGE)",
     )
     serve.add_argument(
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROSECONDS",
         help=f"poll this long after a request arrives or a reply leaves (default {DEFAULT_WINDOW_US}; 0: off)",
     )
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="what to log: debug, info (the default), warning, error")
     serve.add_argument(
         "--control",
         type=Path,
