@@ -102,7 +102,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Ar
 def _option(action: argparse.Action) -> str:
     """How an option is written: its flags and what it takes."""
     if not action.option_strings:
-        return f"\\fI{escape(action.metavar or action.dest)}\\fR"
+        return f"\\fI{escape(str(action.metavar or action.dest))}\\fR"
     flags = ", ".join(f"\\fB{escape(flag)}\\fR" for flag in action.option_strings)
     if action.nargs == 0:
         return flags
