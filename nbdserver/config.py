@@ -176,7 +176,7 @@ class ServerConfig:
             raise ConfigError(f"export {export.name!r}: dirty bitmaps are for files and block devices, not RBD images")
 
     def validate(self) -> None:
-        if not self.exports:
+        if not self.exports and self.control is None:  # (with a control socket, they may come through it)
             raise ConfigError("no exports: give a backing file or --export")
         names = [e.name for e in self.exports]
         dupes = sorted({n for n in names if names.count(n) > 1})

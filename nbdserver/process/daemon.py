@@ -78,6 +78,8 @@ async def run(
         kept, stored = keeper.split(stored)
         sockets = listening_sockets(named)
         server.open_exports()
+        if not server.exports:
+            log.warning("no exports yet: add them to the configuration file, or with nbdserver ctl export add")
         if channel is None and not stored and not kept:  # a first start, not a continuation
             for export in server.exports.values():
                 export.refuse_if_locked()

@@ -386,13 +386,11 @@ class Server:
     async def remove_export(self, name: str, force: bool) -> int:
         """Stop serving an export, here and in every worker process; returns the clients disconnected.
 
-        ConfigError if there is no such export, it is the last, or it has clients and not ``force``
+        ConfigError if there is no such export, or it has clients and not ``force``
         (then nothing has changed).  New clients are not offered it while that is decided; those
         connected are disconnected as at a stop: their requests in flight answered, then closed."""
         if name not in self.exports:
             raise ConfigError(f"no export {name!r}")
-        if len(self.exports) == 1:
-            raise ConfigError(f"export {name!r} is the last one: a server serves at least one")
         connected = self.hide_export(name, True)
         if self.workers is not None:
             connected += await self.workers.hide_export(name, True)

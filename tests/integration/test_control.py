@@ -308,3 +308,26 @@ def test_a_reload_keeps_the_changes(start_server, control, short_dir, processes)
     assert server.logged("reloaded:")
     assert set(exports(control)) == {"b", "c"}
     assert not any("no longer configured" in line or "not added" in line for line in server.log), server.log_text()
+
+
+def test_with_a_control_socket_a_server_may_start_with_no_export_and_get_one(start_server, short_dir):
+    """As the packaged service starts before the admin configures anything: nothing is offered,
+    then an export added through the socket is served, and the last one may be removed again."""
+    control = short_dir / "control"
+    server = start_server("--control", control)
+    assert server.logged("no exports yet")
+    assert exports(control) == {}
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(server.uri())
+    try:
+        assert h.opt_list(lambda name, description: 0) == 0  # none listed
+    finally:
+        h.opt_abort()
+    image = make_image(short_dir / "disk.img", MiB)
+    assert ctl(control, "export", "add", "disk", image).returncode == 0
+    h = connect(server, "disk")
+    h.pwrite(b"x" * 512, 0)
+    h.shutdown()
+    assert ctl(control, "export", "remove", "disk").returncode == 0
+    assert exports(control) == {}
