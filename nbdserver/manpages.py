@@ -3,6 +3,10 @@ configuration file's keys, so that they cannot drift from what the program accep
 
     python3 -m nbdserver.manpages DIR    # writes DIR/nbdserver.8 and DIR/nbdserver.toml.5
 
+The pages are kept in man/ (the Debian package installs them from there: making them needs the
+server's dependencies, which a package build does not have); the tests check that they are what
+this module makes now.
+
 A configuration key is described by the help of the ``serve`` flag spelled like it; the few keys
 without one are described here (KEYS_WITHOUT_FLAGS, EXPORT_KEYS): a key described nowhere is an
 error, which the tests catch.

@@ -14,6 +14,7 @@ import pytest
 
 from nbdserver import configfile, manpages
 from nbdserver.cli import build_parser
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed")
 
@@ -76,6 +77,13 @@ def test_nbdserver_toml_5_names_every_key(pages):
     for key in keys:
         assert re.search(rf"^\s+{re.escape(key)}\b", text, re.MULTILINE), f"key {key} is not in nbdserver.toml(5)"
     assert "[[export]]" in text and 'path = "rbd:rbd/vm1"' in text  # the example
+
+
+def test_the_pages_kept_in_man_are_those_made_now(pages):
+    """What the package installs: made again with python3 -m nbdserver.manpages man after a change."""
+    for name, made in pages.items():
+        kept = ROOT / "man" / name
+        assert kept.read_text() == made.read_text(), f"man/{name} is stale: python3 -m nbdserver.manpages man"
 
 
 def test_a_key_described_nowhere_is_caught(monkeypatch):
