@@ -42,6 +42,8 @@ STAGE1 = HERE / "stage1.sh"
 SCENARIOS = ROOT / "fs" / "scenarios" / "systemd"
 WRITER = SCENARIOS.parent / "_writer.sh"  # shared with the busybox guest's scenarios
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "nbd-client", "e2fsprogs", "python3", "python3-venv", "procps")
+# What the Debian package depends on (the guest has no network to fetch it from).
+PACKAGE_DEPENDS = ("python3-uvloop", "python3-prometheus-client")
 STAGE1_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
 ROOT_MODULES = ("nbd", "loop")
 DISK_SIZE = 3 << 30  # sparse; the root takes about 300 MiB, the scenarios' images the rest
@@ -120,7 +122,7 @@ def build(cache: Path | None = None, log: Callable[[str], None] = print) -> Imag
         log("systemd guest: Debian 12 with systemd, from Debian's archive (mmdebstrap)")
         root = work / "root"
         mirror = os.environ.get("NBDSERVER_GUEST_MIRROR", "")  # default: what apt uses here
-        debian_root.unpack("bookworm", PACKAGES, root, [mirror] if mirror else [])
+        debian_root.unpack("bookworm", PACKAGES + PACKAGE_DEPENDS, root, [mirror] if mirror else [])
         _customize(root, moddir, kernel.release)
         log("systemd guest: the root disk")
         disk = stamp / "root.img.tmp"
@@ -135,7 +137,7 @@ def build(cache: Path | None = None, log: Callable[[str], None] = print) -> Imag
 
 def _recipe(release: str) -> str:
     """A hash of what goes into the image (not of the payload's code, which each run brings)."""
-    parts = [repr((PACKAGES, STAGE1_MODULES, ROOT_MODULES, DISK_SIZE, RUNNER_UNIT, release))]
+    parts = [repr((PACKAGES, PACKAGE_DEPENDS, STAGE1_MODULES, ROOT_MODULES, DISK_SIZE, RUNNER_UNIT, release))]
     parts += [inspect.getsource(f) for f in (build, _customize, _stage1)]
     return hashlib.sha256("".join(parts).encode() + STAGE1.read_bytes()).hexdigest()[:16]
 
@@ -189,10 +191,13 @@ def wheels(cache: Path | None = None) -> Path:
     return folder
 
 
-def payload(names: Iterable[str], cache: Path | None = None) -> bytes:
-    """This run's payload as a cpio to append to stage one: checkout, wheels, runner, scenarios."""
+def payload(names: Iterable[str], cache: Path | None = None, extra: Iterable[Path] = ()) -> bytes:
+    """This run's payload as a cpio to append to stage one: checkout, wheels, runner, scenarios,
+    and ``extra`` files (Debian packages, say) in payload/files/."""
     archive = guest.Cpio()
     archive.directory("payload")
+    for path in extra:
+        archive.file(f"payload/files/{path.name}", path.read_bytes(), 0o644)
     for name in CHECKOUT:
         path = ROOT / name
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -216,8 +221,10 @@ def run(
     memory_mib: int = 1536,
     timeout: float = 1500,
     echo: Callable[[str], None] | None = None,
+    files: Iterable[Path] = (),
 ) -> guest.Result:
-    """Boot the guest and run ``scenarios`` (names in fs/scenarios/systemd) in order."""
+    """Boot the guest and run ``scenarios`` (names in fs/scenarios/systemd) in order, with
+    ``files`` in /root/payload/files."""
     for name in scenarios:
         if not (SCENARIOS / f"{name}.sh").exists():
             raise guest.GuestError(f"no scenario {name} in {SCENARIOS}")
@@ -228,7 +235,7 @@ def run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw", str(overlay)], check=True
         )
         initrd = Path(tmp) / "initrd"
-        initrd.write_bytes(image.initramfs.read_bytes() + payload(scenarios))
+        initrd.write_bytes(image.initramfs.read_bytes() + payload(scenarios, extra=files))
         cpus = min(2, os.cpu_count() or 1)
         append = "systemd.show_status=false"
         cmd = [

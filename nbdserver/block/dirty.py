@@ -296,6 +296,9 @@ class DirtyBitmap:
             os.close(self._fd)
 
     def _last_user(self) -> bool:
+        """No other process has it open.  Our own shared lock goes first: two processes closing at
+        once would otherwise each find the other's, and neither mark it clean."""
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

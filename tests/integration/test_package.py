@@ -5,6 +5,7 @@ installing and upgrading it under a running service is the systemd guest's)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,12 +35,14 @@ CONTENTS = [
 LINTIAN_KEPT: list[str] = []  # warnings accepted, each with why (none)
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
-    if shutil.which("dpkg-buildpackage", path=DEBIAN_PATH) is None or not Path("/usr/bin/dh_python3").exists():
-        pytest.skip("debhelper and dh-python are not installed (tests/bootstrap installs them)")
-    work = tmp_path_factory.mktemp("deb")
+def build_deb(work: Path, version: str = "") -> Path:
+    """The package built from a clean checkout in ``work`` (``version``: as the changelog's
+    newest entry, else the changelog's)."""
     tree = clean_checkout(work / "nbdserver")
+    if version:
+        changelog = tree / "debian" / "changelog"
+        first, rest = changelog.read_text().split("\n", 1)
+        changelog.write_text(re.sub(r"\(.*?\)", f"({version})", first, count=1) + "\n" + rest)
     built = subprocess.run(
         ["dpkg-buildpackage", "-us", "-uc", "-b"],
         cwd=tree,
@@ -51,6 +54,17 @@ def package(tmp_path_factory) -> Path:
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     [deb] = work.glob("nbdserver_*_all.deb")
     return deb
+
+
+def can_build() -> bool:
+    return shutil.which("dpkg-buildpackage", path=DEBIAN_PATH) is not None and Path("/usr/bin/dh_python3").exists()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    if not can_build():
+        pytest.skip("debhelper and dh-python are not installed (tests/bootstrap installs them)")
+    return build_deb(tmp_path_factory.mktemp("deb"))
 
 
 def dpkg_deb(*args: str | os.PathLike[str]) -> str:

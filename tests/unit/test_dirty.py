@@ -128,6 +128,20 @@ def test_an_export_of_another_size_is_not_trusted_until_cleared(tmp_path, caplog
     grown.close()
 
 
+def test_two_processes_closing_at_once_leave_it_clean(tmp_path):
+    """The first to look finds the other still has it open and gives up; the other, looking next,
+    must not find the first's lock."""
+    make(tmp_path).close()
+    first = DirtyBitmap.open(tmp_path / "b.bitmap", SIZE)  # two opens: two locks, as two processes
+    second = DirtyBitmap.open(tmp_path / "b.bitmap", SIZE)
+    assert header_byte(tmp_path, dirty._CLEAN) == 0
+    assert not first._last_user()
+    second.close()
+    assert header_byte(tmp_path, dirty._CLEAN) == 1
+    first.close()
+    assert header_byte(tmp_path, dirty._CLEAN) == 1
+
+
 @pytest.mark.parametrize("granularity", [0, 2048, 4096 + 1, 96 * K, 128 * 1024 * 1024])
 def test_bad_granularity(tmp_path, granularity):
     with pytest.raises(BitmapError, match="power of two from 4 KiB to 64 MiB"):

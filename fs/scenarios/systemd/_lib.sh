@@ -3,6 +3,16 @@ say() { echo "@@ $*"; }
 fail() { say "ERROR $*"; exit 1; }
 unit() { systemctl show -p "$1" --value nbdserver; }
 journal() { journalctl -q -u nbdserver --output=cat "$@"; }
+# wait_active: until the service is active (it may be starting still: a first start compiles its
+# Python), at most 60 s.
+wait_active() {
+    tries=0
+    while [ "$(unit ActiveState)" != active ]; do
+        tries=$((tries + 1))
+        [ $tries -lt 600 ] && [ "$(unit ActiveState)" != failed ] || return 1
+        sleep 0.1
+    done
+}
 metrics() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:10810/metrics").read().decode())'; }
 
 # writing_ext4 [nbd-client options]: /dev/nbd0 attached to the export "disk" (4 KiB blocks, the
