@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import uvloop
-
 from . import build, configfile
 from .backing import DEFAULT_WORKERS, ENGINES
 from .backing.librbd import PREFIX as RBD_PREFIX
@@ -32,7 +30,7 @@ from .config import (
 )
 from .control import client, state
 from .metrics import top
-from .process import daemon
+from .process import daemon, eventloop
 from .process.systemd import configure_logging
 from .serving.tls import tls_context
 
@@ -570,6 +568,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nbdserver: {exc}", file=sys.stderr)
             return 2
         reread = (lambda: changes.apply(config_from_args(args))) if args.config else None
-        return uvloop.run(daemon.run(config, reread, changes))
+        return eventloop.run(daemon.run(config, reread, changes))
     parser.error(f"unknown command {args.command}")
     return 2

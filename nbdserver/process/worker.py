@@ -22,14 +22,13 @@ import sys
 from functools import partial
 from typing import Any
 
-import uvloop
-
 from .. import build
 from ..block.buffers import Arena
 from ..block.ledger import Ledger
 from ..config import ConfigError, ServerConfig
 from ..serving.connection import Connection
 from ..serving.server import Server
+from . import eventloop
 from .channel import Channel
 from .frames import receive_frame, send_frame
 from .handover import ConnectionTerms, Package, adopt, package
@@ -328,7 +327,7 @@ def main(argv: list[str]) -> int:
     # installed, before it hands over) passes none: count this worker's writes alone.
     ledger = Ledger(count, index, int(argv[2])) if len(argv) > 2 else Ledger()
     arena = Arena(int(argv[3])) if len(argv) > 3 else None  # likewise: without one, nothing is journaled
-    return uvloop.run(serve(share(config, count), channel, ledger, arena, bool(head.get("kept"))))
+    return eventloop.run(serve(share(config, count), channel, ledger, arena, bool(head.get("kept"))))
 
 
 if __name__ == "__main__":

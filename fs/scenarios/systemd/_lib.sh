@@ -13,6 +13,10 @@ wait_active() {
         sleep 0.1
     done
 }
+# packages: the Debian packages of the payload, oldest version first.
+packages() {
+    for deb in files/nbdserver_*.deb; do echo "$(dpkg-deb -f "$deb" Version) $deb"; done | sort -V | cut -d' ' -f2
+}
 metrics() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:10810/metrics").read().decode())'; }
 
 # writing_ext4 [nbd-client options]: /dev/nbd0 attached to the export "disk" (4 KiB blocks, the

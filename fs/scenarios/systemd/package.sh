@@ -3,9 +3,9 @@
 # configuration, which exports nothing, as its user in its sandbox; the manual pages are there;
 # an export added with nbdserver ctl is served, and kept in the state directory.
 . scenarios/_lib.sh
-first=$(ls files/nbdserver_*.deb | sort -V | head -n 1)
+first=$(packages | head -n 1)
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q "./$first" >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; fail "apt install"; }
-wait_active || { systemctl status nbdserver; journal; fail "not active after install"; }
+wait_active || { journalctl -b --no-pager -o short -u nbdserver | tail -n 40; fail "not active after install"; }
 [ "$(unit Type)" = notify ] || fail "Type=$(unit Type)"
 [ "$(ps -o user= -p "$(unit MainPID)")" = nbdserver ] || fail "runs as $(ps -o user= -p "$(unit MainPID)")"
 journal | grep -q "no exports yet" || fail "the journal does not say it exports nothing"

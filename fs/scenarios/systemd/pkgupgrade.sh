@@ -4,7 +4,7 @@
 # error, every fsynced file is intact and e2fsck -fn is clean.
 . scenarios/_lib.sh
 . scenarios/_writer.sh
-next=$(ls files/nbdserver_*.deb | sort -V | tail -n 1)
+next=$(packages | tail -n 1)
 writing_ext4
 before=$(unit MainPID)
 random_pause
