@@ -128,7 +128,6 @@ def test_errors_name_what_is_wrong(start_server, image, control, short_dir, proc
         (("export", "add", "c", short_dir / "missing.img"), f"export 'c' not added: {short_dir / 'missing.img'}: "),
         (("export", "add", "c", short_dir), f"export 'c' not added: {short_dir}: Is a directory"),
         (("export", "remove", "nope"), "no export 'nope'"),
-        (("export", "remove", "disk"), "the last one"),
     ]
     for args, message in cases:
         result = ctl(control, *args)
