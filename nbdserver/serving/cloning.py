@@ -32,7 +32,7 @@ from ..protocol import Command
 log = logging.getLogger(__name__)
 
 GRANULE = 256 * 1024  # bytes: what a waiting write waits for at most (times the extents in it)
-MAX_RUN = 256  # granules cloned in one call at most (64 MiB)
+MAX_RUN = 16  # granules cloned in one call at most (4 MiB): a fragmented run stops every I/O meanwhile
 FAST, SLOW = 0.002, 0.008  # seconds per call: runs grow below FAST, shrink above SLOW
 _MODIFIES = (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM)
 
