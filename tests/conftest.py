@@ -353,6 +353,22 @@ def server(start_server, image: Path) -> ServerProcess:
     return start_server(image)
 
 
+@pytest.fixture
+def upgradable() -> Iterator:
+    """Factory: ``upgradable(*args)`` starts a server (127.0.0.1:0, metrics too) to follow across
+    upgrades; it and its successors are stopped afterwards."""
+    started: list[Upgradable] = []
+
+    def start(*args: str) -> Upgradable:
+        server = ServerProcess([*args, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        started.append(Upgradable(server.wait_ready()))
+        return started[-1]
+
+    yield start
+    for u in started:
+        u.stop()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -508,6 +508,10 @@ class WorkerPool:
     def _tell(self, worker: _Worker, head: dict[str, Any], raw: bytes = b"", fds: list[int] | None = None) -> bool:
         return worker.alive and worker.channel.send(head, raw, fds)
 
+    def _tell_all(self, head: dict[str, Any], raw: bytes = b"") -> None:
+        for worker in self._workers:
+            self._tell(worker, head, raw)
+
     async def _ask(self, worker: _Worker, head: dict[str, Any], last: str, raw: bytes = b"") -> list[Frame]:
         """Send ``head`` and collect the answers up to one of type ``last``."""
         async with worker.asking:
@@ -582,8 +586,7 @@ class WorkerPool:
 
     def reload(self, config: ServerConfig) -> None:
         self.config = config
-        for worker in self._workers:
-            self._tell(worker, {"type": "reload"}, pickle.dumps(share(config, self.count)))
+        self._tell_all({"type": "reload"}, pickle.dumps(share(config, self.count)))
 
     async def apply(self, config: ServerConfig) -> list[str]:
         """Reload every worker with ``config`` as SIGHUP does, and wait until each has: what any
@@ -626,12 +629,10 @@ class WorkerPool:
         await self._ask_all({"type": "export_release", "name": name, "gate": gate}, "export_released")
 
     def clone_progress(self, name: str, frontier: int, beyond: list[int]) -> None:
-        for worker in self._workers:
-            self._tell(worker, {"type": "cloned", "export": name, "frontier": frontier, "beyond": beyond})
+        self._tell_all({"type": "cloned", "export": name, "frontier": frontier, "beyond": beyond})
 
     def clone_end(self, name: str) -> None:
-        for worker in self._workers:
-            self._tell(worker, {"type": "clone_end", "export": name})
+        self._tell_all({"type": "clone_end", "export": name})
 
     async def _ask_all(self, head: dict[str, Any], last: str, raw: bytes = b"") -> list[tuple[int, dict[str, Any]]]:
         """Ask every worker at once: (its index, its last answer) of each that answered.  One that
@@ -670,12 +671,10 @@ class WorkerPool:
         return frames, closed_slow
 
     def let_go(self) -> None:
-        for worker in self._workers:
-            self._tell(worker, {"type": "let_go"})
+        self._tell_all({"type": "let_go"})
 
     def take_back(self) -> None:
-        for worker in self._workers:
-            self._tell(worker, {"type": "take_back"})
+        self._tell_all({"type": "take_back"})
 
 
 def pool_of(server: Server) -> WorkerPool | None:

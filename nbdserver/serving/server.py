@@ -475,7 +475,7 @@ class Server:
         if self.workers is not None:
             self.workers.clone_progress(export_name, frontier, beyond)
 
-    async def end_clone(self, export_name: str) -> None:
+    def end_clone(self, export_name: str) -> None:
         export = self.exports.get(export_name)
         if export is not None:
             export.open_gate()

@@ -158,7 +158,7 @@ async def _copy(
             await cloner.run()
         finally:
             del server.cloners[parent.name]
-            await server.end_clone(parent.name)
+            server.end_clone(parent.name)
         pause.check()
         await loop.run_in_executor(None, target.publish)
     except BaseException as exc:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
@@ -28,20 +27,6 @@ pytestmark = pytest.mark.bindings  # libnbd's Python bindings: run again by test
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 4096
 IN_FLIGHT = 64  # per connection; four connections keep 256 in flight
-
-
-@pytest.fixture
-def upgradable(tmp_path: Path) -> Iterator:
-    started: list[Upgradable] = []
-
-    def start(*args: str) -> Upgradable:
-        server = ServerProcess([*args, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        started.append(Upgradable(server.wait_ready()))
-        return started[-1]
-
-    yield start
-    for u in started:
-        u.stop()
 
 
 class Client(threading.Thread):

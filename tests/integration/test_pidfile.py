@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ServerProcess, Upgradable, make_image, running, wait_for
-
-
-@pytest.fixture
-def upgradable() -> Iterator:
-    started: list[Upgradable] = []
-
-    def start(*args: str) -> Upgradable:
-        server = ServerProcess([*args, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        started.append(Upgradable(server.wait_ready()))
-        return started[-1]
-
-    yield start
-    for u in started:
-        u.stop()
+from tests.conftest import make_image, running, wait_for
 
 
 def pid_in(path: Path) -> int | None:
