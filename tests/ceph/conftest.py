@@ -14,8 +14,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "fs" / "ceph"))
 import cluster as ceph
 
-from tests.integration.test_handover import upgradable  # noqa: F401 (a fixture, for upgrades of RBD exports)
-
 SIZE = 16 * 1024 * 1024  # of an image made for a test
 
 
