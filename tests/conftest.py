@@ -60,12 +60,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "bindings: uses libnbd's Python bindings, so runs again by tests/in_current with libnbd 1.22"
     )
+    config.addinivalue_line(
+        "markers",
+        "own_build: never runs the build under test (installs its own, or reads the sources), so runs in the"
+        " pure pass only, not again under tests/compiled",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--clients") != "current":
+    if config.getoption("--clients") == "current":
+        chosen = [item for item in items if item.get_closest_marker("clients")]
+    elif EXPECTED_BUILD != "pure":
+        chosen = [item for item in items if not item.get_closest_marker("own_build")]
+    else:
         return
-    chosen = [item for item in items if item.get_closest_marker("clients")]
     config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
     items[:] = chosen
 

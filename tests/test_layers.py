@@ -3,6 +3,10 @@
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.own_build  # the build under test is not used: one pass
+
 PACKAGE = Path(__file__).resolve().parent.parent / "nbdserver"
 
 # Each layer, and the layers above it that it must not import.  The top modules (cli, the

@@ -50,7 +50,7 @@ DISK_SIZE = 3 << 30  # sparse; the root takes about 300 MiB, the scenarios' imag
 # What pip needs without a network: the server's dependencies and its build backend.
 WHEELS = ("uvloop", "prometheus-client", "setuptools>=61", "wheel")
 # Files of the checkout the admin has (what `pip install .` and the install steps read).
-CHECKOUT = ("pyproject.toml", "setup.py", "build_support", "README.md", "nbdserver", "deploy")
+CHECKOUT = ("pyproject.toml", "setup.py", "build_support", "README.md", "docs", "nbdserver", "deploy")
 
 RUNNER_UNIT = """\
 [Unit]

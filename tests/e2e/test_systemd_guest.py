@@ -1,6 +1,10 @@
-"""The packaged units under a real systemd: a Debian 12 guest with systemd as PID 1, the server
-installed as the README says, and the kernel's nbd-client with ext4 in the same guest
-(fs/guest/systemd_guest.py, fs/scenarios/systemd/).  One boot runs every scenario in order."""
+"""The server under a real systemd: a Debian 12 guest with systemd as PID 1 and the kernel's
+nbd-client with ext4 in the same guest (fs/guest/systemd_guest.py, fs/scenarios/systemd/).
+
+One boot runs every scenario in order: the Debian package installed with apt as the README says
+(the older of two builds made here), the service's scenarios on that install, the upgrade to the
+newer build under a mounted ext4 with a writer running, the purge, then the install without the
+package that docs/systemd.md gives."""
 
 from __future__ import annotations
 
@@ -10,20 +14,31 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_package import build_deb, can_build
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fs" / "guest"))
 import guest
 import systemd_guest
 
-SCENARIOS = ["install", "start", "socket", "reload", "blockdev", "restart", "watchdog", "crash", "stop"]
+pytestmark = pytest.mark.own_build  # the guest runs what it installs, not the build under test
+
+SCENARIOS = [
+    *["package", "start", "socket", "reload", "blockdev", "restart", "watchdog", "crash", "pkgupgrade", "pkgpurge"],
+    *["install", "stop"],
+]
+NEXT = "0.1.0+next1"  # the version of the second build
 
 
 @pytest.fixture(scope="module")
-def run() -> Iterator[guest.Result]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[guest.Result]:
     missing = systemd_guest.missing_tools()
     if missing:
         pytest.skip(f"the systemd guest needs {', '.join(missing)} (tests/bootstrap installs them)")
+    if not can_build():
+        pytest.skip("debhelper and dh-python are not installed (tests/bootstrap installs them)")
+    debs = [build_deb(tmp_path_factory.mktemp("first")), build_deb(tmp_path_factory.mktemp("next"), NEXT)]
     image = systemd_guest.build(log=lambda line: print(line, flush=True))
-    result = systemd_guest.run(image, SCENARIOS, echo=lambda line: print(line, flush=True))
+    result = systemd_guest.run(image, SCENARIOS, files=debs, echo=lambda line: print(line, flush=True))
     print(f"boot to the first scenario: {result.boot_seconds:.1f} s ({result.accelerator})")
     yield result
 
@@ -37,9 +52,9 @@ def test_systemd_is_pid_1(run):
     assert "systemd 252" in booted and booted.endswith("PID 1 is systemd"), booted
 
 
-def test_installed_as_the_readme_says(run):
-    assert run.passed["install"], tail(run)
-    assert run.lines("@@ INSTALLED nbdserver ")
+def test_apt_installs_it_as_the_readme_says_and_it_starts_exporting_nothing_until_told(run):
+    assert run.passed["package"], tail(run)
+    assert run.lines("@@ PACKAGED nbdserver")
 
 
 def test_the_service_starts_as_a_notify_unit_in_its_sandbox(run):
@@ -73,6 +88,21 @@ def test_a_crash_of_the_whole_service_under_a_mounted_filesystem_fails_nothing(r
     connection, the restarted service takes it over (fs/scenarios/systemd/crash.sh)."""
     assert run.passed["crash"], tail(run)
     print(*run.lines("@@ CRASHED"), sep="\n")
+
+
+def test_apt_upgrades_it_under_a_mounted_ext4_with_no_error(run):
+    assert run.passed["pkgupgrade"], tail(run)
+    (upgraded,) = run.lines(f"@@ UPGRADED to {NEXT}")
+    assert "fsynced files" in upgraded
+
+
+def test_purge_stops_it_and_leaves_nothing_behind(run):
+    assert run.passed["pkgpurge"], tail(run)
+
+
+def test_installed_without_the_package_as_the_docs_say(run):
+    assert run.passed["install"], tail(run)
+    assert run.lines("@@ INSTALLED nbdserver ")
 
 
 def test_systemctl_stop_exits_cleanly(run):

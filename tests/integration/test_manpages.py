@@ -16,7 +16,10 @@ from nbdserver import configfile, manpages
 from nbdserver.cli import build_parser
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed"),
+    pytest.mark.own_build,  # made from the sources: one pass
+]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ServerProcess, clean_checkout, make_image
 
+pytestmark = pytest.mark.own_build  # the build under test is not used: one pass
+
 # Debian's tools, on Debian's python3 (not whatever python3 comes first on PATH).
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 CONTENTS = [
@@ -32,25 +34,28 @@ CONTENTS = [
     "./usr/share/doc/nbdserver/copyright",
     "./usr/share/doc/nbdserver/examples/nbdserver.toml.example",
 ]
+ROOT = Path(__file__).resolve().parents[2]
 LINTIAN_KEPT: list[str] = []  # warnings accepted, each with why (none)
 
 
+def readme_lines(marker: str) -> list[str]:
+    """The lines of the README's code block that follows ``<!-- marker``."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker}\b.*?\n```sh\n(.*?)\n```", text, re.DOTALL)
+    assert match, f"the README has no {marker} block"
+    return match.group(1).splitlines()
+
+
 def build_deb(work: Path, version: str = "") -> Path:
-    """The package built from a clean checkout in ``work`` (``version``: as the changelog's
-    newest entry, else the changelog's)."""
+    """The package built from a clean checkout in ``work`` by the README's build line
+    (``version``: as the changelog's newest entry, else the changelog's)."""
     tree = clean_checkout(work / "nbdserver")
     if version:
         changelog = tree / "debian" / "changelog"
         first, rest = changelog.read_text().split("\n", 1)
         changelog.write_text(re.sub(r"\(.*?\)", f"({version})", first, count=1) + "\n" + rest)
-    built = subprocess.run(
-        ["dpkg-buildpackage", "-us", "-uc", "-b"],
-        cwd=tree,
-        env={**os.environ, "PATH": DEBIAN_PATH},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    build = readme_lines("package-build")[-1]
+    built = subprocess.run(["sh", "-c", build], cwd=tree, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     [deb] = work.glob("nbdserver_*_all.deb")
     return deb
@@ -65,6 +70,16 @@ def package(tmp_path_factory) -> Path:
     if not can_build():
         pytest.skip("debhelper and dh-python are not installed (tests/bootstrap installs them)")
     return build_deb(tmp_path_factory.mktemp("deb"))
+
+
+def test_the_readme_builds_it_with_what_the_bootstrap_installs():
+    """The README's build block: Debian's build tools (which tests/bootstrap installs, so that CI
+    runs the rest of the block as it stands), then dpkg-buildpackage on Debian's python3."""
+    install, build = readme_lines("package-build")
+    assert install.startswith("apt-get install -y "), install
+    bootstrap = (ROOT / "tests" / "bootstrap").read_text().split()
+    assert [name for name in install.split()[3:] if name not in bootstrap] == []
+    assert build == f"PATH={DEBIAN_PATH} dpkg-buildpackage -us -uc -b"
 
 
 def dpkg_deb(*args: str | os.PathLike[str]) -> str:
@@ -94,6 +109,9 @@ def test_its_configuration_is_a_conffile_that_exports_nothing(package, tmp_path)
     assert "_dh_action=restart" in postinst  # an upgrade restarts it: the clients ride through the fd store
     assert "systemd-sysusers" in postinst.split("deb-systemd-invoke")[0]  # the user exists before it starts
     assert "rm -rf /var/lib/nbdserver /etc/nbdserver" in postrm and "userdel nbdserver" in postrm
+    prerm = (control / "prerm").read_text()
+    # A removal stops the sockets (enabled by the admin, if at all) before the service.
+    assert prerm.index("stop nbdserver.socket nbdserver-metrics.socket") < prerm.index("stop 'nbdserver.service'")
 
 
 def test_lintian_finds_no_error_and_no_warning_but_those_kept(package):

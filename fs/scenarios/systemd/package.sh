@@ -1,18 +1,35 @@
-# The Debian package, installed as an admin installs it (apt install ./nbdserver_*.deb, no network:
-# its dependencies are in the guest already): the service starts on its own with the packaged
-# configuration, which exports nothing, as its user in its sandbox; the manual pages are there;
-# an export added with nbdserver ctl is served, and kept in the state directory.
+# The Debian package, installed as the README says: its "Installing as a service" install lines,
+# run as they are from a clone's directory with the older of the payload's two builds beside it
+# (../nbdserver_*_all.deb; no network: its dependencies are in the guest already). Before the
+# export is added, the service started on its own with the packaged configuration, exporting
+# nothing, as its user in its sandbox; the manual pages and the conffile are there; an export added
+# with nbdserver ctl is served and kept in the state directory; then the README's export is served.
 . scenarios/_lib.sh
-first=$(packages | head -n 1)
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q "./$first" >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; fail "apt install"; }
+export DEBIAN_FRONTEND=noninteractive
+awk '/<!-- package-install/ { found = 1; next }
+     found && /^```sh/ { block = 1; next }
+     block && /^```/ { exit }
+     block { print }' src/README.md >/tmp/package.sh
+[ -s /tmp/package.sh ] || fail "the README has no package-install block"
+mkdir -p /tmp/clone/src
+cp "$(packages | head -n 1)" /tmp/clone/
+(cd /tmp/clone/src && sh -ex /tmp/package.sh) >/tmp/package.log 2>&1 || { cat /tmp/package.log; fail "an install step failed"; }
+grep '^+ ' /tmp/package.log
 wait_active || { journalctl -b --no-pager -o short -u nbdserver | tail -n 40; fail "not active after install"; }
 [ "$(unit Type)" = notify ] || fail "Type=$(unit Type)"
 [ "$(ps -o user= -p "$(unit MainPID)")" = nbdserver ] || fail "runs as $(ps -o user= -p "$(unit MainPID)")"
-journal | grep -q "no exports yet" || fail "the journal does not say it exports nothing"
+journal | grep -q "no exports yet" || fail "the journal does not say it started exporting nothing"
+tries=0
+until journal | grep -q "export 'disk' added"; do
+    tries=$((tries + 1)); [ $tries -lt 100 ] || { journal | tail -n 20; fail "the README's export was not added"; }; sleep 0.1
+done
 [ -s /usr/share/man/man8/nbdserver.8.gz ] && [ -s /usr/share/man/man5/nbdserver.toml.5.gz ] || fail "no manual pages"
 dpkg-query -W -f='${Conffiles}' nbdserver | grep -q /etc/nbdserver/nbdserver.toml || fail "no conffile"
 /usr/bin/nbdserver --version | grep -q "from /usr/lib/python3/dist-packages/nbdserver" || fail "$(/usr/bin/nbdserver --version)"
-nbdserver ctl export add disk /var/lib/nbdserver/disk.img --size 1G || fail "ctl export add"
-grep -q '"disk"' /var/lib/nbdserver/exports.json || fail "the export is not kept in the state directory"
-nbdserver ctl status | grep -q "^disk " || fail "not served: $(nbdserver ctl status)"
+nbdserver ctl export add scratch /var/lib/nbdserver/scratch.img --size 64M || fail "ctl export add"
+grep -q '"scratch"' /var/lib/nbdserver/exports.json || fail "the export is not kept in the state directory"
+nbdserver ctl status | grep -q "^scratch " || fail "not served: $(nbdserver ctl status)"
+nbdserver ctl export remove scratch || fail "ctl export remove"
+nbd-client -l 127.0.0.1 10809 >/tmp/list 2>&1 || { cat /tmp/list; fail "nbd-client -l"; }
+grep -q '^disk' /tmp/list && ! grep -q '^scratch' /tmp/list || { cat /tmp/list; fail "not the exports expected"; }
 say "PACKAGED $(dpkg-query -W nbdserver), $(du -sk /usr/lib/python3/dist-packages/nbdserver | cut -f1) KiB of Python"

@@ -1,6 +1,12 @@
 # Socket activation: with nbdserver.socket listening and the service stopped, the first client
 # starts the service and is served through the socket systemd hands it.
 . scenarios/_lib.sh
+if [ "$(systemctl is-enabled nbdserver.socket)" != enabled ]; then
+    # The package installs the sockets without enabling them: switched to as docs/systemd.md says.
+    systemctl stop nbdserver.service
+    systemctl enable --now nbdserver.socket nbdserver-metrics.socket
+    systemctl start nbdserver.service
+fi
 systemctl stop nbdserver.service
 [ "$(unit ActiveState)" = inactive ] || fail "still $(unit ActiveState) after stop"
 [ "$(systemctl show -p ActiveState --value nbdserver.socket)" = active ] || fail "the socket is not listening"
