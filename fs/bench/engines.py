@@ -176,7 +176,9 @@ def _foreground(command: list[str], pidfile: Path) -> list[str]:
 
 
 NBDKIT = ("-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "{port}", "file", "{file}")
-QEMU_NBD = ("-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
+QEMU_NBD = ("-b", "127.0.0.1", "-p", "{port}", "-t", "--shared=16")
+# The image, raw, without qemu's file locks: with --persistent every server has the file open at once.
+QEMU_IMAGE = ("--image-opts", "driver=raw,file.driver=file,file.filename={file},file.locking=off")
 VARIANTS = [
     Variant("nbdserver", "nbdserver", ()),  # the defaults, whatever they are
     *(
@@ -187,8 +189,8 @@ VARIANTS = [
     Variant("nbdkit", "nbdkit", NBDKIT),
     # Not O_DIRECT: the plugin evicts what it read or wrote from the page cache afterwards.
     Variant("nbdkit-cache-none", "nbdkit", (*NBDKIT, "cache=none")),
-    Variant("qemu-nbd-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
-    Variant("qemu-nbd-io_uring", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=io_uring", "{file}")),
+    Variant("qemu-nbd-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", *QEMU_IMAGE)),
+    Variant("qemu-nbd-io_uring", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=io_uring", *QEMU_IMAGE)),
 ]
 
 
@@ -386,56 +388,88 @@ def run_matrix(
     runtime: int,
     repeat: int,
     progress: Callable[[str], str] = lambda line: line,
+    persistent: bool = False,
 ) -> tuple[dict, dict[str, str]]:
     """Every workload ``repeat`` times, the servers alternating within each repeat (rotated by one
-    per repeat); a progress line per run.
+    per repeat); a progress line per run.  ``persistent``: each server started once and kept for
+    every run (all serving the file at once, one driven at a time), so that the servers of one
+    workload run within seconds of each other, however long a start takes; else a fresh server
+    process per run.
 
     Returns the cells by (workload, variant) name and, for servers that could not run, why.
     """
     cells = {(w.name, v.name): Cell() for w in workloads for v in variants}
     unavailable: dict[str, str] = {}
+    kept: dict[str, Server] | None = {} if persistent else None
     total, n = len(workloads) * repeat * len(variants), 0
-    for workload in workloads:
-        for turn in range(repeat):
-            for variant in variants[turn % len(variants) :] + variants[: turn % len(variants)]:
-                n += 1
-                if variant.name not in unavailable:
-                    line = run_cell(image, workload, variant, runtime, cells, unavailable)
-                    print(
-                        progress(f"[{n}/{total}] {workload.title}, {variant.name}: {line}"), file=sys.stderr, flush=True
-                    )
+    try:
+        for workload in workloads:
+            for turn in range(repeat):
+                for variant in variants[turn % len(variants) :] + variants[: turn % len(variants)]:
+                    n += 1
+                    if variant.name not in unavailable:
+                        line = run_cell(image, workload, variant, runtime, cells, unavailable, kept)
+                        print(
+                            progress(f"[{n}/{total}] {workload.title}, {variant.name}: {line}"),
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    finally:
+        for server in (kept or {}).values():
+            server.stop()
     return cells, unavailable
 
 
 def run_cell(
-    image: Path, workload: Workload, variant: Variant, runtime: int, cells: dict, unavailable: dict[str, str]
+    image: Path,
+    workload: Workload,
+    variant: Variant,
+    runtime: int,
+    cells: dict,
+    unavailable: dict[str, str],
+    kept: dict[str, Server] | None = None,
 ) -> str:
-    """One fio run against a fresh server; returns the progress line."""
+    """One fio run, against a fresh server or (``kept``) the one kept for ``variant``, started if
+    none is; returns the progress line."""
     settle(image, workload)
-    try:
-        server = variant.start(image)
-    except Unsupported as exc:
-        unavailable[variant.name] = f"unsupported: {exc}"
-        return unavailable[variant.name]
-    except ServerError as exc:
-        kind = "unsupported" if UNSUPPORTED.search(str(exc)) else "failed"
-        unavailable[variant.name] = f"{kind}: {exc}"
-        return unavailable[variant.name]
+    server = kept.get(variant.name) if kept is not None else None
+    if server is not None and server.proc.poll() is not None:
+        server = None  # it exited: started again below, and the run says so
+    if server is None:
+        try:
+            server = variant.start(image)
+        except Unsupported as exc:
+            unavailable[variant.name] = f"unsupported: {exc}"
+            return unavailable[variant.name]
+        except ServerError as exc:
+            kind = "unsupported" if UNSUPPORTED.search(str(exc)) else "failed"
+            unavailable[variant.name] = f"{kind}: {exc}"
+            return unavailable[variant.name]
+        if kept is not None:
+            kept[variant.name] = server
     cell: Cell = cells[(workload.name, variant.name)]
     fio, env = fio_args(workload, server.port, runtime, variant.export)
+    failed = False
     try:
         user_before, system_before = cpu_seconds(server.pid)
+        submissions_before = submission_counts(server) if variant.program == "nbdserver" else (0.0, 0.0)
         result = run_fio(fio, timeout=runtime + 120, env=env)
         user, system = cpu_seconds(server.pid)
         user, system = user - user_before, system - system_before
         cpu = user + system
         if variant.program == "nbdserver":
-            cell.merged.append(requests_per_submission(server))
+            (requests, completed), (requests_before, completed_before) = submission_counts(server), submissions_before
+            requests, completed = requests - requests_before, completed - completed_before
+            cell.merged.append(requests / completed if completed else 0.0)
     except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        failed = True
         cell.errors.append(f"{exc} (server: {tail(server.stop())})")
         return f"error: {cell.errors[-1]}"
     finally:
-        server.stop()
+        if kept is None or failed:
+            server.stop()
+            if kept is not None:
+                kept.pop(variant.name, None)
     cell.runs.append(result)
     moved_gib = result.mibs * runtime / 1024
     if moved_gib:
@@ -446,20 +480,21 @@ def run_cell(
     return f"{result.mibs:.0f} MiB/s{iops}, p99 {result.p99_us:.0f} µs"
 
 
-def requests_per_submission(server: Server) -> float:
-    """READ and WRITE requests per submission so far, from the server's /metrics."""
+def submission_counts(server: Server) -> tuple[float, float]:
+    """READ and WRITE requests, and the submissions that completed them, so far (the server's
+    /metrics): their ratio over a run is its requests per submission."""
     match = re.search(r"metrics on (http://\S+)", server.log())
     if match is None:
-        return 0.0
+        return 0.0, 0.0
     with urllib.request.urlopen(match.group(1), timeout=10) as response:
         text = response.read().decode()
-    totals = {"requests": 0.0, "completed": 0.0}
+    requests = completed = 0.0
     for line in text.splitlines():
         if re.match(r'nbdserver_requests_total\{.*op="(read|write)"', line):
-            totals["requests"] += float(line.rsplit(" ", 1)[1])
+            requests += float(line.rsplit(" ", 1)[1])
         elif re.match(r"nbdserver_(reads|writes)_completed_total\{", line):
-            totals["completed"] += float(line.rsplit(" ", 1)[1])
-    return totals["requests"] / totals["completed"] if totals["completed"] else 0.0
+            completed += float(line.rsplit(" ", 1)[1])
+    return requests, completed
 
 
 def render(

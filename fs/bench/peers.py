@@ -2,11 +2,13 @@
 """nbdserver against the NBD servers users choose between, side by side in one run.
 
     fs/bench/peers.py [--fs tmpfs,ext4] [--servers 'nbdserver*,nbdkit*'] [--workloads 'randwrite-4k*']
-                      [--runtime 5] [--repeat 3] [--baseline nbdkit-1.42] [--out results/peers]
+                      [--runtime 5] [--repeat 3] [--baseline nbdkit-1.42] [--persistent] [--out results/peers]
 
-Every server serves the same file (a fresh server process for each fio run), driven by the job
-options below through fio's nbd engine; for each workload the servers alternate within each repeat,
-each repeat starting one server later.
+Every server serves the same file (a fresh server process for each fio run, or with --persistent
+one process per server kept for the whole run), driven by the job options below through fio's nbd
+engine; for each workload the servers alternate within each repeat, each repeat starting one server
+later.  With --persistent the servers of one workload run seconds apart (the length of a run), which
+matters where the machine's speed drifts over tens of seconds.
 Per filesystem, the report (results/peers/peers.md) gives the median (min-max) MiB/s, IOPS, p99
 latency, the server's CPU seconds per GiB moved and nbdserver's ratio to the baseline (--baseline:
 by default the newest nbdkit's file plugin there is), and one PNG per workload group plots the
@@ -37,6 +39,7 @@ from engines import (
     BASELINE,
     NBDKIT,
     QD1,
+    QEMU_IMAGE,
     QEMU_NBD,
     SEED_WORKLOADS,
     Cell,
@@ -79,8 +82,8 @@ VARIANTS = [
     Variant("nbdserver-threads", "nbdserver", ("--engine", "threads"), build="mypyc"),  # where io_uring is not
     Variant(BASELINE, "nbdkit", NBDKIT),
     Variant("nbdkit-python", "nbdkit", (*NBDKIT[:-2], "python", str(PLUGIN), "file={file}")),
-    Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", "{file}")),
-    Variant("qemu-nbd-writeback", "qemu-nbd", (*QEMU_NBD, "--cache=writeback", "{file}")),
+    Variant("qemu-nbd-none-native", "qemu-nbd", (*QEMU_NBD, "--cache=none", "--aio=native", *QEMU_IMAGE)),
+    Variant("qemu-nbd-writeback", "qemu-nbd", (*QEMU_NBD, "--cache=writeback", *QEMU_IMAGE)),
     # It forks into the background: a shell stays in its place (its CPU time is the daemon's own).
     Variant(
         "nbd-server",
@@ -236,6 +239,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("results/peers"), help="report folder (default %(default)s)")
     parser.add_argument(
+        "--persistent",
+        action="store_true",
+        help="start each server once and keep it for every run (all serving the file at once, one driven at a"
+        " time): the servers of a workload then run seconds apart; default: a fresh server process per run",
+    )
+    parser.add_argument(
         "--baseline",
         default=newest_nbdkit,
         choices=[v.name for v in known],
@@ -256,12 +265,19 @@ def main() -> int:
             image = directory / "bench.img"
             create_image(image, 1 << 30)
             cells, unavailable = run_matrix(
-                image, workloads, variants, args.runtime, args.repeat, lambda line, fs=fs: f"{fs}: {line}"
+                image,
+                workloads,
+                variants,
+                args.runtime,
+                args.repeat,
+                lambda line, fs=fs: f"{fs}: {line}",
+                persistent=args.persistent,
             )
         ran = [v for v in variants if v.name not in unavailable]
+        servers = "persistent servers" if args.persistent else "a fresh server process per run"
         header = (
-            f"# {where}\n\nfio nbd engine, 1 GiB file, {args.runtime} s runs, median (min-max) of {args.repeat}, "
-            f"{time.strftime('%Y-%m-%d')}\n\nVersions: {versions(ran)}"
+            f"# {where}\n\nfio nbd engine, 1 GiB file, {servers}, {args.runtime} s runs, "
+            f"median (min-max) of {args.repeat}, {time.strftime('%Y-%m-%d')}\n\nVersions: {versions(ran)}"
         )
         plots = plot(args.out, fs, workloads, variants, cells, args.baseline)
         sections.append(render(header, workloads, variants, cells, unavailable, args.baseline))
