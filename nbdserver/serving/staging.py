@@ -45,10 +45,13 @@ class Staging:
         self._narrow = False
         self.copied_large = False  # the consumer copied a large payload out during this receive
 
-    def window(self) -> memoryview:
-        """Where the next receive goes."""
+    def window(self, upto: int = 0) -> memoryview:
+        """Where the next receive goes; ``upto``: no further than this (a request header's end, so
+        that a large payload behind it is received in place rather than copied out of here)."""
         end = self._size
-        if self._narrow and self.filled < DIRECT_RECEIVE_MIN <= end:
+        if upto and self.filled < upto:
+            end = upto
+        elif self._narrow and self.filled < DIRECT_RECEIVE_MIN <= end:
             end = DIRECT_RECEIVE_MIN
         self._end = end
         return self.view[self.filled : end]

@@ -21,10 +21,12 @@ def client(server) -> RawClient:
 def test_bursts_longer_than_the_receive_buffer_arrive_whole(server):
     """Pipelined WRITEs sent in one go, then on another connection 20 000 pipelined READs (headers only, so that
     receives end inside headers): the receive buffers grow under them, and every byte is where it was written.
-    The WRITEs mix sizes, so receives narrow under large payloads (received in place) and widen again."""
+    The WRITEs mix sizes, so receives narrow under large payloads (received in place), take headers alone
+    after payloads of 128 KiB and more, and widen again."""
     rng = random.Random(5)
-    sizes = [rng.choice((512, 4096, 32_769, 65536, 65536 + 7, 300_000, MiB)) for _ in range(120)]
-    sizes += [4096] * 300 + [MiB] * 3 + [512] * 300  # runs of one kind, each after the other kind
+    sizes = [rng.choice((512, 4096, 32_769, 65536, 65536 + 7, 131_072, 300_000, MiB)) for _ in range(120)]
+    # Runs of one kind, each after the other kind.
+    sizes += [4096] * 300 + [MiB] * 3 + [512] * 300 + [131_072] * 40 + [4096] * 100 + [300_000] * 10
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     payloads = [rng.randbytes(size) for size in sizes]
     written = b"".join(payloads)

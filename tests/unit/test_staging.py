@@ -60,3 +60,17 @@ def test_data_larger_than_the_size_asked_for_fits():
     staging = Staging(STAGING_SIZE, data)
     assert staging.unconsumed() == data
     assert len(staging.window()) == 0  # full: consume before receiving more
+
+
+def test_a_window_up_to_a_header_stops_at_its_end():
+    staging = Staging(STAGING_SIZE)
+    window = staging.window(28)
+    assert len(window) == 28  # the header alone: its payload then goes in place
+    window[:10] = b"h" * 10
+    assert not staging.received(10)  # a part of it
+    window = staging.window(28)
+    assert len(window) == 18  # the rest of the header, no further
+    window[:18] = b"h" * 18
+    assert staging.received(18)
+    assert len(staging.window(28)) == STAGING_SIZE - 28  # a header is there already: no limit
+    assert len(staging.window()) == STAGING_SIZE - 28
