@@ -452,15 +452,15 @@ def run_cell(
     failed = False
     try:
         user_before, system_before = cpu_seconds(server.pid)
-        submissions_before = submission_counts(server) if variant.program == "nbdserver" else (0.0, 0.0)
+        requests_before, completed_before = submission_counts(server) if variant.program == "nbdserver" else (0, 0)
         result = run_fio(fio, timeout=runtime + 120, env=env)
         user, system = cpu_seconds(server.pid)
         user, system = user - user_before, system - system_before
         cpu = user + system
         if variant.program == "nbdserver":
-            (requests, completed), (requests_before, completed_before) = submission_counts(server), submissions_before
-            requests, completed = requests - requests_before, completed - completed_before
-            cell.merged.append(requests / completed if completed else 0.0)
+            requests, completed = submission_counts(server)
+            completed -= completed_before
+            cell.merged.append((requests - requests_before) / completed if completed else 0.0)
     except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         failed = True
         cell.errors.append(f"{exc} (server: {tail(server.stop())})")

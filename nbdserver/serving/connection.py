@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds
 MAX_INFLIGHT_REQUESTS = 4096
 # After a WRITE with a payload this large, the next receive takes a header alone, so that the
-# payload behind it goes straight into its block: 128 KiB and more, 1.27x the MiB/s of copying them
+# payload behind it goes straight into its block: 128 KiB ones, 1.12-1.27x the MiB/s of copying them
 # out of the staging buffer; 64 KiB ones, 0.89x (a second receive costs more than the copy saves).
 HEADER_ALONE_MIN = 2 * DIRECT_RECEIVE_MIN
 LOOPBACK_SEND_BUFFER = 512 * 1024  # SO_SNDBUF for a client on this machine; the kernel doubles it: 1 MiB
@@ -147,7 +147,7 @@ class Connection(asyncio.BufferedProtocol):
         self._payload: memoryview | None = None
         self._payload_got = 0
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
-        self._large_writes = False  # the last request was a WRITE whose payload is received in place
+        self._large_writes = False  # the last request was a WRITE of HEADER_ALONE_MIN or more
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
         self._refused: tuple[RequestHeader, Error, str, int] | None = None  # and its journal slot
