@@ -17,6 +17,14 @@ wait_active() {
 packages() {
     for deb in files/nbdserver_*.deb; do echo "$(dpkg-deb -f "$deb" Version) $deb"; done | sort -V | cut -d' ' -f2
 }
+# block MARKER FILE: the lines of the first ```sh block after "<!-- MARKER" in FILE (the README's or
+# the docs' commands, which the scenarios run as they stand there).
+block() {
+    awk -v marker="<!-- $1" 'index($0, marker) == 1 { found = 1; next }
+        found && /^```sh/ { inside = 1; next }
+        inside && /^```/ { exit }
+        inside { print }' "$2"
+}
 metrics() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:10810/metrics").read().decode())'; }
 
 # writing_ext4 [nbd-client options]: /dev/nbd0 attached to the export "disk" (4 KiB blocks, the

@@ -6,10 +6,7 @@
 # with nbdserver ctl is served and kept in the state directory; then the README's export is served.
 . scenarios/_lib.sh
 export DEBIAN_FRONTEND=noninteractive
-awk '/<!-- package-install/ { found = 1; next }
-     found && /^```sh/ { block = 1; next }
-     block && /^```/ { exit }
-     block { print }' src/README.md >/tmp/package.sh
+block package-install src/README.md >/tmp/package.sh
 [ -s /tmp/package.sh ] || fail "the README has no package-install block"
 mkdir -p /tmp/clone/src
 cp "$(packages | head -n 1)" /tmp/clone/
