@@ -175,7 +175,8 @@ def test_an_idle_connection_rides_through_kills_in_quick_succession(two_workers)
     (nothing to take again, nothing written) is taken over every time, never given up on."""
     h = connect(two_workers, "disk")
     h.pwrite(b"i" * BLOCK, 0)
-    index = int(re.search(r"worker (\d+): \S+: connected", two_workers.log_text()).group(1))
+    (serving,) = served_by(two_workers, 1)  # the log is read by another thread: wait for the line
+    index = int(serving.split()[1])
     for kill in range(1, 6):
         os.kill(two_workers.worker_pids()[index], signal.SIGKILL)
         assert two_workers.logged("took over 1 connection(s)", count=kill, timeout=30), two_workers.log_text()
