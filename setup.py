@@ -32,6 +32,7 @@ COMPILED = [
     "nbdserver/serving/staging.py",
     "nbdserver/serving/journal.py",
     "nbdserver/serving/counts.py",
+    "nbdserver/serving/gathering.py",
 ]
 
 

@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROSECONDS",
         help=f"poll this long after a request arrives or a reply leaves (default {DEFAULT_WINDOW_US}; 0: off)",
     )
+    serve.add_argument(
+        "--no-gather",
+        dest="gather",
+        action="store_const",
+        const=False,
+        help="receive every request as it comes, even from a client with a deep queue",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="what to log: debug, info (the default), warning, error")
     serve.add_argument(
         "--control",
@@ -451,6 +458,7 @@ _OVERRIDES = {
     "handshake_timeout": "handshake_timeout",
     "idle_timeout": "idle_timeout",
     "busy_poll": "busy_poll_us",
+    "gather": "gather",
     "worker_timeout": "worker_timeout",
     "rbd_conf": "rbd_conf",
     "rbd_id": "rbd_id",

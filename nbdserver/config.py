@@ -131,6 +131,7 @@ class ServerConfig:
     handshake_timeout: float = 30.0  # seconds from accept to the end of option haggling
     idle_timeout: float = 0.0  # seconds without a request before a connection is closed; 0: never
     busy_poll_us: int = DEFAULT_WINDOW_US  # the event loop polls this long after a request arrives (polling.py)
+    gather: bool = True  # a deep queue's requests gather in the socket before a receive (gathering.py)
     worker_timeout: float = 30.0  # seconds a worker process may leave a ping unanswered before it is replaced; 0: never
     rbd_conf: Path | None = None  # the ceph.conf of RBD exports without their own; None: librados's search
     rbd_id: str | None = None  # the cephx user of RBD exports without their own; None: admin

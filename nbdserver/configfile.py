@@ -277,6 +277,7 @@ _SERVER_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "handshake-timeout": ("handshake_timeout", _seconds),
     "idle-timeout": ("idle_timeout", _seconds),
     "busy-poll": ("busy_poll_us", _int),
+    "gather": ("gather", _bool),
     "worker-timeout": ("worker_timeout", _seconds),
     "rbd-conf": ("rbd_conf", _path),
     "rbd-id": ("rbd_id", _str),

@@ -55,6 +55,8 @@ EXIT_STATUS = [
 ]
 KEYS_WITHOUT_FLAGS = {
     "merge": "Plug and merge adjacent requests into one submission (default true; false as --no-merge).",
+    "gather": "Let a deep queue's requests gather in the socket before they are received (default true; "
+    "false as --no-gather).",
 }
 EXPORT_KEYS = {
     "name": "The export's name, as clients ask for it (required; the empty name is allowed).",

@@ -31,6 +31,11 @@ class ServerStats:
     busy_poll_windows: int = 0
     busy_poll_empty_windows: int = 0
     busy_poll_seconds: float = 0.0
+    # Deep queues' requests gathered before a receive (serving/gathering.py): waits, those that
+    # ended on the clock, and measurements of clients' depths.
+    gather_waits: int = 0
+    gather_late: int = 0
+    gather_probes: int = 0
     # Serving processes that died and whose connections a replacement took over (process/recovery.py):
     # how many, their connections by outcome (resumed, closed), and the pause from the death to the
     # replacement's going on (the last, and the sum over all).
@@ -49,6 +54,9 @@ class ServerStats:
         self.busy_poll_windows += other.busy_poll_windows
         self.busy_poll_empty_windows += other.busy_poll_empty_windows
         self.busy_poll_seconds += other.busy_poll_seconds
+        self.gather_waits += other.gather_waits
+        self.gather_late += other.gather_late
+        self.gather_probes += other.gather_probes
         self.recoveries += other.recoveries
         self.recovered.update(other.recovered)
         if other.recovery_pause is not None:
@@ -64,6 +72,7 @@ class ServerStats:
             "handover_pause": self.handover_pause,
             "busy_poll": [self.busy_poll_windows, self.busy_poll_empty_windows, self.busy_poll_seconds],
             "recovery": [self.recoveries, self.recovered, self.recovery_pause, self.recovery_pause_total],
+            "gather": [self.gather_waits, self.gather_late, self.gather_probes],
         }
 
     @classmethod
@@ -79,6 +88,8 @@ class ServerStats:
         if "recovery" in data:  # absent from a process of the version before recoveries
             stats.recoveries, recovered, stats.recovery_pause, stats.recovery_pause_total = data["recovery"]
             stats.recovered.update(recovered)
+        if "gather" in data:  # absent from a process of the version before gathering
+            stats.gather_waits, stats.gather_late, stats.gather_probes = data["gather"]
         return stats
 
 

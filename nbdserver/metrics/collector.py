@@ -108,6 +108,13 @@ def _server_metrics(snapshot: Snapshot, exports: list[tuple[str, ExportSnapshot]
         stats.busy_poll_empty_windows,
     )
     yield _counter("busy_poll_seconds_total", "Time the event loops spent polling", stats.busy_poll_seconds)
+    yield _counter(
+        "gather_waits_total",
+        "Times a connection let a deep queue's requests gather in its socket before receiving them",
+        stats.gather_waits,
+    )
+    yield _counter("gather_late_total", "Gathering waits that ended on the clock, short of the mark", stats.gather_late)
+    yield _counter("gather_probes_total", "Measurements of a busy client's queue depth", stats.gather_probes)
     refused = CounterMetricFamily(
         f"{PREFIX}_refused_requests", "Requests refused before any I/O, by NBD error", labels=["export", "error"]
     )

@@ -39,6 +39,7 @@ from ..protocol.replies import Buffer
 from ..protocol.transmission import encode_request_header
 from . import counts
 from .bitmaps import status_reply, track
+from .gathering import Gathering, clear_mark
 from .journal import Journal
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
@@ -148,6 +149,8 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_got = 0
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
         self._large_writes = False  # the last request was a WRITE of HEADER_ALONE_MIN or more
+        self._gathering: Gathering | None = None  # a deep queue's requests gather before a receive
+        self._taken = 0  # requests taken by the current receive
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
         self._refused: tuple[RequestHeader, Error, str, int] | None = None  # and its journal slot
@@ -210,6 +213,8 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = None
         if self._timer is not None:
             self._timer.cancel()
+        if self._gathering is not None:
+            self._gathering.close()
         if self._tx is not None:
             self.export.queue.submitters -= 1  # type: ignore[union-attr]
         self._out.clear()
@@ -248,10 +253,13 @@ class Connection(asyncio.BufferedProtocol):
                 self._consume_handshake()
                 return
             self._receiving = True
+            self._taken = 0
             try:
                 self._consume()
             finally:
                 self._receiving = False
+            if self._gathering is not None:
+                self._gathering.taken(self._in_flight, nbytes, self._taken, now)
             if self._out:
                 self._flush()  # the replies of requests done in place leave now, not a tick later
             self._staging.adapt(full)
@@ -369,6 +377,12 @@ class Connection(asyncio.BufferedProtocol):
         # Room for what came behind the handshake (or, taken over, every byte not yet taken).
         self._staging = self._open_journal(trailing) or Staging(STAGING_SIZE, trailing)
         log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if self._tls_task is None and sock is not None and counts.is_tcp(sock):
+            if self.server.config.gather:
+                self._gathering = Gathering(sock, self._loop, self.server.stats)
+            else:
+                clear_mark(sock)  # a crashed predecessor that gathered may have left one
         if self.journal is not None:
             self.server.journaled(self)
         if first:
@@ -492,6 +506,7 @@ class Connection(asyncio.BufferedProtocol):
             header.command, header.flags, header.cookie, header.offset, header.length, self._request_done, sparse=sparse
         )
         self._in_flight += 1
+        self._taken += 1
         if header.command in (Command.READ, Command.WRITE):
             self._charge(header.length)
         if self._over_limits():
@@ -608,7 +623,8 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._out and transport is not None:
             transport.writelines(self._out)
-            self.server.busy_poll.replied()
+            if not self._gather():
+                self.server.busy_poll.replied()
             self._handed += sum(map(len, self._out))
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))
@@ -616,6 +632,14 @@ class Connection(asyncio.BufferedProtocol):
         self._out = []
         self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
+
+    def _gather(self) -> bool:
+        """Whether the client's next requests gather in the socket before a receive (gathering.py):
+        then no quick answer to these replies is due, and polling for one would be wasted."""
+        gathering = self._gathering
+        if gathering is None or self._in_flight or self._payload is not None or self._handing_over:
+            return False
+        return gathering.idle()
 
     def _give_back_sent(self) -> None:
         """Return to the pool the READ blocks whose replies have left the transport."""
@@ -727,6 +751,8 @@ class Connection(asyncio.BufferedProtocol):
     def quiesce(self) -> None:
         """Take no new request (nor the rest of a WRITE payload); those taken are answered."""
         self._handing_over = True
+        if self._gathering is not None:
+            self._gathering.stop()  # the successor reads this socket as its requests come
         if self._transport is not None and not self._transport_paused:
             self._transport.pause_reading()
             self._transport_paused = True

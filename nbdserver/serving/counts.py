@@ -46,6 +46,11 @@ def _stable(sock: socket.socket, offset: int, request: int, sign: int) -> int:
     raise OSError("the connection's byte counts kept changing")
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes received on the socket and not read yet."""
+    return _queued(sock, _SIOCINQ)
+
+
 def is_tcp(sock: socket.socket | None) -> bool:
     return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
 
