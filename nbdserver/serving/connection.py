@@ -259,7 +259,8 @@ class Connection(asyncio.BufferedProtocol):
             finally:
                 self._receiving = False
             if self._gathering is not None:
-                self._gathering.taken(self._in_flight, nbytes, self._taken, now)
+                partial = self._payload is not None or self._staging.filled > 0 or self._discard_left > 0
+                self._gathering.taken(self._in_flight, nbytes, self._taken, now, partial)
             if self._out:
                 self._flush()  # the replies of requests done in place leave now, not a tick later
             self._staging.adapt(full)

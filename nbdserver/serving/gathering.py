@@ -76,12 +76,16 @@ class Gathering:
         self._timer: asyncio.TimerHandle | None = None
         clear_mark(sock)  # a predecessor that crashed may have left one
 
-    def taken(self, in_flight: int, nbytes: int, requests: int, at: float) -> None:
+    def taken(self, in_flight: int, nbytes: int, requests: int, at: float, partial: bool = False) -> None:
         """A receive of ``nbytes`` at ``at`` (``time.monotonic()``) brought ``requests``;
-        ``in_flight`` are still being served."""
+        ``in_flight`` are still being served; ``partial``: it ended inside a request."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if partial and self._mark > 1:
+            # The rest of that request may be all the client sends until it is answered: it
+            # must not wait for a mark.
+            self._set(1)
         if not requests:
             return  # the rest of a request: nothing to learn
         self._request_bytes = nbytes // requests

@@ -128,6 +128,18 @@ def test_a_client_that_falls_short_is_read_when_the_time_is_up(pair, loop):
     assert mark(server) == depth // 2 // SHARE * REQUEST
 
 
+def test_a_receive_that_ends_inside_a_request_reads_the_rest_as_it_comes(pair, loop):
+    server, client = pair
+    stats = ServerStats()
+    gathering = measured(server, client, loop, 2 * MIN_DEPTH, stats)
+    assert gathering.idle() and mark(server) == MIN_DEPTH * REQUEST
+    send(client, MIN_DEPTH)
+    data = server.recv(MIN_DEPTH * REQUEST - 10)  # a request's last bytes left behind
+    gathering.taken(0, len(data), MIN_DEPTH - 1, time.monotonic(), partial=True)
+    assert mark(server) == 1 and readable(server)
+    assert server.recv(100) == b"r" * 10
+
+
 def test_large_requests_are_not_waited_for(pair, loop):
     server, _ = pair
     stats = ServerStats()
