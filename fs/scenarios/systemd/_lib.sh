@@ -25,6 +25,14 @@ block() {
         inside && /^```/ { exit }
         inside { print }' "$2"
 }
+# logged TEXT: until the service's journal holds TEXT, at most 10 s (a reload is signalled, and
+# `systemctl reload` may return before the server has logged what it applied).
+logged() {
+    tries=0
+    until journal | grep -q "$1"; do
+        tries=$((tries + 1)); [ $tries -lt 100 ] || return 1; sleep 0.1
+    done
+}
 metrics() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:10810/metrics").read().decode())'; }
 
 # writing_ext4 [nbd-client options]: /dev/nbd0 attached to the export "disk" (4 KiB blocks, the

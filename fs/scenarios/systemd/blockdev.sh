@@ -10,10 +10,7 @@ config=/etc/nbdserver/nbdserver.toml
 cp -p $config /tmp/before-block.toml
 printf '\n[[export]]\nname = "block"\npath = "%s"\n' "$dev" >>$config
 systemctl reload nbdserver
-tries=0
-until journal | grep -q "export 'block' added"; do
-    tries=$((tries + 1)); [ $tries -lt 50 ] || { journal | tail -n 5; fail "the block device was not opened"; }; sleep 0.1
-done
+logged "export 'block' added" || { journal | tail -n 5; fail "the block device was not opened"; }
 modprobe nbd
 nbd-client 127.0.0.1 10809 /dev/nbd1 -N block >/dev/null 2>&1 || fail "cannot attach the block export"
 tries=0

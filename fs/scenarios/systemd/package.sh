@@ -16,10 +16,7 @@ wait_active || { journalctl -b --no-pager -o short -u nbdserver | tail -n 40; fa
 [ "$(unit Type)" = notify ] || fail "Type=$(unit Type)"
 [ "$(ps -o user= -p "$(unit MainPID)")" = nbdserver ] || fail "runs as $(ps -o user= -p "$(unit MainPID)")"
 journal | grep -q "no exports yet" || fail "the journal does not say it started exporting nothing"
-tries=0
-until journal | grep -q "export 'disk' added"; do
-    tries=$((tries + 1)); [ $tries -lt 100 ] || { journal | tail -n 20; fail "the README's export was not added"; }; sleep 0.1
-done
+logged "export 'disk' added" || { journal | tail -n 20; fail "the README's export was not added"; }
 [ -s /usr/share/man/man8/nbdserver.8.gz ] && [ -s /usr/share/man/man5/nbdserver.toml.5.gz ] || fail "no manual pages"
 dpkg-query -W -f='${Conffiles}' nbdserver | grep -q /etc/nbdserver/nbdserver.toml || fail "no conffile"
 /usr/bin/nbdserver --version | grep -q "from /usr/lib/python3/dist-packages/nbdserver" || fail "$(/usr/bin/nbdserver --version)"
