@@ -28,7 +28,9 @@ later each round:
 More variants for finding out what limits what (--servers): nbdserver-no-poll (--busy-poll 0),
 qemu-nbd-flushed (rbd_cache_writethrough_until_flush=false: librbd as it is once a client has
 sent its first flush, which fio's job never does; as rbd bench runs), qemu-nbd-no-cache
-(--cache=none): librbd's cache off, as nbdserver always runs it.  (nbdserver-flushed and
+(--cache=none) and rbd-bench-no-cache (rbd_cache=false): librbd's cache off, as nbdserver always
+runs it, so that a write is answered once the cluster has it: the ceiling of a server that answers
+nothing the cluster does not hold.  (nbdserver-flushed and
 nbdserver-flushed-no-poll measured nbdserver with librbd's cache on, before it was turned off
 for good; they now measure what nbdserver does.)
 
@@ -90,6 +92,7 @@ VARIANTS = [
     Variant("nbdserver-flushed-no-poll", "nbdserver", ("--busy-poll", "0"), librbd=FLUSHED),
     Variant("qemu-nbd-flushed", "qemu-nbd", librbd=FLUSHED),
     Variant("qemu-nbd-no-cache", "qemu-nbd", ("--cache=none",)),
+    Variant("rbd-bench-no-cache", "rbd-bench", librbd=(("rbd_cache", "false"),)),
 ]
 DEFAULT_SERVERS = "nbdserver,qemu-nbd,rbd-bench"
 

@@ -114,7 +114,8 @@ class Gathering:
             elif self.depth >= MIN_DEPTH:
                 mark = min(self.depth // SHARE * self._request_bytes, MAX_MARK)
                 wait = min(max(WAIT_SPAN * mark // self._request_bytes * self._interval, MIN_WAIT), MAX_WAIT)
-                self._stats.gather_waits += 1
+                if not self._gathering:  # a second flush before the next receive waits on the same
+                    self._stats.gather_waits += 1
         if mark > 1 and self._timer is None:
             self._since = now
             self._timer = self._loop.call_later(wait, self._expired)
@@ -147,20 +148,23 @@ class Gathering:
             self._set(1)
 
     def _set(self, mark: int) -> None:
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-        except OSError:
-            return  # closed meanwhile
-        self._mark = mark
+        if _set_mark(self._sock, mark):
+            self._mark = mark
 
 
 def clear_mark(sock: socket.socket) -> None:
     """Have the socket reported readable at its first byte (the kernel's default), whatever mark a
     process that served it before and crashed left on it."""
+    _set_mark(sock, 1)
+
+
+def _set_mark(sock: socket.socket, mark: int) -> bool:
+    """Set the socket's low-water mark; False if it is closed meanwhile."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
     except OSError:
-        pass  # closed meanwhile
+        return False
+    return True
 
 
 def _unread(sock: socket.socket) -> int:
