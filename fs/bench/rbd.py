@@ -3,7 +3,7 @@
 
     fs/bench/rbd.py [--conf CEPH_CONF [--id USER] [--osd-pid PID]] [--rounds 5] [--runtime 8]
                     [--servers nbdserver,qemu-nbd,rbd-bench] [--workloads 'randwrite-4k,*-1m']
-                    [--size 1G] [--build mypyc] [--out results/rbd.md]
+                    [--size 1G] [--build mypyc] [--cluster-cpus 1] [--out results/rbd.md]
 
 Without --conf it starts a throwaway cluster (fs/ceph/cluster.py: one monitor, one BlueStore OSD
 on a sparse file, cephx, 127.0.0.1) in a temporary directory, and stops it at the end.  It creates
@@ -25,7 +25,8 @@ later each round:
   rbd_cache_writethrough_until_flush=false at start: its writes are acknowledged by librbd's
   cache (Pacific's writearound policy, up to rbd_cache_max_dirty in flight) from the first one.
 
-More variants for finding out what limits what (--servers): nbdserver-no-poll (--busy-poll 0),
+More variants for finding out what limits what (--servers): nbdserver-no-poll (--busy-poll 0,
+which RBD exports no longer differ by: their connections do not poll),
 qemu-nbd-flushed (rbd_cache_writethrough_until_flush=false: librbd as it is once a client has
 sent its first flush, which fio's job never does; as rbd bench runs), qemu-nbd-no-cache
 (--cache=none) and rbd-bench-no-cache (rbd_cache=false): librbd's cache off, as nbdserver always
@@ -33,6 +34,11 @@ runs it, so that a write is answered once the cluster has it: the ceiling of a s
 nothing the cluster does not hold.  (nbdserver-flushed and
 nbdserver-flushed-no-poll measured nbdserver with librbd's cache on, before it was turned off
 for good; they now measure what nbdserver does.)
+
+With --cluster-cpus N the throwaway cluster's daemons run on the last N CPUs and everything else
+on the others, as if the cluster were on machines of its own: on a small machine the servers'
+CPU then no longer takes the OSD's, and what is compared is what each server makes of the same
+cluster.
 
 For each cell it reads the CPU time of the server (its processes, from /proc; for rbd bench its
 rusage), of the thread that serves the connection (qemu-nbd's main thread, the event loop of
@@ -169,16 +175,32 @@ class Target:
 
 
 @contextlib.contextmanager
-def cluster_conf(conf: Path | None) -> Iterator[tuple[Path, int]]:
-    """The ceph.conf to use and the OSD's PID (0 if not known): ``conf``, or a throwaway
-    cluster's, stopped when the block ends."""
+def cluster_conf(conf: Path | None) -> Iterator[tuple[Path, int, list[int]]]:
+    """The ceph.conf to use, the OSD's PID (0 if not known) and every daemon's (none if not
+    known): ``conf``, or a throwaway cluster's, stopped when the block ends."""
     if conf is not None:
-        yield conf, 0
+        yield conf, 0, []
         return
     with tempfile.TemporaryDirectory(prefix="nbdserver-rbd-") as tmp, ceph.Cluster(Path(tmp) / "ceph") as cluster:
         osd = [pid for name, pid in cluster.daemons().items() if name.startswith("osd.")]
         print(f"cluster up in {cluster.startup_seconds:.1f} s: {cluster.daemons()}", file=sys.stderr)
-        yield cluster.conf_path, osd[0]
+        yield cluster.conf_path, osd[0], list(cluster.daemons().values())
+
+
+def split_cpus(daemons: list[int], count: int) -> str:
+    """Give the cluster's daemons (every thread of each) the last ``count`` CPUs and this script,
+    and so every server, fio and rbd bench it starts, the others: the cluster as if on machines
+    of its own, whose CPU the servers do not compete for.  Returns the split, said plainly."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not daemons or not 0 < count < len(cpus):
+        raise SystemExit(f"--cluster-cpus {count}: needs a throwaway cluster and fewer than {len(cpus)} CPUs")
+    cluster, clients = set(cpus[-count:]), set(cpus[:-count])
+    for pid in daemons:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), cluster)
+    os.sched_setaffinity(0, clients)
+    return f"the cluster's daemons on CPUs {sorted(cluster)}, servers, fio and rbd bench on {sorted(clients)}"
 
 
 def find_osd(conf: Path) -> int:
@@ -468,6 +490,12 @@ def main() -> int:
     )
     parser.add_argument("--workloads", help=f"among {', '.join(w.name for w in WORKLOADS)}")
     parser.add_argument("--build", choices=("mypyc", "pure"), default="mypyc", help="nbdserver's build")
+    parser.add_argument(
+        "--cluster-cpus",
+        type=int,
+        default=0,
+        help="pin the throwaway cluster to this many CPUs (the last ones) and the rest to the others",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
     names = pick(args.servers, [v.name for v in VARIANTS])
@@ -477,7 +505,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     header = [f"{versions(args.build)} ({args.build} build)"]
     began = time.strftime("%Y-%m-%d %H:%M")
-    with cluster_conf(args.conf) as (conf, osd_pid):
+    with cluster_conf(args.conf) as (conf, osd_pid, daemons):
+        if args.cluster_cpus:
+            header.append(split_cpus(daemons, args.cluster_cpus))
         osd_pid = osd_pid or args.osd_pid or find_osd(conf)
         target = Target(conf, args.id, args.pool, f"bench-{os.getpid()}", args.size, osd_pid)
         with image(target, prefill=True):

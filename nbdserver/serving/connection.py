@@ -150,6 +150,7 @@ class Connection(asyncio.BufferedProtocol):
         self._direct = False  # the last get_buffer() handed out the payload buffer itself
         self._large_writes = False  # the last request was a WRITE of HEADER_ALONE_MIN or more
         self._gathering: Gathering | None = None  # a deep queue's requests gather before a receive
+        self._poll: BusyPoll | None = server.busy_poll  # None: this connection's export is not polled for
         self._taken = 0  # requests taken by the current receive
         # A refused WRITE: its payload is read and dropped, then the error is sent.
         self._discard_left = 0
@@ -239,7 +240,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received_at = now = monotonic()  # the arrival time of every request this completes
-        self.server.busy_poll.arrived(now)
+        if self._poll is not None:
+            self._poll.arrived(now)
         try:
             if self._direct:
                 self._payload_got += nbytes
@@ -375,6 +377,8 @@ class Connection(asyncio.BufferedProtocol):
         self._tx = Transmission(negotiated)
         self.export = export
         self.export.queue.submitters += 1
+        if not export.polled:
+            self._poll = None
         # Room for what came behind the handshake (or, taken over, every byte not yet taken).
         self._staging = self._open_journal(trailing) or Staging(STAGING_SIZE, trailing)
         log.info("%s: export %r, %s", self.peer, self.export.name, self._tx.form)
@@ -624,8 +628,8 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._out and transport is not None:
             transport.writelines(self._out)
-            if not self._gather():
-                self.server.busy_poll.replied()
+            if not self._gather() and self._poll is not None:
+                self._poll.replied()
             self._handed += sum(map(len, self._out))
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))

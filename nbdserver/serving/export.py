@@ -82,6 +82,10 @@ class Export:
             tls_required=config.tls_required(server),
         )
         self._gate: Gate | None = None  # while a snapshot's file is cloned
+        # Busy polling spares a wake-up of a few microseconds; an RBD request waits milliseconds
+        # for the cluster, so its connections do not poll: the windows would burn the CPU that
+        # librbd's threads and the cluster's daemons need, and save nothing that shows.
+        self.polled = config.rbd is None
         # Marked by every WRITE, WRITE_ZEROES and TRIM (serving/bitmaps.py).
         if config.rbd is not None:
             self.bitmaps = ExportBitmaps(None, backing.size, "dirty bitmaps are for files and block devices")

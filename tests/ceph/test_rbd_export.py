@@ -284,6 +284,29 @@ def test_metrics_and_top_show_an_rbd_export_with_its_engine(ceph_cluster, image,
     h.shutdown()
 
 
+def poll_windows(server) -> float:
+    return value(scrape(server.metrics_url), "nbdserver_busy_poll_windows_total")
+
+
+def test_an_rbd_exports_connections_do_not_busy_poll(ceph_cluster, image, start_server, tmp_path):
+    file = make_image(tmp_path / "disk.img", MiB)
+    server = rbd_server(start_server, ceph_cluster, "--name", "vm", f"rbd:{image}",
+                        "--export", f"name=file,path={file}")  # fmt: skip
+    on_rbd, on_file = connect(server.uri("vm")), connect(server.uri("file"))
+    time.sleep(0.3)  # the handshakes' windows are over, and any rest after them
+    before = poll_windows(server)
+    for i in range(20):  # one request at a time: each would open a window on a file
+        data = random.randbytes(4 * KiB)
+        on_rbd.pwrite(data, i * 4 * KiB)
+        assert on_rbd.pread(4 * KiB, i * 4 * KiB) == data
+    assert poll_windows(server) == before
+    for i in range(20):
+        on_file.pwrite(b"f" * 4 * KiB, i * 4 * KiB)
+    assert poll_windows(server) > before, "the file export's connection polls (the same event loop)"
+    on_rbd.shutdown()
+    on_file.shutdown()
+
+
 def test_qemu_img_convert_and_compare(ceph_cluster, image, start_server, tmp_path):
     source = tmp_path / "source.raw"
     data = bytearray(SIZE)
