@@ -287,6 +287,9 @@ class _Upgrade:
         if self._task is not None and not self._task.done():
             log.warning("SIGUSR2: an upgrade is under way already")
             return
+        if self._stop.is_set():  # a stop came first: no successor is started into it
+            log.warning("SIGUSR2 while stopping: no upgrade")
+            return
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def settle(self) -> None:

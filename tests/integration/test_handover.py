@@ -308,6 +308,9 @@ def test_a_stop_during_an_upgrade_lets_the_upgrade_finish_first(upgradable, tmp_
     u = upgradable(str(make_image(tmp_path / "disk.img", 16 * MiB)))
     h = a_client_wrote(u, b"u")
     os.kill(u.pids[-1], signal.SIGUSR2)
+    # Once the upgrade is under way (signals sent back to back may be taken in either order:
+    # each reaches whichever of the process's threads the kernel picks).
+    assert u.server.logged("SIGUSR2: upgrading: starting the successor"), u.server.log_text()
     os.kill(u.pids[-1], signal.SIGTERM)  # the service manager stops it meanwhile
     assert u.server.logged("took over 1 connection"), u.server.log_text()
     assert u.server.proc.wait(30) == 0
