@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_support"))
@@ -61,7 +61,10 @@ def ext_modules() -> list:
     except ImportError:  # asked what the build needs (mypy among it), or built without it
         print("nbdserver: mypyc is not installed: building pure Python", file=sys.stderr)
         return []
-    return mypycify(COMPILED, opt_level="3")
+    # Beside them, the journal's writer in C (serving/_journal.c): the bookkeeping that lets a
+    # connection outlive its process, at a few stores per request.
+    writer = Extension("nbdserver.serving._journal", ["nbdserver/serving/_journal.c"], extra_compile_args=["-O2"])
+    return [*mypycify(COMPILED, opt_level="3"), writer]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildOrFallBack})

@@ -21,7 +21,7 @@ def _files(root: Path) -> list[Path]:
     out = []
     for name in SOURCES:
         path = root / name
-        out += sorted(p for p in path.rglob("*.py")) if path.is_dir() else [path]
+        out += sorted(p for p in path.rglob("*") if p.suffix in (".py", ".pyi", ".c")) if path.is_dir() else [path]
     return out
 
 

@@ -40,7 +40,7 @@ from ..protocol.transmission import encode_request_header
 from . import counts
 from .bitmaps import status_reply, track
 from .gathering import Gathering, clear_mark
-from .journal import Journal
+from .journal import Writer, open_journal
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
 
@@ -132,7 +132,7 @@ class Connection(asyncio.BufferedProtocol):
         self._resume = resume
         self._resend = resend
         self.tag = tag
-        self.journal: Journal | None = None  # what a replacement would need, should this process die
+        self.journal: Writer | None = None  # what a replacement would need, should this process die
         self._handing_over = False  # taking no new request: the connection is being handed over
         self.handed_over = False  # the successor has it
         self.peer = "?"
@@ -422,7 +422,7 @@ class Connection(asyncio.BufferedProtocol):
         read, written = counts.bytes_read(sock), counts.bytes_written(sock)
         assert read is not None and written is not None
         out_base = written + transport.get_write_buffer_size()
-        journal = Journal(export.pool, self.tag, read - len(staged), out_base, len(staged))
+        journal = open_journal(export.pool, self.tag, read - len(staged), out_base, len(staged))
         self.journal = journal
         return Staging(STAGING_SIZE, staged, journal.halves, journal)
 
@@ -634,6 +634,8 @@ class Connection(asyncio.BufferedProtocol):
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))
             self._give_back_sent()
+            if self.journal is not None:  # its log keeps what the kernel lacks: small, and in the cache
+                self.journal.written(self.journal.out - transport.get_write_buffer_size())
         self._out = []
         self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer

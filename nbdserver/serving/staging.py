@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .journal import Journal
+    from .journal import Writer
 
 STAGING_SIZE = 256 * 1024  # the transmission phase's buffer, at first
 STAGING_MAX = 1024 * 1024  # grown to while receives keep filling it: fewer, larger batches
@@ -29,7 +29,7 @@ class Staging:
         size: int = HANDSHAKE_STAGING_SIZE,
         data: bytes = b"",
         halves: tuple[memoryview, memoryview] | None = None,
-        journal: Journal | None = None,
+        journal: Writer | None = None,
     ) -> None:
         """A buffer of ``size`` bytes (or as many as ``data``), holding ``data`` unconsumed.  With
         ``halves`` (each as large as it may grow), it stages into those, and ``journal.moved(dropped,

@@ -4,34 +4,61 @@ a crash can hit: what it sends again and what it takes again, byte for byte."""
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdserver.block.buffers import Arena, BufferPool, arena_memory
 from nbdserver.protocol.constants import Command
 from nbdserver.protocol.transmission import encode_request_header
-from nbdserver.serving.journal import MAX_TERMS, RING_SIZE, SLOTS, Journal, JournalError, recover, terms_at
+from nbdserver.serving import journal as journal_module
+from nbdserver.serving.journal import (
+    MAX_TERMS,
+    RING_SIZE,
+    SIZE,
+    SLOTS,
+    Journal,
+    JournalError,
+    Opener,
+    recover,
+    terms_at,
+)
 from nbdserver.serving.staging import Staging
+from tests.conftest import EXPECTED_BUILD
 
-SIZE = 1 << 30  # of the test's arena: address space only
+ARENA_SIZE = 1 << 30  # of the test's arena: address space only
 TAG = 7
 IN_BASE, OUT_BASE = 1000, 500  # the handshake's bytes, as the kernel counts them
 
 
 @pytest.fixture
 def pool() -> Iterator[BufferPool]:
-    fd = arena_memory(SIZE)
-    yield BufferPool(arena=Arena(fd, SIZE))
+    fd = arena_memory(ARENA_SIZE)
+    yield BufferPool(arena=Arena(fd, ARENA_SIZE))
     os.close(fd)
+
+
+WRITERS: dict[str, Opener | None] = {"python": Journal, "c": journal_module._FAST}
+
+
+@pytest.fixture(params=sorted(WRITERS))
+def writer(request: pytest.FixtureRequest) -> Opener:
+    """Each writer of the journal: the Python one, and the C one where the build has it."""
+    cls = WRITERS[request.param]
+    if cls is None:
+        pytest.skip("this build has no C writer (the compiled build has)")
+    return cls
 
 
 class Side:
     """A connection's journal and staging buffer, fed as the connection feeds them."""
 
-    def __init__(self, pool: BufferPool, staged: bytes = b"") -> None:
+    def __init__(self, pool: BufferPool, writer: Opener = Journal, staged: bytes = b"") -> None:
         self.pool = pool
-        self.journal = Journal(pool, TAG, IN_BASE - len(staged), OUT_BASE, len(staged))
+        self.journal = writer(pool, TAG, IN_BASE - len(staged), OUT_BASE, len(staged))
         self.staging = Staging(4096, staged, self.journal.halves, self.journal)
         self.read = IN_BASE  # every byte read, as the kernel counts them
 
@@ -68,8 +95,8 @@ def read(cookie: int, offset: int, length: int) -> bytes:
     return encode_request_header(0, Command.READ, cookie, offset, length, False)
 
 
-def test_a_request_taken_and_not_answered_is_taken_again_and_one_answered_is_not(pool):
-    side = Side(pool)
+def test_a_request_taken_and_not_answered_is_taken_again_and_one_answered_is_not(pool, writer):
+    side = Side(pool, writer)
     first, second = write(1, 0, b"a" * 100), write(2, 4096, b"b" * 50)
     side.receive(b"".join(first) + b"".join(second))
     slot, _ = side.take(0, *first)
@@ -81,8 +108,8 @@ def test_a_request_taken_and_not_answered_is_taken_again_and_one_answered_is_not
     assert pending == b"".join(second)
 
 
-def test_a_reply_half_written_is_finished_from_the_exact_byte(pool):
-    side = Side(pool)
+def test_a_reply_half_written_is_finished_from_the_exact_byte(pool, writer):
+    side = Side(pool, writer)
     header = read(3, 0, 4096)
     side.receive(header)
     slot, _ = side.take(0, header)
@@ -98,8 +125,8 @@ def test_a_reply_half_written_is_finished_from_the_exact_byte(pool):
         assert pending == b""  # answered: never taken again
 
 
-def test_the_kernel_counts_must_fit_the_journal(pool):
-    side = Side(pool)
+def test_the_kernel_counts_must_fit_the_journal(pool, writer):
+    side = Side(pool, writer)
     side.journal.reply(-1, [b"E" * 16], None, None)
     with pytest.raises(JournalError):
         side.recovered(written=OUT_BASE + 17)  # more written than was ever queued
@@ -110,8 +137,8 @@ def test_the_kernel_counts_must_fit_the_journal(pool):
         side.recovered(written=OUT_BASE)
 
 
-def test_half_a_header_and_half_a_payload_are_received_again(pool):
-    side = Side(pool)
+def test_half_a_header_and_half_a_payload_are_received_again(pool, writer):
+    side = Side(pool, writer)
     header, payload = write(4, 0, bytes(range(256)) * 4)
     side.receive(header + payload[:300])
     slot, block = side.take(0, header, payload, got=300)  # the payload's first 300 bytes, copied out
@@ -132,8 +159,8 @@ def test_half_a_header_and_half_a_payload_are_received_again(pool):
     assert side.recovered(OUT_BASE)[1] == header + payload[:900]
 
 
-def test_what_follows_a_request_in_the_staging_buffer_survives_a_move(pool):
-    side = Side(pool, staged=b"xy")  # two bytes came behind the handshake
+def test_what_follows_a_request_in_the_staging_buffer_survives_a_move(pool, writer):
+    side = Side(pool, writer, staged=b"xy")  # two bytes came behind the handshake
     assert side.recovered(OUT_BASE)[1] == b"xy"
     header = read(5, 0, 512)
     side.receive(header[2:] + header[:10])  # completes a header with b"xy", and half of another
@@ -143,9 +170,9 @@ def test_what_follows_a_request_in_the_staging_buffer_survives_a_move(pool):
     assert side.recovered(OUT_BASE)[1] == full + header[:10]
 
 
-def test_a_request_answered_in_the_same_instant_its_slot_was_freed(pool):
+def test_a_request_answered_in_the_same_instant_its_slot_was_freed(pool, writer):
     """The reply is logged before the slot is freed: a crash between the two answers once."""
-    side = Side(pool)
+    side = Side(pool, writer)
     header = read(6, 0, 512)
     side.receive(header)
     slot, _ = side.take(0, header)
@@ -154,8 +181,8 @@ def test_a_request_answered_in_the_same_instant_its_slot_was_freed(pool):
     assert side.recovered(OUT_BASE) == (b"O" * 16, b"")
 
 
-def test_a_disconnect_asked_for_is_asked_again_after_what_was_taken(pool):
-    side = Side(pool)
+def test_a_disconnect_asked_for_is_asked_again_after_what_was_taken(pool, writer):
+    side = Side(pool, writer)
     first = write(8, 0, b"w" * 64)
     disc = encode_request_header(0, Command.DISC, 9, 0, 0, True)
     side.receive(b"".join(first) + disc)
@@ -168,8 +195,8 @@ def test_a_disconnect_asked_for_is_asked_again_after_what_was_taken(pool):
     )
 
 
-def test_requests_are_taken_again_in_the_order_they_arrived(pool):
-    side = Side(pool)
+def test_requests_are_taken_again_in_the_order_they_arrived(pool, writer):
+    side = Side(pool, writer)
     requests = [write(10 + i, 0, bytes([i]) * 16) for i in range(40)]
     pos = 0
     slots = []
@@ -185,8 +212,8 @@ def test_requests_are_taken_again_in_the_order_they_arrived(pool):
     assert side.recovered(written) == (b"", expected)
 
 
-def test_the_log_wraps_and_drops_what_was_written(pool):
-    side = Side(pool)
+def test_the_log_wraps_and_drops_what_was_written(pool, writer):
+    side = Side(pool, writer)
     reply = [b"Z" * 200]
     out = OUT_BASE
     for _ in range(3 * RING_SIZE // 256):
@@ -197,8 +224,8 @@ def test_the_log_wraps_and_drops_what_was_written(pool):
     assert side.recovered(out - 300) == (b"Z" * 300, b"")
 
 
-def test_a_journal_that_cannot_be_trusted_is_refused(pool):
-    side = Side(pool)
+def test_a_journal_that_cannot_be_trusted_is_refused(pool, writer):
+    side = Side(pool, writer)
     got = recover(pool.arena.view, side.journal.record, TAG, IN_BASE, OUT_BASE, False)  # type: ignore[union-attr]
     assert (got.resend, got.pending) == (b"", b"")
     with pytest.raises(JournalError, match="another connection"):
@@ -211,8 +238,8 @@ def test_a_journal_that_cannot_be_trusted_is_refused(pool):
         side.recovered(OUT_BASE)
 
 
-def test_more_requests_than_slots_give_up_rather_than_lose_one(pool):
-    side = Side(pool)
+def test_more_requests_than_slots_give_up_rather_than_lose_one(pool, writer):
+    side = Side(pool, writer)
     header = read(1, 0, 512)
     for _ in range(SLOTS):
         side.receive(header)
@@ -224,8 +251,8 @@ def test_more_requests_than_slots_give_up_rather_than_lose_one(pool):
     assert side.journal.given_up
 
 
-def test_after_a_payload_received_in_place_the_staging_buffer_starts_behind_it(pool):
-    side = Side(pool)
+def test_after_a_payload_received_in_place_the_staging_buffer_starts_behind_it(pool, writer):
+    side = Side(pool, writer)
     header, payload = write(11, 0, os.urandom(128 * 1024))
     side.receive(header)
     slot, block = side.take(0, header, payload, got=0)
@@ -245,9 +272,9 @@ def test_after_a_payload_received_in_place_the_staging_buffer_starts_behind_it(p
     assert side.recovered(OUT_BASE) == (b"W" * 16, following[:10])
 
 
-def test_an_empty_log_must_agree_with_the_kernel(pool):
+def test_an_empty_log_must_agree_with_the_kernel(pool, writer):
     """Every logged reply written and dropped: the kernel's count must be where the log ended."""
-    side = Side(pool)
+    side = Side(pool, writer)
     side.journal.reply(-1, [b"D" * 40], None, None)
     side.journal.written(OUT_BASE + 40)
     assert side.recovered(OUT_BASE + 40) == (b"", b"")
@@ -255,9 +282,9 @@ def test_an_empty_log_must_agree_with_the_kernel(pool):
         side.recovered(OUT_BASE + 24)  # bytes the log no longer holds, which the kernel never had
 
 
-def test_the_terms_kept_beside_the_journal_are_read_back_by_a_successor_of_the_primary(pool):
+def test_the_terms_kept_beside_the_journal_are_read_back_by_a_successor_of_the_primary(pool, writer):
     """A primary that died with its worker finds the connection's terms in the journal alone."""
-    side = Side(pool)
+    side = Side(pool, writer)
     view = pool.arena.view  # type: ignore[union-attr]
     with pytest.raises(JournalError, match="keeps no terms"):
         terms_at(view, side.journal.record, TAG)  # not described yet: not to be taken over by one
@@ -273,10 +300,10 @@ def test_the_terms_kept_beside_the_journal_are_read_back_by_a_successor_of_the_p
         terms_at(view, side.journal.record, TAG)  # the connection ended: nothing to take over
 
 
-def test_a_request_taken_before_its_mark_is_stored_is_taken_again_from_the_staging_buffer(pool):
+def test_a_request_taken_before_its_mark_is_stored_is_taken_again_from_the_staging_buffer(pool, writer):
     """The consumed mark is stored lazily: until a reply or a move of the staging buffer stores it,
     a replacement cuts the request again from the bytes still staged, and never answers it twice."""
-    side = Side(pool)
+    side = Side(pool, writer)
     first, second = write(20, 0, b"f" * 64), write(21, 8192, b"s" * 32)
     side.receive(b"".join(first) + b"".join(second))
     slot, _ = side.take(0, *first)
@@ -288,10 +315,10 @@ def test_a_request_taken_before_its_mark_is_stored_is_taken_again_from_the_stagi
     assert side.recovered(OUT_BASE + 16) == (b"", b"".join(second))
 
 
-def test_replies_of_every_shape_are_read_back_byte_for_byte(pool):
+def test_replies_of_every_shape_are_read_back_byte_for_byte(pool, writer):
     """Headers alone and headers with data are logged by one call each, other shapes piece by piece:
     the log reads back the same either way."""
-    side = Side(pool)
+    side = Side(pool, writer)
     data = pool.take(4096)
     data[:4096] = os.urandom(4096)
     other = pool.take(8192)
@@ -311,3 +338,69 @@ def test_replies_of_every_shape_are_read_back_byte_for_byte(pool):
         whole += b"".join(bytes(p) for p in pieces)
     for written in (0, 7, 16, 36, len(whole) - 1, len(whole)):
         assert side.recovered(OUT_BASE + written) == (whole[written:], b"")
+
+
+def _serve_at_random(side: Side, rng: random.Random) -> int:
+    """A connection's life as the journal sees it, drawn from ``rng``: requests of every kind arrive
+    in pieces and are taken, answered out of order with replies of every shape, their replies
+    written bit by bit, the staging buffer moved.  Returns how much of the replies the kernel was
+    said to have."""
+    taken_to, written = 0, OUT_BASE
+    unanswered: list[int] = []
+    side.journal.describe(b'{"export": "random"}')
+    for _ in range(400):
+        draw = rng.random()
+        if draw < 0.4 and side.staging.filled < 2048:
+            payload = rng.randbytes(rng.choice((0, 0, 1, 100, 512, 1024)))
+            header = write(len(unanswered), 4096, payload)[0] if payload else read(1, 0, 4096)
+            side.receive(header + payload)
+            unanswered.append(side.take(taken_to, header, payload)[0])
+            taken_to += len(header) + len(payload)
+        elif draw < 0.7 and unanswered:
+            slot = unanswered.pop(rng.randrange(len(unanswered)))
+            data = side.pool.take(4096)
+            data[:4096] = rng.randbytes(4096)
+            shape = rng.randrange(4)
+            if shape == 0:
+                side.journal.reply(slot, [rng.randbytes(rng.choice((16, 20, 32)))], None, None)
+            elif shape == 1:
+                side.journal.reply(slot, [rng.randbytes(20), data[:1000]], data[:1000], data)
+            elif shape == 2:
+                side.journal.reply(slot, [rng.randbytes(12), data[:512], rng.randbytes(20), data[512:600]], None, None)
+            else:
+                side.journal.reply(slot, [rng.randbytes(24), rng.randbytes(8)], None, None)
+            side.pool.give(data)
+        elif draw < 0.85:
+            written = rng.randint(written, side.journal.out)
+            side.journal.written(written)
+        else:
+            side.staging.keep(taken_to)
+            taken_to = 0
+    return written
+
+
+def test_the_compiled_build_writes_journals_in_c():
+    """Where the hot modules are compiled, so is the journal's writer; the pure build has none."""
+    assert (WRITERS["c"] is not None) == (EXPECTED_BUILD == "mypyc")
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_the_c_writer_writes_the_same_bytes_as_the_python_one(seed):
+    """The two writers, driven alike, leave identical journals, and a replacement recovers alike."""
+    if WRITERS["c"] is None:
+        pytest.skip("this build has no C writer (the compiled build has)")
+    journals = []
+    for cls in (Journal, WRITERS["c"]):
+        fd = arena_memory(ARENA_SIZE)
+        try:
+            side = Side(BufferPool(arena=Arena(fd, ARENA_SIZE)), cls)
+            written = _serve_at_random(side, random.Random(seed))
+            view = side.pool.arena.view  # type: ignore[union-attr]
+            record = side.journal.record
+            journals.append((bytes(view[record : record + SIZE]), side.journal.out, side.journal.given_up))
+            journals.append(side.recovered(written))
+        finally:
+            os.close(fd)
+    assert journals[0] == journals[2]
+    assert journals[1] == journals[3]
