@@ -499,8 +499,8 @@ static PyObject *Writer_reply(Writer *self, PyObject *const *args, Py_ssize_t na
     long slot = PyLong_AsLong(args[0]);
     if ((slot == -1 && PyErr_Occurred()) || closed(self))
         return NULL;
-    if (slot >= SLOTS || slot < -1) {
-        PyErr_SetString(PyExc_ValueError, "no such slot");
+    if (slot >= SLOTS || slot < -1 || (slot >= 0 && self->nfree == SLOTS)) {
+        PyErr_SetString(PyExc_ValueError, "no such slot taken");
         return NULL;
     }
     PyObject *pieces = PySequence_Fast(args[1], "the pieces of a reply are a sequence");
