@@ -37,6 +37,12 @@
 #define FLAG_DISCONNECTING 1
 #define FLAG_GIVEN_UP 2
 
+/* A store of a word that a replacement reads (the head's words, a slot's state): a release store, so
+ * that no compiler moves it before the stores it follows in the program, and a word that makes
+ * records count is never written before them.  (A process that dies has every store it executed
+ * seen; only their order in the program matters.) */
+#define PUBLISH(word, value) __atomic_store_n(&(word), (uint64_t)(value), __ATOMIC_RELEASE)
+
 enum { W_MAGIC, W_FLAGS, W_CONSUMED, W_BASE, W_DIRECT, W_HEAD, W_TAIL, W_HALF0, W_HALF1, W_HALF_SIZE, W_TAG, W_TAIL_OUT, W_TERMS };
 
 typedef struct {
@@ -74,7 +80,7 @@ static void give_up(Writer *self, const char *why) {
     if (self->given_up)
         return;
     self->given_up = 1;
-    self->words[W_FLAGS] |= FLAG_GIVEN_UP;
+    PUBLISH(self->words[W_FLAGS], self->words[W_FLAGS] | FLAG_GIVEN_UP);
     /* Logged as journal.py logs it; a failure to log must not become this request's error. */
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
@@ -116,7 +122,7 @@ static long long offset_of(Writer *self, PyObject *block) {
 static void store_consumed(Writer *self) {
     if (self->lagging) {
         self->lagging = 0;
-        self->words[W_CONSUMED] = self->consumed;
+        PUBLISH(self->words[W_CONSUMED], self->consumed);
     }
 }
 
@@ -191,17 +197,17 @@ static int Writer_init(Writer *self, PyObject *args, PyObject *kwds) {
     self->given_up = self->record < 0 || offsets[0] < 0 || offsets[1] < 0;
     memset(self->mem, 0, HEAD_SIZE);
     for (int slot = 0; slot < SLOTS; slot++)
-        self->words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3] = 0;
+        PUBLISH(self->words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3], 0);
     uint64_t *words = self->words;
-    words[W_CONSUMED] = in_base;
-    words[W_BASE] = in_base << 1;
-    words[W_HALF0] = offsets[0] < 0 ? 0 : (uint64_t)offsets[0];
-    words[W_HALF1] = offsets[1] < 0 ? 0 : (uint64_t)offsets[1];
-    words[W_HALF_SIZE] = (uint64_t)halves;
-    words[W_TAG] = tag;
-    words[W_TAIL_OUT] = out_base;
-    words[W_FLAGS] = self->given_up ? FLAG_GIVEN_UP : 0;
-    words[W_MAGIC] = MAGIC; /* last: now the journal counts */
+    PUBLISH(words[W_CONSUMED], in_base);
+    PUBLISH(words[W_BASE], in_base << 1);
+    PUBLISH(words[W_HALF0], offsets[0] < 0 ? 0 : (uint64_t)offsets[0]);
+    PUBLISH(words[W_HALF1], offsets[1] < 0 ? 0 : (uint64_t)offsets[1]);
+    PUBLISH(words[W_HALF_SIZE], (uint64_t)halves);
+    PUBLISH(words[W_TAG], tag);
+    PUBLISH(words[W_TAIL_OUT], out_base);
+    PUBLISH(words[W_FLAGS], self->given_up ? FLAG_GIVEN_UP : 0);
+    PUBLISH(words[W_MAGIC], MAGIC); /* last: now the journal counts */
     return 0;
 failed:
     self->mem = NULL;
@@ -212,7 +218,7 @@ failed:
 static PyObject *Writer_close(Writer *self, PyObject *unused) {
     if (closed(self))
         return NULL;
-    self->words[W_MAGIC] = 0;
+    PUBLISH(self->words[W_MAGIC], 0);
     self->mem = NULL;
     PyBuffer_Release(&self->buffer);
     PyObject *done = PyObject_CallMethod(self->pool, "give", "O", self->block);
@@ -229,9 +235,14 @@ static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "taken() takes 5 arguments");
         return NULL;
     }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]), length = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t length = PyLong_AsSsize_t(args[2]);
+    if (length == -1 && PyErr_Occurred())
+        return NULL;
     unsigned long long payload = PyLong_AsUnsignedLongLong(args[3]);
-    if (PyErr_Occurred() || closed(self))
+    if ((payload == (unsigned long long)-1 && PyErr_Occurred()) || closed(self))
         return NULL;
     if (pos < 0 || length < 0) {
         PyErr_SetString(PyExc_ValueError, "a header at a negative position");
@@ -243,13 +254,13 @@ static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t na
         give_up(self, "no room for a request");
         self->consumed = end;
         self->lagging = 0;
-        self->words[W_CONSUMED] = end;
+        PUBLISH(self->words[W_CONSUMED], end);
         return PyLong_FromLong(-1);
     }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (pos + length > view.len) {
+    if (length > view.len || pos > view.len - length) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "a header past the end of the staging buffer");
         return NULL;
@@ -265,13 +276,18 @@ static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t na
             self->free[self->nfree++] = slot;
             return NULL;
         }
-        if (offset < 0 && block != Py_None)
+        if (offset < 0 && block != Py_None) {
             give_up(self, "a payload outside the arena");
+            if (closed(self)) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+        }
         w[2] = offset < 0 ? NONE : (uint64_t)offset;
     }
     memcpy(self->mem + at + SLOT_HEADER, (uint8_t *)view.buf + pos, length);
     PyBuffer_Release(&view);
-    w[0] = end << 1 | 1;
+    PUBLISH(w[0], end << 1 | 1);
     /* Committed later, when the consumed mark stored passes the header (store_consumed). */
     self->consumed = end;
     self->lagging = 1;
@@ -295,7 +311,7 @@ static PyObject *Writer_receiving(Writer *self, PyObject *arg) {
     if (direct != self->direct) {
         store_consumed(self);
         self->direct = direct;
-        self->words[W_DIRECT] = direct;
+        PUBLISH(self->words[W_DIRECT], direct);
     }
     Py_RETURN_NONE;
 }
@@ -306,8 +322,10 @@ static PyObject *Writer_received(Writer *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     long slot = PyLong_AsLong(args[0]);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
     unsigned long long got = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred() || closed(self))
+    if ((got == (unsigned long long)-1 && PyErr_Occurred()) || closed(self))
         return NULL;
     if (slot >= SLOTS) {
         PyErr_SetString(PyExc_ValueError, "no such slot");
@@ -317,9 +335,9 @@ static PyObject *Writer_received(Writer *self, PyObject *const *args, Py_ssize_t
         uint64_t consumed = self->ends[slot] + got;
         self->consumed = consumed;
         self->lagging = 0;
-        self->words[W_CONSUMED] = consumed;
+        PUBLISH(self->words[W_CONSUMED], consumed);
         self->base = consumed;
-        self->words[W_BASE] = consumed << 1 | self->half;
+        PUBLISH(self->words[W_BASE], consumed << 1 | self->half);
     }
     Py_RETURN_NONE;
 }
@@ -330,13 +348,15 @@ static PyObject *Writer_moved(Writer *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     unsigned long long pos = PyLong_AsUnsignedLongLong(args[0]);
+    if (pos == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
     long half = PyLong_AsLong(args[1]);
-    if (PyErr_Occurred() || closed(self))
+    if ((half == -1 && PyErr_Occurred()) || closed(self))
         return NULL;
     store_consumed(self);
     self->base += pos;
     self->half = half & 1;
-    self->words[W_BASE] = self->base << 1 | self->half;
+    PUBLISH(self->words[W_BASE], self->base << 1 | self->half);
     Py_RETURN_NONE;
 }
 
@@ -344,7 +364,7 @@ static PyObject *Writer_disconnecting(Writer *self, PyObject *unused) {
     if (closed(self))
         return NULL;
     store_consumed(self);
-    self->words[W_FLAGS] |= FLAG_DISCONNECTING;
+    PUBLISH(self->words[W_FLAGS], self->words[W_FLAGS] | FLAG_DISCONNECTING);
     Py_RETURN_NONE;
 }
 
@@ -355,7 +375,7 @@ static PyObject *Writer_describe(Writer *self, PyObject *arg) {
     int fits = terms.len <= MAX_TERMS;
     if (fits) {
         memcpy(self->mem + TERMS_AT, terms.buf, terms.len);
-        self->words[W_TERMS] = terms.len; /* the commit */
+        PUBLISH(self->words[W_TERMS], terms.len); /* the commit */
     }
     PyBuffer_Release(&terms);
     return PyBool_FromLong(fits);
@@ -434,7 +454,7 @@ static int append(Writer *self, uint64_t request, PyObject *const *pieces, Py_ss
         return -1;
     if (fast) {
         self->head = head + skip + fast;
-        self->words[W_HEAD] = self->head; /* the commit: the reply counts from here */
+        PUBLISH(self->words[W_HEAD], self->head); /* the commit: the reply counts from here */
         return 0;
     }
     size_t first = at >> 3, w = first + 3;
@@ -486,7 +506,7 @@ static int append(Writer *self, uint64_t request, PyObject *const *pieces, Py_ss
     words[first + 2] = length << 24 | size;
     self->out += length;
     self->head = head + skip + size;
-    self->words[W_HEAD] = self->head; /* the commit */
+    PUBLISH(self->words[W_HEAD], self->head); /* the commit */
     return 0;
 }
 
@@ -515,7 +535,7 @@ static PyObject *Writer_reply(Writer *self, PyObject *const *args, Py_ssize_t na
     if (failed)
         return NULL;
     if (slot >= 0) {
-        self->words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3] = 0;
+        PUBLISH(self->words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3], 0);
         self->free[self->nfree++] = slot;
     }
     Py_RETURN_NONE;
@@ -553,9 +573,9 @@ static PyObject *Writer_written(Writer *self, PyObject *arg) {
         if (!found)
             Py_RETURN_NONE;
     }
-    self->words[W_TAIL_OUT] = end;
+    PUBLISH(self->words[W_TAIL_OUT], end);
     self->tail = tail;
-    self->words[W_TAIL] = tail;
+    PUBLISH(self->words[W_TAIL], tail);
     Py_RETURN_NONE;
 }
 
@@ -660,7 +680,10 @@ PyMODINIT_FUNC PyInit__journal(void) {
         PyModule_AddIntConstant(m, "SLOT_SIZE", SLOT_SIZE) < 0 || PyModule_AddIntConstant(m, "SLOTS", SLOTS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_RECORD", MAX_RECORD) < 0 ||
         PyModule_AddIntConstant(m, "STAGING_MAX", STAGING_MAX) < 0 ||
-        PyModule_AddIntConstant(m, "TERMS_AT", TERMS_AT) < 0) {
+        PyModule_AddIntConstant(m, "TERMS_AT", TERMS_AT) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_HEADER", SLOT_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "FAST_BYTES", FAST_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "RING_START", RING_START) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -13,6 +13,9 @@ SLOTS: int
 MAX_RECORD: int
 STAGING_MAX: int
 TERMS_AT: int
+SLOT_HEADER: int
+FAST_BYTES: int
+RING_START: int
 
 class Writer:
     def __init__(self, pool: BufferPool, tag: int, in_base: int, out_base: int, staged: int) -> None: ...

@@ -457,6 +457,11 @@ def _fast_writer() -> Opener | None:
         SLOT_SIZE,
         SLOTS,
     ) and (_journal.MAX_RECORD, _journal.STAGING_MAX, _journal.TERMS_AT) == (MAX_RECORD, STAGING_MAX, TERMS_AT)
+    same = same and (_journal.SLOT_HEADER, _journal.FAST_BYTES, _journal.RING_START) == (
+        _SLOT_HEADER,
+        _FAST_BYTES,
+        RING_START,
+    )
     if not same:
         log.warning("connection journal: the C writer was built for another format: writing it in Python")
         return None

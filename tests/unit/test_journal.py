@@ -340,15 +340,15 @@ def test_replies_of_every_shape_are_read_back_byte_for_byte(pool, writer):
         assert side.recovered(OUT_BASE + written) == (whole[written:], b"")
 
 
-def _serve_at_random(side: Side, rng: random.Random) -> int:
+def _serve_at_random(side: Side, rng: random.Random, steps: int) -> Iterator[int]:
     """A connection's life as the journal sees it, drawn from ``rng``: requests of every kind arrive
     in pieces and are taken, answered out of order with replies of every shape, their replies
-    written bit by bit, the staging buffer moved.  Returns how much of the replies the kernel was
-    said to have."""
+    written bit by bit, the staging buffer moved.  After each step, yields how much of the replies
+    the kernel was said to have."""
     taken_to, written = 0, OUT_BASE
     unanswered: list[int] = []
     side.journal.describe(b'{"export": "random"}')
-    for _ in range(400):
+    for _ in range(steps):
         draw = rng.random()
         if draw < 0.4 and side.staging.filled < 2048:
             payload = rng.randbytes(rng.choice((0, 0, 1, 100, 512, 1024)))
@@ -358,25 +358,28 @@ def _serve_at_random(side: Side, rng: random.Random) -> int:
             taken_to += len(header) + len(payload)
         elif draw < 0.7 and unanswered:
             slot = unanswered.pop(rng.randrange(len(unanswered)))
-            data = side.pool.take(4096)
-            data[:4096] = rng.randbytes(4096)
+            block = side.pool.take(4096)
+            block[:4096] = rng.randbytes(4096)
+            data = block[: rng.choice((1, 1000, 4096))]
             shape = rng.randrange(4)
             if shape == 0:
                 side.journal.reply(slot, [rng.randbytes(rng.choice((16, 20, 32)))], None, None)
-            elif shape == 1:
-                side.journal.reply(slot, [rng.randbytes(20), data[:1000]], data[:1000], data)
-            elif shape == 2:
-                side.journal.reply(slot, [rng.randbytes(12), data[:512], rng.randbytes(20), data[512:600]], None, None)
+            elif shape == 1:  # a header and the data that is the block's first bytes
+                side.journal.reply(slot, [rng.randbytes(20), data], data, block)
+            elif shape == 2:  # chunks: slices of the block
+                side.journal.reply(
+                    slot, [rng.randbytes(12), block[:512], rng.randbytes(20), block[512:600]], None, None
+                )
             else:
                 side.journal.reply(slot, [rng.randbytes(24), rng.randbytes(8)], None, None)
-            side.pool.give(data)
+            side.pool.give(block)
         elif draw < 0.85:
             written = rng.randint(written, side.journal.out)
             side.journal.written(written)
         else:
             side.staging.keep(taken_to)
             taken_to = 0
-    return written
+        yield written
 
 
 def test_the_compiled_build_writes_journals_in_c():
@@ -387,20 +390,26 @@ def test_the_compiled_build_writes_journals_in_c():
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32))
 def test_the_c_writer_writes_the_same_bytes_as_the_python_one(seed):
-    """The two writers, driven alike, leave identical journals, and a replacement recovers alike."""
+    """The two writers, driven alike, keep identical journals all along, and a replacement recovers
+    alike from either."""
     if WRITERS["c"] is None:
         pytest.skip("this build has no C writer (the compiled build has)")
-    journals = []
-    for cls in (Journal, WRITERS["c"]):
-        fd = arena_memory(ARENA_SIZE)
-        try:
-            side = Side(BufferPool(arena=Arena(fd, ARENA_SIZE)), cls)
-            written = _serve_at_random(side, random.Random(seed))
-            view = side.pool.arena.view  # type: ignore[union-attr]
-            record = side.journal.record
-            journals.append((bytes(view[record : record + SIZE]), side.journal.out, side.journal.given_up))
-            journals.append(side.recovered(written))
-        finally:
+    steps, fds, sides, lives = 400, [], [], []
+    try:
+        for cls in (Journal, WRITERS["c"]):
+            fds.append(arena_memory(ARENA_SIZE))
+            sides.append(Side(BufferPool(arena=Arena(fds[-1], ARENA_SIZE)), cls))
+            lives.append(_serve_at_random(sides[-1], random.Random(seed), steps))
+        for step, written in enumerate(zip(*lives, strict=True)):
+            if step % 20 == 0 or step == steps - 1:
+                assert _state(sides[0], written[0]) == _state(sides[1], written[1]), f"after step {step}"
+    finally:
+        for fd in fds:
             os.close(fd)
-    assert journals[0] == journals[2]
-    assert journals[1] == journals[3]
+
+
+def _state(side: Side, written: int) -> tuple[bytes, int, bool, tuple[bytes, bytes]]:
+    """The journal's block, what its writer says, and what a replacement would recover."""
+    view = side.pool.arena.view  # type: ignore[union-attr]
+    record = side.journal.record
+    return bytes(view[record : record + SIZE]), side.journal.out, side.journal.given_up, side.recovered(written)
