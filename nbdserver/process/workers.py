@@ -195,6 +195,7 @@ class WorkerPool:
         self._retired: list[Snapshot] = []  # the last counters of workers that died
         self._stopping = False
         self.lost = 0  # workers that died so far (a snapshot made meanwhile is not to be trusted)
+        self._changes = 0  # changes asked of every worker (exports, bitmaps): a worker starting misses them
         self.on_clone_ask: Callable[[str, int, int], None] = lambda export, first, last: None
         self.on_change: Callable[[], None] = lambda: None  # a worker's number of connections changed
         self.on_room: list[Callable[[], None]] = []  # called when has_room() may have become true
@@ -351,20 +352,37 @@ class WorkerPool:
             if self._stopping:  # meanwhile: the ledger's descriptor is closed
                 break
             try:
-                new = await self._start(old.index)
+                seen = self._changes
+                new = await self._start(old.index)  # with the configuration of now
             except WorkerError as exc:
                 log.error("%s: trying again", exc)
                 continue
             self._workers[self._workers.index(old)] = new
-            log.info("worker %d started again: pid %d", new.index, new.proc.pid)
             if self._stopping:
                 self._tell(new, {"type": "stop"})
                 break
             self._hand_over(old.arena_key, old.arena, old.held, new, died, closed, DIED)
             old.arena = -1
+            await self._catch_up(new, seen)
+            log.info("worker %d started again: pid %d", new.index, new.proc.pid)
             return
         self.recovery.recovered["closed"] += closed + len(old.held)
         self._close_held(old)
+
+    async def _catch_up(self, worker: _Worker, seen: int) -> None:
+        """Make in a worker started with the configuration of change ``seen`` the changes asked of
+        the others while it started: exports added or dropped (a checkpoint's), bitmaps made or
+        removed.  (It is asked with the others from its start on.)"""
+        while seen != self._changes and worker.alive:
+            seen = self._changes
+            raw = pickle.dumps(share(self.config, self.count))
+            try:
+                await self._ask(worker, {"type": "reload", "answer": True}, "reloaded", raw)
+                for export in self.config.exports:
+                    await self._ask(worker, {"type": "bitmaps_load", "export": export.name}, "bitmaps_loaded")
+            except WorkerError as exc:  # it died: its replacement starts from the configuration of then
+                log.warning("worker %d: the changes made while it started: %s", worker.index, exc)
+                return
 
     def _hand_over(
         self, key: int, arena: int, held_there: dict[int, _Held], new: _Worker, died: float, closed: int, since: str
@@ -586,12 +604,14 @@ class WorkerPool:
 
     def reload(self, config: ServerConfig) -> None:
         self.config = config
+        self._changes += 1
         self._tell_all({"type": "reload"}, pickle.dumps(share(config, self.count)))
 
     async def apply(self, config: ServerConfig) -> list[str]:
         """Reload every worker with ``config`` as SIGHUP does, and wait until each has: what any
         could not open (a worker that dies meanwhile is replaced with ``config``)."""
         self.config = config
+        self._changes += 1
         raw = pickle.dumps(share(config, self.count))
         answers = await self._ask_all({"type": "reload", "answer": True}, "reloaded", raw)
         return [f"worker {index}: {'; '.join(head['refused'])}" for index, head in answers if head.get("missing")]
@@ -605,12 +625,14 @@ class WorkerPool:
         """Disconnect an export's clients in every worker and close it there; ``config`` is without it
         (for the workers started from now on).  Returns the clients disconnected."""
         self.config = config
+        self._changes += 1
         answers = await self._ask_all({"type": "export_drop", "name": name}, "export_dropped")
         return sum(head.get("closed", 0) for _, head in answers)
 
     async def load_bitmaps(self, export: str) -> list[str]:
         """Every worker opens the export's bitmaps the primary made, and closes those it removed;
         returns what any could not do."""
+        self._changes += 1
         answers = await self._ask_all({"type": "bitmaps_load", "export": export}, "bitmaps_loaded")
         return [f"worker {index}: {'; '.join(head['refused'])}" for index, head in answers if head.get("refused")]
 
