@@ -634,8 +634,7 @@ class Connection(asyncio.BufferedProtocol):
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))
             self._give_back_sent()
-            if self.journal is not None:  # its log keeps what the kernel lacks: small, and in the cache
-                self.journal.written(self.journal.out - transport.get_write_buffer_size())
+            self._journal_written()  # its log keeps what the kernel lacks: small, and in the cache
         self._out = []
         self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
@@ -670,12 +669,18 @@ class Connection(asyncio.BufferedProtocol):
     def _journal_crowded(self) -> bool:
         """The journal's log of replies not yet known to be written is full enough to stop taking
         requests (a client that reads no replies)."""
-        journal, transport = self.journal, self._transport
+        journal = self.journal
         if journal is None or not journal.crowded:
             return False
-        if not self._out and transport is not None:
-            journal.written(journal.out - transport.get_write_buffer_size())
+        if not self._out:
+            self._journal_written()
         return journal.crowded
+
+    def _journal_written(self) -> None:
+        """Tell the journal how much of the replies handed to the transport the kernel has."""
+        journal, transport = self.journal, self._transport
+        if journal is not None and transport is not None:
+            journal.written(journal.out - transport.get_write_buffer_size())
 
     def _update_reading(self) -> None:
         """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""

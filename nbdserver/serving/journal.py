@@ -450,19 +450,20 @@ def _fast_writer() -> Opener | None:
         from . import _journal
     except ImportError:  # the pure build
         return None
-    same = (_journal.VERSION, _journal.SIZE, _journal.HEAD_SIZE, _journal.SLOT_SIZE, _journal.SLOTS) == (
-        VERSION,
-        SIZE,
-        HEAD_SIZE,
-        SLOT_SIZE,
-        SLOTS,
-    ) and (_journal.MAX_RECORD, _journal.STAGING_MAX, _journal.TERMS_AT) == (MAX_RECORD, STAGING_MAX, TERMS_AT)
-    same = same and (_journal.SLOT_HEADER, _journal.FAST_BYTES, _journal.RING_START) == (
-        _SLOT_HEADER,
-        _FAST_BYTES,
-        RING_START,
-    )
-    if not same:
+    ours = {
+        "VERSION": VERSION,
+        "SIZE": SIZE,
+        "HEAD_SIZE": HEAD_SIZE,
+        "SLOT_SIZE": SLOT_SIZE,
+        "SLOTS": SLOTS,
+        "SLOT_HEADER": _SLOT_HEADER,
+        "RING_START": RING_START,
+        "MAX_RECORD": MAX_RECORD,
+        "FAST_BYTES": _FAST_BYTES,
+        "STAGING_MAX": STAGING_MAX,
+        "TERMS_AT": TERMS_AT,
+    }
+    if any(getattr(_journal, name) != value for name, value in ours.items()):
         log.warning("connection journal: the C writer was built for another format: writing it in Python")
         return None
     return _journal.Writer
