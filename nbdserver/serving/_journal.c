@@ -229,10 +229,10 @@ static PyObject *Writer_close(Writer *self, PyObject *unused) {
     return done == NULL ? NULL : (Py_DECREF(done), Py_NewRef(Py_None));
 }
 
-/* taken(view, pos, length, payload, block) -> slot: see journal.py. */
+/* taken(view, pos, length, payload, block, copied=0) -> slot: see journal.py. */
 static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "taken() takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "taken() takes 5 or 6 arguments");
         return NULL;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
@@ -244,17 +244,20 @@ static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t na
     unsigned long long payload = PyLong_AsUnsignedLongLong(args[3]);
     if ((payload == (unsigned long long)-1 && PyErr_Occurred()) || closed(self))
         return NULL;
-    if (pos < 0 || length < 0) {
-        PyErr_SetString(PyExc_ValueError, "a header at a negative position");
+    Py_ssize_t copied = nargs == 6 ? PyLong_AsSsize_t(args[5]) : 0;
+    if (copied == -1 && PyErr_Occurred())
+        return NULL;
+    if (pos < 0 || length < 0 || copied < 0 || (unsigned long long)copied > payload) {
+        PyErr_SetString(PyExc_ValueError, "a header at a negative position, or more copied than its payload");
         return NULL;
     }
     PyObject *block = args[4];
     uint64_t end = self->base + pos + length;
     if (self->nfree == 0 || length > MAX_HEADER) {
         give_up(self, "no room for a request");
-        self->consumed = end;
+        self->consumed = end + copied;
         self->lagging = 0;
-        PUBLISH(self->words[W_CONSUMED], end);
+        PUBLISH(self->words[W_CONSUMED], end + copied);
         return PyLong_FromLong(-1);
     }
     Py_buffer view;
@@ -289,7 +292,7 @@ static PyObject *Writer_taken(Writer *self, PyObject *const *args, Py_ssize_t na
     PyBuffer_Release(&view);
     PUBLISH(w[0], end << 1 | 1);
     /* Committed later, when the consumed mark stored passes the header (store_consumed). */
-    self->consumed = end;
+    self->consumed = end + copied;
     self->lagging = 1;
     self->ends[slot] = end;
     return PyLong_FromLong(slot);
@@ -510,7 +513,10 @@ static int append(Writer *self, uint64_t request, PyObject *const *pieces, Py_ss
     return 0;
 }
 
-/* reply(slot, pieces, data, block): see journal.py. */
+/* The log holds so much not yet known to be written that no new request should be taken. */
+static PyObject *crowded(Writer *self) { return PyBool_FromLong(self->head - self->tail > CROWDED); }
+
+/* reply(slot, pieces, data, block) -> crowded: see journal.py. */
 static PyObject *Writer_reply(Writer *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "reply() takes 4 arguments");
@@ -538,17 +544,17 @@ static PyObject *Writer_reply(Writer *self, PyObject *const *args, Py_ssize_t na
         PUBLISH(self->words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3], 0);
         self->free[self->nfree++] = slot;
     }
-    Py_RETURN_NONE;
+    return crowded(self);
 }
 
-/* written(offset): see journal.py. */
+/* written(offset) -> crowded: see journal.py. */
 static PyObject *Writer_written(Writer *self, PyObject *arg) {
     unsigned long long offset = PyLong_AsUnsignedLongLong(arg);
     if ((offset == (unsigned long long)-1 && PyErr_Occurred()) || closed(self))
         return NULL;
     uint64_t tail = self->tail, head = self->head, end;
     if (tail == head)
-        Py_RETURN_NONE;
+        return crowded(self);
     if (offset >= self->out && !self->given_up) {
         end = self->out;
         tail = head;
@@ -571,12 +577,12 @@ static PyObject *Writer_written(Writer *self, PyObject *arg) {
             found = 1;
         }
         if (!found)
-            Py_RETURN_NONE;
+            return crowded(self);
     }
     PUBLISH(self->words[W_TAIL_OUT], end);
     self->tail = tail;
     PUBLISH(self->words[W_TAIL], tail);
-    Py_RETURN_NONE;
+    return crowded(self);
 }
 
 static PyObject *Writer_give_up(Writer *self, PyObject *arg) {
@@ -587,7 +593,7 @@ static PyObject *Writer_give_up(Writer *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Writer_crowded(Writer *self, void *unused) { return PyBool_FromLong(self->head - self->tail > CROWDED); }
+static PyObject *Writer_crowded(Writer *self, void *unused) { return crowded(self); }
 static PyObject *Writer_out(Writer *self, void *unused) { return PyLong_FromUnsignedLongLong(self->out); }
 static PyObject *Writer_given_up(Writer *self, void *unused) { return PyBool_FromLong(self->given_up); }
 static PyObject *Writer_record(Writer *self, void *unused) { return PyLong_FromLongLong(self->record); }

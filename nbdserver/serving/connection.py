@@ -133,6 +133,7 @@ class Connection(asyncio.BufferedProtocol):
         self._resend = resend
         self.tag = tag
         self.journal: Writer | None = None  # what a replacement would need, should this process die
+        self._crowded = False  # the journal's log is too full to take more requests (as it last said)
         self._handing_over = False  # taking no new request: the connection is being handed over
         self.handed_over = False  # the successor has it
         self.peer = "?"
@@ -222,7 +223,7 @@ class Connection(asyncio.BufferedProtocol):
         self._abandon_payload()  # it refers back to us through its callback: free it now
         if self.journal is not None:
             self.journal.close()
-            self.journal = None
+            self.journal, self._crowded = None, False
         self.server.connection_lost(self)
         self.closed.set()
 
@@ -481,14 +482,15 @@ class Connection(asyncio.BufferedProtocol):
                     break  # a block status filter comes with its header: wait for the rest
                 if taken > header_size:
                     tx.take_filter(header, view, pos + header_size)
-                self._on_header(header, pos, taken)
-                pos += taken
+                pos += self._on_header(header, pos, taken, end)
             else:
                 break
         staging.keep(end if self._disconnecting else pos)
 
-    def _on_header(self, header: RequestHeader, at: int, taken: int) -> None:
-        """A request header (``taken`` bytes with its filter, at ``at`` of the staging buffer)."""
+    def _on_header(self, header: RequestHeader, at: int, taken: int, end: int) -> int:
+        """A request header (``taken`` bytes with its filter, at ``at`` of the staging buffer, which
+        holds ``end`` bytes).  Returns the bytes consumed: the header's, and its payload's if the
+        staging buffer held all of it (the common small WRITE, taken in one step)."""
         tx, journal = self._tx, self.journal
         assert tx is not None
         payload = tx.payload_length(header)
@@ -497,15 +499,15 @@ class Connection(asyncio.BufferedProtocol):
                 journal.consumed(at + taken)
                 journal.disconnecting()
             self._begin_disconnect()
-            return
+            return taken
         error, message = tx.check(header)
         if error:
-            slot = journal.taken(self._staging.view, at, taken, payload, None) if journal is not None else -1
+            slot = journal.taken(self._staging.view, at, taken, payload, None, 0) if journal is not None else -1
             self._refused = (header, error, message, slot)
             self._discard_left = payload
             if not payload:
                 self._refuse_now()
-            return
+            return taken
         sparse = header.command == Command.READ and tx.structured_replies and not header.flags & FLAG_DF
         request = Request(
             header.command, header.flags, header.cookie, header.offset, header.length, self._request_done, sparse=sparse
@@ -517,19 +519,28 @@ class Connection(asyncio.BufferedProtocol):
         if self._over_limits():
             self._update_reading()
         self._large_writes = payload >= HEADER_ALONE_MIN
+        copied = 0
         if payload:
             assert self.export is not None
             request.block = self.export.pool.take(payload)
             request.buffer = request.block[:payload]
-            self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
+            start = at + taken
+            if end - start >= payload:  # all staged: copied now, and taken with the header
+                request.buffer[:] = self._staging.view[start : start + payload]
+                copied = payload
+                if payload > DIRECT_RECEIVE_MIN // 2:
+                    self._staging.copied_large = True
+            else:
+                self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
         elif header.command == Command.WRITE:
             request.buffer = bytearray()
         if header.contexts is not None:
             request.contexts = header.contexts
         if journal is not None:
-            request.slot = journal.taken(self._staging.view, at, taken, payload, request.block)
-        if not payload:
+            request.slot = journal.taken(self._staging.view, at, taken, payload, request.block, copied)
+        if payload == copied:
             self._submit(request)
+        return taken + copied
 
     def _payload_complete(self) -> None:
         request = self._payload_request
@@ -609,9 +620,9 @@ class Connection(asyncio.BufferedProtocol):
         journal = self.journal
         if journal is not None:
             if request is not None:
-                journal.reply(request.slot, buffers, request.buffer, block)
+                self._crowded = journal.reply(request.slot, buffers, request.buffer, block)
             else:
-                journal.reply(slot, buffers, None, None)
+                self._crowded = journal.reply(slot, buffers, None, None)
         self._out.extend(buffers)
         self._reply_bytes += data_bytes
         if not self._flush_scheduled and not self._receiving:  # buffer_updated() flushes after receiving
@@ -669,18 +680,15 @@ class Connection(asyncio.BufferedProtocol):
     def _journal_crowded(self) -> bool:
         """The journal's log of replies not yet known to be written is full enough to stop taking
         requests (a client that reads no replies)."""
-        journal = self.journal
-        if journal is None or not journal.crowded:
-            return False
-        if not self._out:
+        if self._crowded and not self._out:
             self._journal_written()
-        return journal.crowded
+        return self._crowded
 
     def _journal_written(self) -> None:
         """Tell the journal how much of the replies handed to the transport the kernel has."""
         journal, transport = self.journal, self._transport
         if journal is not None and transport is not None:
-            journal.written(journal.out - transport.get_write_buffer_size())
+            self._crowded = journal.written(journal.out - transport.get_write_buffer_size())
 
     def _update_reading(self) -> None:
         """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""

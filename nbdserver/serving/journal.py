@@ -127,15 +127,17 @@ class Writer(Protocol):
     @property
     def crowded(self) -> bool: ...
     def close(self) -> None: ...
-    def taken(self, view: memoryview, pos: int, length: int, payload: int, block: memoryview | None) -> int: ...
+    def taken(
+        self, view: memoryview, pos: int, length: int, payload: int, block: memoryview | None, copied: int = 0
+    ) -> int: ...
     def consumed(self, pos: int) -> None: ...
     def receiving(self, direct: bool) -> None: ...
     def received(self, slot: int, got: int) -> None: ...
     def moved(self, pos: int, half: int) -> None: ...
     def disconnecting(self) -> None: ...
     def describe(self, terms: bytes) -> bool: ...
-    def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None: ...
-    def written(self, offset: int) -> None: ...
+    def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> bool: ...
+    def written(self, offset: int) -> bool: ...
     def give_up(self, why: str) -> None: ...
 
 
@@ -201,16 +203,19 @@ class Journal:
 
     # Requests in ---------------------------------------------------------------------------
 
-    def taken(self, view: memoryview, pos: int, length: int, payload: int, block: memoryview | None) -> int:
+    def taken(
+        self, view: memoryview, pos: int, length: int, payload: int, block: memoryview | None, copied: int = 0
+    ) -> int:
         """A request header at ``pos`` of the staging buffer, ``length`` bytes with its filter, whose
-        payload (``payload`` bytes) goes to ``block``; the header is consumed.  Returns its slot
-        (-1: none, the journal gave up)."""
+        payload (``payload`` bytes) goes to ``block``; the header is consumed, and the first ``copied``
+        bytes of the payload behind it, already in ``block``.  Returns its slot (-1: none, the
+        journal gave up)."""
         end = self._base + pos + length
         free, words = self._free, self._words
         if not free or length > MAX_HEADER:
             self.give_up("no room for a request")
-            self._consumed, self._lagging = end, False
-            words[_CONSUMED] = end
+            self._consumed, self._lagging = end + copied, False
+            words[_CONSUMED] = end + copied
             return -1
         slot = free.pop()
         at = HEAD_SIZE + slot * SLOT_SIZE
@@ -225,7 +230,7 @@ class Journal:
         words[w] = end << 1 | 1
         # The commit, the consumed mark passing the header, is stored later (_store_consumed): the
         # slot counts from there; until then the request is in the staging buffer still.
-        self._consumed = end
+        self._consumed = end + copied
         self._lagging = True
         self._ends[slot] = end
         return slot
@@ -290,9 +295,10 @@ class Journal:
 
     # Replies out ---------------------------------------------------------------------------
 
-    def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
+    def reply(self, slot: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> bool:
         """A reply queued to be sent; the request in ``slot`` (-1: none) is answered.  ``data``
-        (a slice of ``block``) is where the pieces that are not bytes come from."""
+        (a slice of ``block``) is where the pieces that are not bytes come from.  Returns
+        ``crowded``, for the caller to keep (the log grows only here)."""
         self._store_consumed()  # the request counts before its answer does
         if not self.given_up:
             self._append(self._ends[slot] if slot >= 0 else 0, pieces, data, block)
@@ -302,6 +308,7 @@ class Journal:
         if slot >= 0:
             self._words[(HEAD_SIZE + slot * SLOT_SIZE) >> 3] = 0
             self._free.append(slot)
+        return self.crowded
 
     def _append(self, request: int, pieces: Sequence[Buffer], data: Buffer | None, block: memoryview | None) -> None:
         """Log a reply: 3 words (the request's header end << 1 | 1, the reply's stream offset, its
@@ -404,11 +411,12 @@ class Journal:
         """The log holds so much not yet known to be written that no new request should be taken."""
         return self._head - self._tail > CROWDED
 
-    def written(self, offset: int) -> None:
-        """Every reply byte before stream offset ``offset`` is the kernel's: drop their records."""
+    def written(self, offset: int) -> bool:
+        """Every reply byte before stream offset ``offset`` is the kernel's: drop their records.
+        Returns ``crowded`` (the log shrinks only here)."""
         tail, head = self._tail, self._head
         if tail == head:
-            return
+            return False
         if offset >= self.out and not self.given_up:  # all of them: the log's end is known
             end = self.out
             tail = head
@@ -426,12 +434,13 @@ class Journal:
                 tail += sizes & 0xFFFFFF
                 end = record_end
             if end < 0:
-                return
+                return self.crowded
         # The end of what is dropped before the tail moves (it may run ahead of the tail meanwhile:
         # see _resend): an empty log always tells where it ended.
         self._words[_TAIL_OUT] = end
         self._tail = tail
         self._words[_TAIL] = tail
+        return self.crowded
 
     def give_up(self, why: str) -> None:
         """Stop journaling this connection: it cannot be recovered (it is served on as before)."""

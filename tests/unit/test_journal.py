@@ -16,6 +16,7 @@ from nbdserver.protocol.constants import Command
 from nbdserver.protocol.transmission import encode_request_header
 from nbdserver.serving import journal as journal_module
 from nbdserver.serving.journal import (
+    CROWDED,
     MAX_TERMS,
     RING_SIZE,
     SIZE,
@@ -69,15 +70,20 @@ class Side:
         self.read += len(data)
 
     def take(
-        self, pos: int, header: bytes, payload: bytes = b"", got: int | None = None
+        self, pos: int, header: bytes, payload: bytes = b"", got: int | None = None, at_once: bool = False
     ) -> tuple[int, memoryview | None]:
         """Take the request whose header is at ``pos``, and ``got`` bytes of its payload (all, if
-        None) from the staging buffer."""
+        None) from the staging buffer: copied after the header is taken, or before and taken with it
+        (``at_once``), as the connection takes a payload staged in full."""
         block = self.pool.take(len(payload)) if payload else None
+        got = len(payload) if got is None else got
+        start = pos + len(header)
+        if at_once:
+            if block is not None:
+                block[:got] = self.staging.view[start : start + got]
+            return self.journal.taken(self.staging.view, pos, len(header), len(payload), block, got), block
         slot = self.journal.taken(self.staging.view, pos, len(header), len(payload), block)
         if block is not None:
-            got = len(payload) if got is None else got
-            start = pos + len(header)
             block[:got] = self.staging.view[start : start + got]
             self.journal.consumed(start + got)
         return slot, block
@@ -106,6 +112,32 @@ def test_a_request_taken_and_not_answered_is_taken_again_and_one_answered_is_not
     resend, pending = side.recovered(written=OUT_BASE + 16)
     assert resend == b""
     assert pending == b"".join(second)
+
+
+def test_a_payload_taken_with_its_header_is_taken_again_whole(pool, writer):
+    """A payload staged in full is copied to its block and taken with its header, in one call."""
+    side = Side(pool, writer)
+    first, second = write(1, 0, b"a" * 100), write(2, 4096, b"b" * 50)
+    side.receive(b"".join(first) + b"".join(second))
+    slot, block = side.take(0, *first, at_once=True)
+    side.take(len(b"".join(first)), *second, at_once=True)
+    assert block is not None and bytes(block[:100]) == b"a" * 100
+    side.staging.keep(side.staging.filled)
+    assert side.recovered(written=OUT_BASE) == (b"", b"".join(first) + b"".join(second))
+    side.journal.reply(slot, [b"R" * 16], None, None)
+    assert side.recovered(written=OUT_BASE + 16) == (b"", b"".join(second))
+
+
+def test_a_reply_and_a_write_to_the_socket_say_whether_the_log_is_crowded(pool, writer):
+    """The connection keeps what they return rather than asking before each request."""
+    side = Side(pool, writer)
+    out, said = OUT_BASE, []
+    while not said or not said[-1]:
+        said.append(side.journal.reply(-1, [b"C" * 200], None, None))
+        out += 200
+    assert len(said) > CROWDED // 256 and not any(said[:-1]) and not side.journal.given_up
+    assert side.journal.written(out - 200) is False  # all but the last reply: one record left
+    assert side.journal.written(out) is False and not side.journal.crowded
 
 
 def test_a_reply_half_written_is_finished_from_the_exact_byte(pool, writer):
@@ -354,7 +386,7 @@ def _serve_at_random(side: Side, rng: random.Random, steps: int) -> Iterator[int
             payload = rng.randbytes(rng.choice((0, 0, 1, 100, 512, 1024)))
             header = write(len(unanswered), 4096, payload)[0] if payload else read(1, 0, 4096)
             side.receive(header + payload)
-            unanswered.append(side.take(taken_to, header, payload)[0])
+            unanswered.append(side.take(taken_to, header, payload, at_once=rng.random() < 0.5)[0])
             taken_to += len(header) + len(payload)
         elif draw < 0.7 and unanswered:
             slot = unanswered.pop(rng.randrange(len(unanswered)))
@@ -363,19 +395,20 @@ def _serve_at_random(side: Side, rng: random.Random, steps: int) -> Iterator[int
             data = block[: rng.choice((1, 1000, 4096))]
             shape = rng.randrange(4)
             if shape == 0:
-                side.journal.reply(slot, [rng.randbytes(rng.choice((16, 20, 32)))], None, None)
+                crowded = side.journal.reply(slot, [rng.randbytes(rng.choice((16, 20, 32)))], None, None)
             elif shape == 1:  # a header and the data that is the block's first bytes
-                side.journal.reply(slot, [rng.randbytes(20), data], data, block)
+                crowded = side.journal.reply(slot, [rng.randbytes(20), data], data, block)
             elif shape == 2:  # chunks: slices of the block
-                side.journal.reply(
+                crowded = side.journal.reply(
                     slot, [rng.randbytes(12), block[:512], rng.randbytes(20), block[512:600]], None, None
                 )
             else:
-                side.journal.reply(slot, [rng.randbytes(24), rng.randbytes(8)], None, None)
+                crowded = side.journal.reply(slot, [rng.randbytes(24), rng.randbytes(8)], None, None)
+            assert crowded == side.journal.crowded
             side.pool.give(block)
         elif draw < 0.85:
             written = rng.randint(written, side.journal.out)
-            side.journal.written(written)
+            assert side.journal.written(written) == side.journal.crowded
         else:
             side.staging.keep(taken_to)
             taken_to = 0
