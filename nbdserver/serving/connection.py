@@ -40,7 +40,7 @@ from ..protocol.transmission import encode_request_header
 from . import counts
 from .bitmaps import status_reply, track
 from .gathering import Gathering, clear_mark
-from .journal import Writer, open_journal
+from .journal import Replied, Taken, Writer, open_journal
 from .staging import DIRECT_RECEIVE_MIN, STAGING_SIZE, Staging
 from .tls import peer_subject
 
@@ -134,6 +134,8 @@ class Connection(asyncio.BufferedProtocol):
         self.tag = tag
         self.journal: Writer | None = None  # what a replacement would need, should this process die
         self._crowded = False  # the journal's log is too full to take more requests (as it last said)
+        self._journal_taken: Taken | None = None  # its calls per request, looked up once
+        self._journal_reply: Replied | None = None
         self._handing_over = False  # taking no new request: the connection is being handed over
         self.handed_over = False  # the successor has it
         self.peer = "?"
@@ -224,6 +226,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.journal is not None:
             self.journal.close()
             self.journal, self._crowded = None, False
+            self._journal_taken = self._journal_reply = None
         self.server.connection_lost(self)
         self.closed.set()
 
@@ -425,6 +428,7 @@ class Connection(asyncio.BufferedProtocol):
         out_base = written + transport.get_write_buffer_size()
         journal = open_journal(export.pool, self.tag, read - len(staged), out_base, len(staged))
         self.journal = journal
+        self._journal_taken, self._journal_reply = journal.taken, journal.reply
         return Staging(STAGING_SIZE, staged, journal.halves, journal)
 
     # Transmission: requests in --------------------------------------------------------
@@ -536,8 +540,9 @@ class Connection(asyncio.BufferedProtocol):
             request.buffer = bytearray()
         if header.contexts is not None:
             request.contexts = header.contexts
-        if journal is not None:
-            request.slot = journal.taken(self._staging.view, at, taken, payload, request.block, copied)
+        journal_taken = self._journal_taken
+        if journal_taken is not None:
+            request.slot = journal_taken(self._staging.view, at, taken, payload, request.block, copied)
         if payload == copied:
             self._submit(request)
         return taken + copied
@@ -617,12 +622,12 @@ class Connection(asyncio.BufferedProtocol):
         slot: int = -1,
     ) -> None:
         """Queue a reply (to ``request`` with its ``block``, or to the request in journal ``slot``)."""
-        journal = self.journal
-        if journal is not None:
+        journal_reply = self._journal_reply
+        if journal_reply is not None:
             if request is not None:
-                self._crowded = journal.reply(request.slot, buffers, request.buffer, block)
+                self._crowded = journal_reply(request.slot, buffers, request.buffer, block)
             else:
-                self._crowded = journal.reply(slot, buffers, None, None)
+                self._crowded = journal_reply(slot, buffers, None, None)
         self._out.extend(buffers)
         self._reply_bytes += data_bytes
         if not self._flush_scheduled and not self._receiving:  # buffer_updated() flushes after receiving

@@ -451,6 +451,9 @@ class Journal:
 
 
 Opener = Callable[[BufferPool, int, int, int, int], Writer]  # (pool, tag, in_base, out_base, staged)
+# A writer's two calls per request, as bound methods: the connection looks them up once.
+Taken = Callable[[memoryview, int, int, int, "memoryview | None", int], int]
+Replied = Callable[[int, Sequence[Buffer], "Buffer | None", "memoryview | None"], bool]
 
 
 def _fast_writer() -> Opener | None:
