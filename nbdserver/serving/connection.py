@@ -169,6 +169,7 @@ class Connection(asyncio.BufferedProtocol):
         # once that many have left (handed minus still buffered), the block is free again.
         self._sent_blocks: deque[tuple[int, memoryview]] = deque()
         self._handed = 0  # bytes given to the transport so far
+        self._unsent = 0  # bytes the transport held after the last write to it
         self._unsent_blocks: list[memoryview] = []  # READ blocks of the replies in _out
         self._reading_paused = False  # no new request is taken
         self._transport_paused = False  # no bytes are received
@@ -520,7 +521,7 @@ class Connection(asyncio.BufferedProtocol):
         self._taken += 1
         if header.command in (Command.READ, Command.WRITE):
             self._charge(header.length)
-        if self._over_limits():
+        if self._over_limits(fresh=False):
             self._update_reading()
         self._large_writes = payload >= HEADER_ALONE_MIN
         copied = 0
@@ -649,8 +650,9 @@ class Connection(asyncio.BufferedProtocol):
             self._handed += sum(map(len, self._out))
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))
-            self._give_back_sent()
-            self._journal_written()  # its log keeps what the kernel lacks: small, and in the cache
+            self._unsent = unsent = transport.get_write_buffer_size()
+            self._give_back_sent(unsent)
+            self._journal_written(unsent)  # its log keeps what the kernel lacks: small, and in the cache
         self._out = []
         self._unsent_blocks = []
         self._reply_bytes = 0  # now counted in the transport's write buffer
@@ -663,23 +665,27 @@ class Connection(asyncio.BufferedProtocol):
             return False
         return gathering.idle()
 
-    def _give_back_sent(self) -> None:
-        """Return to the pool the READ blocks whose replies have left the transport."""
+    def _give_back_sent(self, unsent: int = -1) -> None:
+        """Return to the pool the READ blocks whose replies have left the transport (which holds
+        ``unsent`` bytes; -1: ask it)."""
         if not self._sent_blocks or self._transport is None:
             return
-        left = self._handed - self._transport.get_write_buffer_size()
+        left = self._handed - (unsent if unsent >= 0 else self._transport.get_write_buffer_size())
         give, sent = self.export.pool.give, self._sent_blocks  # type: ignore[union-attr]
         while sent and sent[0][0] <= left:
             give(sent.popleft()[1])
 
     # Flow control and shutdown ---------------------------------------------------------
 
-    def _over_limits(self) -> bool:
-        """Too much in flight or unsent on this connection (the export's budget is asked apart)."""
+    def _over_limits(self, fresh: bool = True) -> bool:
+        """Too much in flight or unsent on this connection (the export's budget is asked apart).
+        Not ``fresh``: the transport's unsent bytes as they were after the last write to it, no
+        fewer than now (they only drain until the next): a request taken is checked for the price of
+        a few loads, and a pause it calls for is checked again afresh."""
         transport = self._transport
         held = self._in_flight_bytes + self._reply_bytes
         if transport is not None:
-            held += transport.get_write_buffer_size()
+            held += transport.get_write_buffer_size() if fresh else self._unsent
         return held > self._max_in_flight_bytes or self._in_flight >= MAX_INFLIGHT_REQUESTS or self._journal_crowded()
 
     def _journal_crowded(self) -> bool:
@@ -689,11 +695,14 @@ class Connection(asyncio.BufferedProtocol):
             self._journal_written()
         return self._crowded
 
-    def _journal_written(self) -> None:
-        """Tell the journal how much of the replies handed to the transport the kernel has."""
+    def _journal_written(self, unsent: int = -1) -> None:
+        """Tell the journal how much of the replies handed to the transport (which holds ``unsent``
+        bytes; -1: ask it) the kernel has."""
         journal, transport = self.journal, self._transport
         if journal is not None and transport is not None:
-            self._crowded = journal.written(journal.out - transport.get_write_buffer_size())
+            if unsent < 0:
+                unsent = transport.get_write_buffer_size()
+            self._crowded = journal.written(journal.out - unsent)
 
     def _update_reading(self) -> None:
         """Pause reading while too much is in flight or unsent; on resuming, first take what is staged."""

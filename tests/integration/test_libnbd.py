@@ -242,6 +242,24 @@ def test_pread_of_holes_sends_hole_chunks(server, connect):
     assert chunks == [(30 * MiB + 5, 1000, nbd.READ_HOLE)]
 
 
+def test_data_between_zero_bytes_is_sent_as_data(server, connect):
+    """A block whose first and last bytes are zero is looked at whole before it is called a hole."""
+    h = connect(server.uri())
+    block = bytearray(4 * KiB)
+    block[2048] = 1
+    h.pwrite(bytes(block), 2 * MiB)
+    data, chunks = read_chunks(h, 4 * KiB, 2 * MiB)
+    assert data == block
+    assert chunks == [(2 * MiB, 4 * KiB, nbd.READ_DATA)]
+    data, chunks = read_chunks(h, 128 * KiB, 2 * MiB - 64 * KiB)
+    assert data == bytes(64 * KiB) + block + bytes(60 * KiB)
+    assert chunks == [
+        (2 * MiB - 64 * KiB, 64 * KiB, nbd.READ_HOLE),
+        (2 * MiB, 4 * KiB, nbd.READ_DATA),
+        (2 * MiB + 4 * KiB, 60 * KiB, nbd.READ_HOLE),
+    ]
+
+
 # Trim, zero, block status ----------------------------------------------------------------
 
 
