@@ -460,9 +460,7 @@ class Connection(asyncio.BufferedProtocol):
         while pos < end and not self._disconnecting:
             if self._payload is not None:
                 n = min(end - pos, len(self._payload) - self._payload_got)
-                self._payload[self._payload_got : self._payload_got + n] = view[pos : pos + n]
-                if n > DIRECT_RECEIVE_MIN // 2:
-                    staging.copied_large = True
+                staging.copy_out(self._payload, self._payload_got, pos, n)
                 self._payload_got += n
                 pos += n
                 if journal is not None:
@@ -531,10 +529,8 @@ class Connection(asyncio.BufferedProtocol):
             request.buffer = request.block[:payload]
             start = at + taken
             if end - start >= payload:  # all staged: copied now, and taken with the header
-                request.buffer[:] = self._staging.view[start : start + payload]
+                self._staging.copy_out(request.buffer, 0, start, payload)
                 copied = payload
-                if payload > DIRECT_RECEIVE_MIN // 2:
-                    self._staging.copied_large = True
             else:
                 self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
         elif header.command == Command.WRITE:

@@ -78,6 +78,13 @@ class Staging:
             self.view = buffer
         self._size = size
 
+    def copy_out(self, payload: memoryview, at: int, start: int, n: int) -> None:
+        """Copy ``n`` staged bytes from ``start`` to ``at`` of a payload (a large one narrows the
+        next window: see adapt)."""
+        payload[at : at + n] = self.view[start : start + n]
+        if n > DIRECT_RECEIVE_MIN // 2:
+            self.copied_large = True
+
     def keep(self, pos: int) -> None:
         """Bytes up to ``pos`` are consumed: move the rest to the start."""
         left = self.filled - pos
