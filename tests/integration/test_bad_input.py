@@ -334,7 +334,9 @@ def test_write_header_of_1_gib_closes_without_allocating(server, mode):
     pid = server.proc.pid
     before = memory(pid)
     with negotiate(server, mode) as client:
-        client.send(client.request_bytes(Cmd.WRITE, 0, 1 << 30) + bytes(MiB))
+        client.send(client.request_bytes(Cmd.WRITE, 0, 1 << 30))
+        with contextlib.suppress(OSError):  # the server may close while the payload's first MiB goes
+            client.send(bytes(MiB))
         assert client.wait_closed()
     after = memory(pid)
     print(f"WRITE header of 1 GiB: RSS {before} -> {after}")
