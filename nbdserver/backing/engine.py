@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
-from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, segments_extents
+from .file import SPARSE_CHECK_MIN, Backing, Extent, Segment, segments_extents, segments_length
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class InPlace:
         the data read (:func:`segments_extents`), not with SEEK_HOLE: in a well-filled file SEEK_HOLE
         may walk every page up to its end (tmpfs does), which made each read cost O(file size).
         """
-        length = sum(map(len, segments))
+        length = segments_length(segments)
         if length >= SPARSE_CHECK_MIN and self.backing.is_hole(offset, length):
             return [(length, True)]
         if self.backing.read_now(offset, segments):

@@ -29,6 +29,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 from time import monotonic
+from typing import Final
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ Segment = bytearray | memoryview
 # (length, is_hole); holes read as zeroes.
 Extent = tuple[int, bool]
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_EXTENTS = 1 << 16  # per query; callers ask again for the rest
 
 # <linux/falloc.h>
@@ -61,7 +62,7 @@ MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_M
 # merged submission (1 MiB by default), a copy to or from memory that costs less than handing
 # it to the engine and back.  Longer ones go to the engine, where they do not hold up other
 # connections; so do writes for a while after one the kernel made wait (``slow_write``).
-INLINE_MAX = 1024 * 1024
+INLINE_MAX: Final = 1024 * 1024
 SLOW_WRITE = 0.002  # seconds: a buffered write this slow had to wait for the kernel
 # After a slow one, writes (or flushes) go to workers for INLINE_BACKOFF seconds, or for
 # BACKOFF_FACTOR times as long as it took: work that keeps being slow in place (a flush that
@@ -77,7 +78,7 @@ HOLE_SKIP_MAX = 64  # page-cache misses that may skip the hole check after it ke
 # Zeroes for the zero-writing fallback, page-aligned (an anonymous mapping) so that O_DIRECT takes them.
 _ZERO_CHUNK = memoryview(mmap.mmap(-1, 1024 * 1024))
 ZERO_BLOCK = 4096  # granularity of zero detection in reads
-_ZERO_SCAN_MIN = 64 * 1024  # shorter buffers are reported whole: all zero or data
+_ZERO_SCAN_MIN: Final = 64 * 1024  # shorter buffers are reported whole: all zero or data
 SPARSE_CHECK_MIN = 64 * 1024  # sparse reads this long first ask whether they fall in a hole
 _ZERO_WORD = bytes(8)
 
@@ -247,7 +248,7 @@ class Backing:
         if len(segments) > IOV_MAX:
             return False
         if self.in_memory:
-            length = sum(map(len, segments))
+            length = segments_length(segments)
             if length > INLINE_MAX:
                 return False
             # One preadv, as readv() would do it, without its bookkeeping; a short read (the end
@@ -300,7 +301,7 @@ class Backing:
         writes to the workers for a while (``INLINE_BACKOFF``).  Writes that must
         reach the device (FUA, O_DIRECT) always wait, so never come here.
         """
-        length = sum(map(len, segments))
+        length = segments_length(segments)
         if len(segments) > IOV_MAX or length > INLINE_MAX:
             return False
         if self.in_memory:  # one pwritev; should it write less, writev() writes it all again
@@ -468,8 +469,19 @@ class Backing:
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+def segments_length(segments: Sequence[Segment]) -> int:
+    """Bytes in ``segments``.  (A loop: compiled, ``sum(map(len, segments))`` costs some 90 ns
+    more, per request.)"""
+    length = 0
+    for segment in segments:
+        length += len(segment)
+    return length
+
+
 def segments_extents(segments: Sequence[Segment]) -> list[Extent]:
     """The data and all-zero extents of a list of buffers read one after the other."""
+    if len(segments) == 1:  # most reads: the one segment's extents as they are
+        return zero_extents(segments[0])
     extents: list[Extent] = []
     for segment in segments:
         for length, zero in zero_extents(segment):
@@ -479,6 +491,10 @@ def segments_extents(segments: Sequence[Segment]) -> list[Extent]:
 
 def zero_extents(data: Segment) -> list[Extent]:
     """Split a buffer into runs of data and of all-zero ``ZERO_BLOCK``-sized blocks."""
+    if isinstance(data, memoryview) and data.itemsize == 1:  # a block's slice: data at an end says it all
+        length = len(data)
+        if 0 < length < _ZERO_SCAN_MIN and (data[0] or data[-1]):
+            return [(length, False)]
     view = memoryview(data).cast("B")
     length = len(view)
     if _all_zero(view):

@@ -16,11 +16,12 @@ import asyncio
 import mmap
 import os
 from collections.abc import Callable
+from typing import Final
 
 from ..backing.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, address, fallocate
 
 PAGE_SIZE = mmap.PAGESIZE
-MIN_BLOCK = 4096
+MIN_BLOCK: Final = 4096
 DEFAULT_MAX_IDLE_BYTES = 64 * 1024 * 1024
 ARENA_SIZE = 64 << 30  # address space only: the memory is a sparse file, and pages are used as touched
 
@@ -34,7 +35,9 @@ def aligned_buffer(size: int) -> memoryview:
 
 def block_size(length: int) -> int:
     """The size class that holds ``length`` bytes."""
-    return max(MIN_BLOCK, 1 << (length - 1).bit_length())
+    if length <= MIN_BLOCK:  # most requests
+        return MIN_BLOCK
+    return 1 << (length - 1).bit_length()
 
 
 def arena_memory(size: int = ARENA_SIZE) -> int:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from ..protocol import Command
+from ..protocol.constants import CMD_BLOCK_STATUS, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES
 from .request import Request
 
-WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+WRITING = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
 # Commands whose order against overlapping writes matters (CACHE is a hint, FLUSH has no range).
-TRACKED = WRITING | {Command.READ, Command.BLOCK_STATUS}
+TRACKED = WRITING | {CMD_READ, CMD_BLOCK_STATUS}
 
 _BUCKET_SHIFT = 20
 _LARGE = 64 << _BUCKET_SHIFT  # longer ranges go in one list that every lookup scans

@@ -11,14 +11,21 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from ..backing import Extent
-from ..protocol import Command
-from ..protocol.constants import FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE
+from ..protocol.constants import (
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+)
 from .request import Request
 
 # Commands whose adjacent requests may share a submission.
-MERGEABLE = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+MERGEABLE = frozenset({CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
 # Commands whose requests carry a buffer, one segment each.
-WITH_SEGMENTS = frozenset({Command.READ, Command.WRITE})
+WITH_SEGMENTS = frozenset({CMD_READ, CMD_WRITE})
 _KIND_AND_OFFSET = attrgetter("command", "offset")
 
 
@@ -77,11 +84,11 @@ def same_kind(a: Request | Submission, b: Request) -> bool:
     """Requests that may ride in one submission: same command and same flags that change the I/O."""
     if a.command != b.command or a.command not in MERGEABLE:
         return False
-    if a.command == Command.WRITE_ZEROES:
+    if a.command == CMD_WRITE_ZEROES:
         # FAST_ZERO may fail as a whole with ENOTSUP; NO_HOLE changes how zeroes are made.
         mask = FLAG_NO_HOLE | FLAG_FAST_ZERO
         return not (a.flags & FLAG_FAST_ZERO) and (a.flags & mask) == (b.flags & mask)
-    if a.command == Command.READ:
+    if a.command == CMD_READ:
         first = a.requests[0] if isinstance(a, Submission) else a
         return first.sparse == b.sparse
     return True

@@ -27,8 +27,17 @@ from time import monotonic
 
 from ..backing import Engine, Extent
 from ..backing.file import Backoff, segments_extents
-from ..protocol import Command
-from ..protocol.constants import FLAG_FAST_ZERO, FLAG_NO_HOLE
+from ..protocol.constants import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_FAST_ZERO,
+    FLAG_NO_HOLE,
+)
 from .buffers import BufferPool
 from .hazards import HazardTracker, ordered
 from .ledger import Account
@@ -37,7 +46,7 @@ from .request import Request
 from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
 
 log = logging.getLogger(__name__)
-_WRITES = (Command.WRITE, Command.WRITE_ZEROES)
+_WRITES = frozenset({CMD_WRITE, CMD_WRITE_ZEROES})
 
 MAX_PLUG_REQUESTS = 1024
 MAX_PLUG_BYTES = 16 * 1024 * 1024
@@ -250,16 +259,16 @@ class RequestQueue:
         """Carry out a READ, WRITE or FLUSH at once if the engine can without waiting (no task then)."""
         command = submission.command
         try:
-            if command == Command.WRITE:
+            if command == CMD_WRITE:
                 return self.engine.writev_now(submission.offset, submission.segments, submission.dsync)
-            if command == Command.FLUSH:
+            if command == CMD_FLUSH:
                 written = self.written
                 total = written.total()
                 if not self.engine.flush_now(written.unflushed(total)):
                     return False
                 written.flushed(total)
                 return True
-            if command != Command.READ:
+            if command != CMD_READ:
                 return False
             self._take_buffers(submission)
             if not submission.requests[0].sparse:
@@ -277,9 +286,9 @@ class RequestQueue:
         command, engine = submission.command, self.engine
         done = partial(self._finished, submission)
         try:
-            if command == Command.WRITE:
+            if command == CMD_WRITE:
                 engine.start_writev(submission.offset, submission.segments, submission.dsync, done)
-            elif command == Command.READ:  # read_sparse_now() has ruled out a hole already
+            elif command == CMD_READ:  # read_sparse_now() has ruled out a hole already
                 engine.start_readv(submission.offset, submission.segments, done)
             else:
                 return False
@@ -288,7 +297,7 @@ class RequestQueue:
         return True
 
     def _finished(self, submission: Submission, result: object, exc: BaseException | None) -> None:
-        if exc is None and submission.requests[0].sparse and submission.command == Command.READ:
+        if exc is None and submission.requests[0].sparse and submission.command == CMD_READ:
             try:
                 self._give_extents(submission, segments_extents(submission.segments))
             except Exception as error:
@@ -301,7 +310,7 @@ class RequestQueue:
 
     async def _execute(self, submission: Submission) -> None:
         try:
-            if submission.length or submission.command == Command.FLUSH:
+            if submission.length or submission.command == CMD_FLUSH:
                 await self._dispatch(submission)
         except Exception as exc:
             _fail(submission, exc)
@@ -357,13 +366,13 @@ class RequestQueue:
     async def _dispatch(self, submission: Submission) -> None:
         engine, command = self.engine, submission.command
         offset, length, flags = submission.offset, submission.length, submission.flags
-        if command == Command.FLUSH:
+        if command == CMD_FLUSH:
             total = self.written.total()  # what this flush writes back (later writes: the next one)
             await engine.flush()
             self.written.flushed(total)  # not before: a flush meanwhile must not think it has little to do
-        elif command == Command.TRIM:
+        elif command == CMD_TRIM:
             await engine.discard(offset, length, dsync=submission.dsync)
-        elif command == Command.WRITE_ZEROES:
+        elif command == CMD_WRITE_ZEROES:
             await engine.write_zeroes(
                 offset,
                 length,
@@ -371,9 +380,9 @@ class RequestQueue:
                 fast_only=bool(flags & FLAG_FAST_ZERO),
                 dsync=submission.dsync,
             )
-        elif command == Command.CACHE:
+        elif command == CMD_CACHE:
             await engine.cache(offset, length)
-        elif command == Command.BLOCK_STATUS:
+        elif command == CMD_BLOCK_STATUS:
             (request,) = submission.requests
             request.extents = await engine.extents(offset, length)
         else:
@@ -390,6 +399,9 @@ class RequestQueue:
     @staticmethod
     def _give_extents(submission: Submission, extents: list[Extent]) -> None:
         requests = submission.requests
+        if len(requests) == 1:
+            requests[0].extents = extents
+            return
         for request, part in zip(requests, split_extents(extents, [r.length for r in requests]), strict=True):
             request.extents = part
 

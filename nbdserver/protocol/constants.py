@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -144,10 +145,20 @@ BASE_ALLOCATION = "base:allocation"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"  # + a bitmap's name: qemu's context of changed blocks
 
 
-# The command flags as plain ints, for per-request code (IntFlag operators are slow).
-FLAG_FUA = int(CommandFlag.FUA)
-FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
-FLAG_DF = int(CommandFlag.DF)
-FLAG_REQ_ONE = int(CommandFlag.REQ_ONE)
-FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)
-FLAG_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
+# The commands and command flags as plain ints, for per-request code: compiled, a Final int literal
+# is a C constant, where an enum member costs an attribute lookup and a comparison of objects.
+# (tests/unit/test_transmission.py checks them against the enums.)
+CMD_READ: Final = 0
+CMD_WRITE: Final = 1
+CMD_DISC: Final = 2
+CMD_FLUSH: Final = 3
+CMD_TRIM: Final = 4
+CMD_CACHE: Final = 5
+CMD_WRITE_ZEROES: Final = 6
+CMD_BLOCK_STATUS: Final = 7
+FLAG_FUA: Final = 1
+FLAG_NO_HOLE: Final = 2
+FLAG_DF: Final = 4
+FLAG_REQ_ONE: Final = 8
+FLAG_FAST_ZERO: Final = 16
+FLAG_PAYLOAD_LEN: Final = 32

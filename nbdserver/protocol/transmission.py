@@ -12,9 +12,14 @@ together with its header, by :meth:`Transmission.take_filter`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from .constants import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
     EXTENDED_REQUEST_MAGIC,
     FLAG_PAYLOAD_LEN,
     REQUEST_MAGIC,
@@ -61,14 +66,34 @@ _COMMAND_ADVERTISED = {
 _OK = (Error.OK, "")
 
 
-@dataclass(slots=True)
 class RequestHeader:
-    flags: int
-    command: int
-    cookie: int
-    offset: int
-    length: int  # with PAYLOAD_LEN, of the payload; else of the range the request affects
-    contexts: tuple[int, ...] | None = None  # the context ids a BLOCK_STATUS named; None: every one
+    """One request's header as parsed.  A plain class, not a dataclass: compiled, a dataclass's
+    ``__init__`` is generated when the module loads and runs interpreted, for every request."""
+
+    __slots__ = ("command", "contexts", "cookie", "flags", "length", "offset")
+
+    def __init__(
+        self, flags: int, command: int, cookie: int, offset: int, length: int, contexts: tuple[int, ...] | None = None
+    ) -> None:
+        self.flags = flags
+        self.command = command
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length  # with PAYLOAD_LEN, of the payload; else of the range the request affects
+        self.contexts = contexts  # the context ids a BLOCK_STATUS named; None: every one
+
+    def _fields(self) -> tuple[int, int, int, int, int, tuple[int, ...] | None]:
+        return self.flags, self.command, self.cookie, self.offset, self.length, self.contexts
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RequestHeader) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        flags, command, cookie, offset, length, contexts = self._fields()
+        return (
+            f"RequestHeader(flags={flags:#x}, command={command}, cookie={cookie:#x}, offset={offset}, "
+            f"length={length}, contexts={contexts})"
+        )
 
 
 def encode_request_header(
@@ -141,12 +166,12 @@ class Transmission:
         read and dropped (a payload the request may not have: it is refused); a block status
         filter's are not counted (:meth:`filter_length`)."""
         command = header.command
-        if command != Command.WRITE and not (self.extended and header.flags & FLAG_PAYLOAD_LEN):
+        if command != CMD_WRITE and not (self.extended and header.flags & FLAG_PAYLOAD_LEN):
             return 0
-        if command == Command.BLOCK_STATUS and (header.contexts is not None or self.filter_length(header)):
+        if command == CMD_BLOCK_STATUS and (header.contexts is not None or self.filter_length(header)):
             return 0  # taken with its header
         if header.length > MAX_DISCARDED_PAYLOAD:
-            kind = "oversized_write" if command == Command.WRITE else "oversized_payload"
+            kind = "oversized_write" if command == CMD_WRITE else "oversized_payload"
             raise ProtocolViolation(f"payload of {header.length} bytes (command {command})", kind)
         return header.length
 
@@ -155,7 +180,7 @@ class Transmission:
         ids as were negotiated), to be taken with the header; 0 for any other request."""
         length = header.length
         if (
-            header.command == Command.BLOCK_STATUS
+            header.command == CMD_BLOCK_STATUS
             and header.flags & FLAG_PAYLOAD_LEN
             and self.extended
             and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
@@ -198,13 +223,13 @@ class Transmission:
             return Error.EPERM, "export is read-only"
         if command in self._not_advertised:
             return Error.EINVAL, f"{Command(command).name} was not advertised"
-        if command == Command.FLUSH:
+        if command == CMD_FLUSH:
             if offset or length:
                 return Error.EINVAL, "FLUSH must have zero offset and length"
             return _OK
-        if command == Command.DISC:
+        if command == CMD_DISC:
             return _OK
-        if command == Command.BLOCK_STATUS:
+        if command == CMD_BLOCK_STATUS:
             if not self.meta_contexts:
                 return Error.EINVAL, "no metadata context was negotiated"
             if flags & FLAG_PAYLOAD_LEN:
@@ -214,11 +239,11 @@ class Transmission:
             if not length:
                 return Error.EINVAL, "BLOCK_STATUS of zero length"
         if offset + length > self.size:
-            error = Error.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Error.EINVAL
+            error = Error.ENOSPC if command in (CMD_WRITE, CMD_WRITE_ZEROES) else Error.EINVAL
             return error, f"range {offset}+{length} is beyond the end of the export ({self.size})"
-        if command in (Command.READ, Command.WRITE):
+        if command in (CMD_READ, CMD_WRITE):
             if length > self.max_payload:
-                error = Error.EOVERFLOW if command == Command.READ else Error.EINVAL
+                error = Error.EOVERFLOW if command == CMD_READ else Error.EINVAL
                 return error, f"length {length} exceeds the maximum payload {self.max_payload}"
             if (offset | length) & (self.min_block - 1):
                 return Error.EINVAL, f"request not aligned to {self.min_block} bytes"

@@ -22,7 +22,6 @@ from ..block import Request
 from ..config import client_ip
 from ..protocol import (
     Aborted,
-    Command,
     Error,
     ExportCatalog,
     Negotiated,
@@ -34,7 +33,16 @@ from ..protocol import (
     Transmission,
     error_from_errno,
 )
-from ..protocol.constants import BASE_ALLOCATION, FLAG_DF, FLAG_REQ_ONE, AllocationState
+from ..protocol.constants import (
+    BASE_ALLOCATION,
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_READ,
+    CMD_WRITE,
+    FLAG_DF,
+    FLAG_REQ_ONE,
+    AllocationState,
+)
 from ..protocol.replies import Buffer
 from ..protocol.transmission import encode_request_header
 from . import counts
@@ -497,7 +505,7 @@ class Connection(asyncio.BufferedProtocol):
         tx, journal = self._tx, self.journal
         assert tx is not None
         payload = tx.payload_length(header)
-        if header.command == Command.DISC:
+        if header.command == CMD_DISC:
             if journal is not None:
                 journal.consumed(at + taken)
                 journal.disconnecting()
@@ -511,13 +519,13 @@ class Connection(asyncio.BufferedProtocol):
             if not payload:
                 self._refuse_now()
             return taken
-        sparse = header.command == Command.READ and tx.structured_replies and not header.flags & FLAG_DF
+        sparse = header.command == CMD_READ and tx.structured_replies and not header.flags & FLAG_DF
         request = Request(
             header.command, header.flags, header.cookie, header.offset, header.length, self._request_done, sparse=sparse
         )
         self._in_flight += 1
         self._taken += 1
-        if header.command in (Command.READ, Command.WRITE):
+        if header.command in (CMD_READ, CMD_WRITE):
             self._charge(header.length)
         if self._over_limits(fresh=False):
             self._update_reading()
@@ -533,7 +541,7 @@ class Connection(asyncio.BufferedProtocol):
                 copied = payload
             else:
                 self._payload_request, self._payload, self._payload_got = request, request.buffer, 0
-        elif header.command == Command.WRITE:
+        elif header.command == CMD_WRITE:
             request.buffer = bytearray()
         if header.contexts is not None:
             request.contexts = header.contexts
@@ -572,10 +580,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def _request_done(self, request: Request) -> None:
         self._in_flight -= 1
-        if request.command in (Command.READ, Command.WRITE):
+        if request.command in (CMD_READ, CMD_WRITE):
             self._uncharge(request.length)
         block, request.block = request.block, None
-        sending = self._transport is not None and request.command == Command.READ and not request.errno
+        sending = self._transport is not None and request.command == CMD_READ and not request.errno
         if sending and request.extents and all(hole for _, hole in request.extents):
             sending = False  # hole chunks only: the reply holds nothing of the block
         if block is not None:
@@ -597,10 +605,10 @@ class Connection(asyncio.BufferedProtocol):
         replies = tx.replies
         if request.errno:
             return replies.error(request.cookie, request.offset, error_from_errno(request.errno), request.message)
-        if request.command == Command.READ:
+        if request.command == CMD_READ:
             data = request.buffer if request.buffer is not None else b""
             return replies.read(request.cookie, request.offset, data, request.extents)
-        if request.command == Command.BLOCK_STATUS:
+        if request.command == CMD_BLOCK_STATUS:
             extents = request.extents or [(request.length, False)]
             if request.flags & FLAG_REQ_ONE:
                 extents = extents[:1]
@@ -643,7 +651,8 @@ class Connection(asyncio.BufferedProtocol):
             transport.writelines(self._out)
             if not self._gather() and self._poll is not None:
                 self._poll.replied()
-            self._handed += sum(map(len, self._out))
+            for buffer in self._out:  # (not sum(map(...)): compiled, a loop is ~90 ns cheaper)
+                self._handed += len(buffer)
             for block in self._unsent_blocks:
                 self._sent_blocks.append((self._handed, block))
             self._unsent = unsent = transport.get_write_buffer_size()

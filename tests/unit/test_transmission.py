@@ -16,6 +16,7 @@ from nbdserver.protocol import (
     ProtocolViolation,
     RequestHeader,
     Transmission,
+    constants,
 )
 from nbdserver.protocol.constants import BASE_ALLOCATION
 from nbdserver.protocol.constants import TransmissionFlag as TF
@@ -30,6 +31,15 @@ BASE = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.S
 EVERYTHING = BASE | TF.SEND_FUA | TF.SEND_FAST_ZERO
 WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 RANGED = (Command.READ, Command.WRITE, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES, Command.BLOCK_STATUS)
+
+
+def test_the_plain_int_constants_are_the_enums():
+    assert {c.name: int(c) for c in Command} == {
+        name.removeprefix("CMD_"): getattr(constants, name) for name in dir(constants) if name.startswith("CMD_")
+    }
+    assert {f.name: int(f) for f in CommandFlag} == {
+        name.removeprefix("FLAG_"): getattr(constants, name) for name in dir(constants) if name.startswith("FLAG_")
+    }
 
 
 def transmission(
