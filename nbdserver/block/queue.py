@@ -24,6 +24,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from functools import partial
 from time import monotonic
+from typing import Final
 
 from ..backing import Engine, Extent
 from ..backing.file import Backoff, segments_extents
@@ -46,7 +47,7 @@ from .request import Request
 from .stats import SEGMENT_BUCKETS, SIZE_BUCKETS, QueueStats
 
 log = logging.getLogger(__name__)
-_WRITES = frozenset({CMD_WRITE, CMD_WRITE_ZEROES})
+_WRITES: Final = frozenset({CMD_WRITE, CMD_WRITE_ZEROES})
 
 MAX_PLUG_REQUESTS = 1024
 MAX_PLUG_BYTES = 16 * 1024 * 1024
@@ -390,10 +391,10 @@ class RequestQueue:
 
     def _take_buffers(self, submission: Submission) -> None:
         """Give each READ request of the submission a pooled buffer to read into (once)."""
-        take = self.pool.take
+        pool = self.pool  # (its method called, not taken as a value: that would build a bound method)
         for request in submission.requests:
             if request.block is None:
-                request.block = take(request.length)
+                request.block = pool.take(request.length)
                 request.buffer = request.block[: request.length]
 
     @staticmethod

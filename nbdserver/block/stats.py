@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import errno
 from collections import Counter
-from typing import Any
+from typing import Any, Final
 
 from ..protocol import Command
 
 LATENCY_BUCKETS = (
     50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-SIZE_BUCKETS = tuple(4096 << i for i in range(14))  # 4 KiB .. 32 MiB
-SEGMENT_BUCKETS = tuple(1 << i for i in range(11))  # 1 .. 1024
+SIZE_BUCKETS: Final = tuple(4096 << i for i in range(14))  # 4 KiB .. 32 MiB
+SEGMENT_BUCKETS: Final = tuple(1 << i for i in range(11))  # 1 .. 1024
 COMMANDS = max(Command) + 1  # lists are indexed by command number
 
 

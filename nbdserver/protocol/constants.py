@@ -5,14 +5,14 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPTION_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-EXTENDED_REQUEST_MAGIC = 0x21E41C71  # 32-byte requests, once extended headers are negotiated
-EXTENDED_REPLY_MAGIC = 0x6E8A278C  # 32-byte reply chunks, likewise
+NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC: Final = 0x0003E889045565A9
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
+EXTENDED_REQUEST_MAGIC: Final = 0x21E41C71  # 32-byte requests, once extended headers are negotiated
+EXTENDED_REPLY_MAGIC: Final = 0x6E8A278C  # 32-byte reply chunks, likewise
 
 NBD_DEFAULT_PORT = 10809
 MAX_STRING = 4096  # longest name, description or message the spec allows

@@ -31,8 +31,10 @@ _OFFSET_DATA: Final = int(ChunkType.OFFSET_DATA)
 _OFFSET_HOLE: Final = int(ChunkType.OFFSET_HOLE)
 
 _SIMPLE: Final = struct.Struct(">IIQ")
+_pack_simple: Final = _SIMPLE.pack
 _CHUNK: Final = struct.Struct(">IHHQI")
 _DATA: Final = struct.Struct(">IHHQIQ")  # chunk header + offset
+_pack_data: Final = _DATA.pack  # bound once: a method looked up per reply costs more than the call
 _HOLE: Final = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 _ERROR: Final = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 # Extended: magic, flags, type, cookie, the request's offset, payload length.
@@ -49,7 +51,7 @@ _ReadChunk = Callable[[int, int, int, int, bool], bytes]
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
-    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+    return _pack_simple(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
 def none_chunk(cookie: int) -> bytes:
@@ -58,8 +60,7 @@ def none_chunk(cookie: int) -> bytes:
 
 def data_chunk_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
     """Header of an OFFSET_DATA chunk; ``length`` bytes of data follow it."""
-    flags = _DONE if done else 0
-    return _DATA.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, 8 + length, offset)
+    return _pack_data(STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie, 8 + length, offset)
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
@@ -109,6 +110,8 @@ def read_reply(
         return [simple_reply(cookie), data]
     if not data:  # a data chunk must carry at least one byte
         return [none_chunk(cookie)]
+    if not extents or (len(extents) == 1 and not extents[0][1]):  # all data: one chunk (as _read_chunks)
+        return [data_chunk_header(cookie, offset, len(data), True), data]
     return _read_chunks(cookie, offset, data, extents, _compact_data, _compact_hole)
 
 
