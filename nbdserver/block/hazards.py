@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from ..protocol.constants import CMD_BLOCK_STATUS, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES
+from ..protocol.constants import CMD_BLOCK_STATUS, CMD_READ, WRITING
 from .request import Request
 
-WRITING = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
 # Commands whose order against overlapping writes matters (CACHE is a hint, FLUSH has no range).
 TRACKED = WRITING | {CMD_READ, CMD_BLOCK_STATUS}
 

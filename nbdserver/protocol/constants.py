@@ -162,3 +162,6 @@ FLAG_DF: Final = 4
 FLAG_REQ_ONE: Final = 8
 FLAG_FAST_ZERO: Final = 16
 FLAG_PAYLOAD_LEN: Final = 32
+# The commands that change data: refused on a read-only export, ordered by the hazard tracker,
+# marked in dirty bitmaps.
+WRITING: Final = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})

@@ -23,6 +23,7 @@ from .constants import (
     EXTENDED_REQUEST_MAGIC,
     FLAG_PAYLOAD_LEN,
     REQUEST_MAGIC,
+    WRITING,
     Command,
     CommandFlag,
     Error,
@@ -54,7 +55,6 @@ _COMMAND_FLAGS = {
     Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
     Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
 }
-_WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 # The transmission flag that must have been advertised before a command may be sent.
 _COMMAND_ADVERTISED = {
     Command.FLUSH: TransmissionFlag.SEND_FLUSH,
@@ -219,7 +219,7 @@ class Transmission:
             return Error.EINVAL, f"unknown command {command}"
         if flags & ~allowed:
             return Error.EINVAL, f"flags {flags:#x} not valid for {Command(command).name}"
-        if command in _WRITING and self.read_only:
+        if command in WRITING and self.read_only:
             return Error.EPERM, "export is read-only"
         if command in self._not_advertised:
             return Error.EINVAL, f"{Command(command).name} was not advertised"

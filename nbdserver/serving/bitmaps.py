@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from ..block import Request
 from ..block.dirty import DIRTY, MAX_DESCRIPTORS, ExportBitmaps
-from ..protocol import Command
-from ..protocol.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, FLAG_REQ_ONE, AllocationState
+from ..protocol.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, FLAG_REQ_ONE, WRITING, AllocationState
 from ..protocol.replies import Buffer, Extent, Replies
 
 _HOLE_FLAGS = int(AllocationState.HOLE | AllocationState.ZERO)
@@ -17,8 +16,7 @@ _HOLE_FLAGS = int(AllocationState.HOLE | AllocationState.ZERO)
 def track(bitmaps: ExportBitmaps, request: Request) -> None:
     """Called as the request is submitted, so before it can be answered: a write marks what it
     touches (the whole request, whether or not it then succeeds: marking more is allowed)."""
-    command = request.command
-    if command == Command.WRITE or command == Command.WRITE_ZEROES or command == Command.TRIM:
+    if request.command in WRITING:
         bitmaps.mark(request.offset, request.length)
 
 
