@@ -76,6 +76,19 @@ static PyObject *bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* Whether a call may go on: ``nargs`` is what ``usage`` takes, and bind() came first. */
+static int callable(Py_ssize_t nargs, Py_ssize_t wanted, const char *usage) {
+    if (nargs != wanted) {
+        PyErr_Format(PyExc_TypeError, "takes %zd arguments: %s", wanted, usage);
+        return 0;
+    }
+    if (!bound) {
+        PyErr_Format(PyExc_RuntimeError, "%s before bind()", usage);
+        return 0;
+    }
+    return 1;
+}
+
 struct request {
     int count;
     struct iovec iov[];
@@ -103,14 +116,8 @@ static int gather(struct request *request, PyObject **items, Py_ssize_t n, int w
 /* start(image, kind, offset, segments) -> the completion's address; 0 if the segments hold no
  * byte (nothing started); -errno if librbd refused the request (nothing will complete). */
 static PyObject *start(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "start(image, kind, offset, segments)");
+    if (!callable(nargs, 4, "start(image, kind, offset, segments)"))
         return NULL;
-    }
-    if (!bound) {
-        PyErr_SetString(PyExc_RuntimeError, "start() before bind()");
-        return NULL;
-    }
     rbd_image_t image = PyLong_AsVoidPtr(args[0]);
     long kind = PyLong_AsLong(args[1]);
     unsigned long long offset = PyLong_AsUnsignedLongLong(args[2]);
@@ -172,14 +179,8 @@ static PyObject *start(PyObject *module, PyObject *const *args, Py_ssize_t nargs
  * released (its block freed), with librbd's return value.  The eventfd is read first, so that a
  * completion finishing after the poll wakes the loop again. */
 static PyObject *reap(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "reap(image, eventfd)");
+    if (!callable(nargs, 2, "reap(image, eventfd)"))
         return NULL;
-    }
-    if (!bound) {
-        PyErr_SetString(PyExc_RuntimeError, "reap() before bind()");
-        return NULL;
-    }
     rbd_image_t image = PyLong_AsVoidPtr(args[0]);
     int fd = (int)PyLong_AsLong(args[1]);
     if (PyErr_Occurred())
@@ -244,8 +245,7 @@ PyMODINIT_FUNC PyInit__rbd(void) {
         return NULL;
     if (PyModule_AddIntConstant(m, "KIND_READ", KIND_READ) < 0 ||
         PyModule_AddIntConstant(m, "KIND_WRITE", KIND_WRITE) < 0 ||
-        PyModule_AddIntConstant(m, "KIND_WRITE_FUA", KIND_WRITE_FUA) < 0 ||
-        PyModule_AddIntConstant(m, "POLL_BATCH", POLL_BATCH) < 0) {
+        PyModule_AddIntConstant(m, "KIND_WRITE_FUA", KIND_WRITE_FUA) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -7,7 +7,6 @@ from .file import Segment
 KIND_READ: int
 KIND_WRITE: int
 KIND_WRITE_FUA: int
-POLL_BATCH: int
 
 def bind(
     create_completion: int,

@@ -542,7 +542,7 @@ class RbdEngine:
         if result < 0:
             del self._ops[completion]
             self._lib.rbd_aio_release(completion)
-            raise RbdError(-result, f"{self.backing.path}: {what} refused: {os.strerror(-result)}")
+            raise self._refused(what, -result)
 
     def _vectored(self, write: bool, offset: int, segments: Sequence[Segment], dsync: bool, done: Done) -> None:
         if self._native is not None and (self.lock is None or self.lock.held):
@@ -588,8 +588,11 @@ class RbdEngine:
         elif completion == 0:  # no byte to move
             loop.call_soon(done, None, None)
         else:
-            what = "write" if write else "read"
-            raise RbdError(-completion, f"{self.backing.path}: {what} refused: {os.strerror(-completion)}")
+            raise self._refused("write" if write else "read", -completion)
+
+    def _refused(self, what: str, code: int) -> RbdError:
+        """librbd would not start a request (then nothing will complete)."""
+        return RbdError(code, f"{self.backing.path}: {what} refused: {os.strerror(code)}")
 
     def start_readv(self, offset: int, segments: Sequence[Segment], done: Done) -> None:
         self._vectored(False, offset, segments, False, done)
