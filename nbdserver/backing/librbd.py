@@ -7,7 +7,8 @@ submissions with librbd's asynchronous calls, as the io_uring engine does with t
 
 - READ and WRITE go out as ``rbd_aio_readv`` / ``rbd_aio_writev`` on the segments' own buffers
   (an iovec array pointing into them: no copy here), which stay referenced until the operation
-  completes.  A FUA write of one segment is one ``rbd_aio_write2`` with the FUA op flag; one of
+  completes; librbd sends a write's buffers as they are, without a copy of its own
+  (``rbd_disable_zero_copy_writes`` off), and completes it only once it holds no reference.  A FUA write of one segment is one ``rbd_aio_write2`` with the FUA op flag; one of
   several segments is a write followed by a flush.
 - Completions are made without a callback, so no Python ever runs on librbd's threads: librbd
   queues each finished one on the image and bumps an eventfd (``rbd_set_image_notification``),
@@ -349,6 +350,9 @@ class RbdImage:
             "rados_mon_op_timeout": f"{timeout:g}",
             "rados_osd_op_timeout": f"{timeout:g}",
             "rbd_cache": "false",  # see the module's docstring: answered means in the cluster
+            # librbd sends a write's own buffer rather than a copy of it: ours stay untouched
+            # until the write completes, which librbd holds back until the last reference is gone.
+            "rbd_disable_zero_copy_writes": "false",
         }
         for option, value in settings.items():
             _check(rados.rados_conf_set(cluster, option.encode(), value.encode()), self._says(f"cannot set {option}"))
