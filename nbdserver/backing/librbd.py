@@ -8,8 +8,9 @@ submissions with librbd's asynchronous calls, as the io_uring engine does with t
 - READ and WRITE go out as ``rbd_aio_readv`` / ``rbd_aio_writev`` on the segments' own buffers
   (an iovec array pointing into them: no copy here), which stay referenced until the operation
   completes; librbd sends a write's buffers as they are, without a copy of its own
-  (``rbd_disable_zero_copy_writes`` off), and completes it only once it holds no reference.  A FUA write of one segment is one ``rbd_aio_write2`` with the FUA op flag; one of
-  several segments is a write followed by a flush.
+  (``rbd_disable_zero_copy_writes`` off), and completes it only once it holds no reference.
+  A FUA write of one segment is one ``rbd_aio_write2`` with the FUA op flag; one of several
+  segments is a write followed by a flush.
 - Completions are made without a callback, so no Python ever runs on librbd's threads: librbd
   queues each finished one on the image and bumps an eventfd (``rbd_set_image_notification``),
   which the event loop watches; ``rbd_poll_io_events`` then takes them on the loop's thread,
