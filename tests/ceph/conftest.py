@@ -15,6 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "fs" / "c
 import cluster as ceph
 
 SIZE = 16 * 1024 * 1024  # of an image made for a test
+_started: list[str] = []  # how long the session's cluster took to start, for the summary
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _started:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +30,8 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ceph.Clus
         pytest.skip(f"no Ceph here (tests/bootstrap installs ceph-mon, ceph-osd, ceph-common): {' '.join(missing)}")
     # Started once: a start costs about 3 s, and every test makes images of its own names.
     with ceph.Cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cluster.steps.items())
+        _started.append(f"Ceph test cluster: up in {cluster.startup_seconds:.1f} s ({steps})")
         yield cluster
 
 
