@@ -56,6 +56,17 @@ async def run(engine: RbdEngine, start, *args) -> object:
     return await future
 
 
+def run_then_export(cluster, engine: RbdEngine, image: str, traffic, tmp_path: Path) -> bytes:
+    """Run ``traffic`` (a coroutine) on the engine, close it, and read the image back with ``rbd export``."""
+    try:
+        asyncio.run(traffic)
+    finally:
+        engine.close()
+    out = tmp_path / "exported"
+    cluster.rbd("export", "--no-progress", image, str(out), timeout=120)
+    return out.read_bytes()
+
+
 @pytest.mark.parametrize("way", ["ctypes", "c"])
 def test_reads_and_writes_of_segments_move_the_same_bytes(ceph_cluster, image, way, tmp_path: Path):
     if way not in ways():
@@ -90,13 +101,7 @@ def test_reads_and_writes_of_segments_move_the_same_bytes(ceph_cluster, image, w
         # Nothing to move: answered without librbd.
         assert await run(engine, engine.start_writev, 0, [bytearray()], False) is None
 
-    try:
-        asyncio.run(traffic())
-    finally:
-        engine.close()
-    out = tmp_path / "exported"
-    ceph_cluster.rbd("export", "--no-progress", image, str(out), timeout=120)
-    assert out.read_bytes() == model
+    assert run_then_export(ceph_cluster, engine, image, traffic(), tmp_path) == model
     assert engine._ops == {}
 
 
@@ -156,10 +161,4 @@ def test_a_buffer_is_free_to_reuse_once_its_write_completes(ceph_cluster, image,
             waits.append(future)
         assert await asyncio.wait_for(asyncio.gather(*waits), 120) == [None] * 256
 
-    try:
-        asyncio.run(traffic())
-    finally:
-        engine.close()
-    out = tmp_path / "exported"
-    ceph_cluster.rbd("export", "--no-progress", image, str(out), timeout=120)
-    assert out.read_bytes() == model
+    assert run_then_export(ceph_cluster, engine, image, traffic(), tmp_path) == model
